@@ -1,0 +1,3 @@
+from sdfleet.cli import main
+
+raise SystemExit(main())

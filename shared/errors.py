@@ -1,0 +1,50 @@
+"""The error codes every part speaks, and the one root exception the API maps to HTTP at its edge."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class ErrorCode(str, enum.Enum):
+    invalid_request = "invalid_request"
+    not_found = "not_found"
+    insufficient_memory = "insufficient_memory"
+    out_of_memory = "out_of_memory"
+    generation_failed = "generation_failed"
+    worker_lost = "worker_lost"
+    model_unavailable = "model_unavailable"
+    service_unavailable = "service_unavailable"
+    timeout = "timeout"
+    cancelled = "cancelled"
+    internal = "internal"
+
+
+class SdfleetError(Exception):
+    """Root of sdfleet's own errors: a code, a message for people, details for programs."""
+
+    code: ErrorCode = ErrorCode.internal
+    http_status: int = 500
+
+    def __init__(self, message: str, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(SdfleetError):
+    code, http_status = ErrorCode.invalid_request, 422
+
+
+class NotFound(SdfleetError):
+    code, http_status = ErrorCode.not_found, 404
+
+
+class ServiceUnavailable(SdfleetError):
+    code, http_status = ErrorCode.service_unavailable, 503
+
+
+class InvalidTransition(SdfleetError):
+    """A job state change that the state machine forbids (a bug or a race lost, never user input)."""
+
+    code, http_status = ErrorCode.internal, 409

@@ -1,0 +1,100 @@
+"""The one settings class (env prefix SDFLEET_), read once per process; unsafe values are refused at start."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+
+
+def default_cache_dir() -> Path:
+    """Where built models and compiled-model caches live: outside any checkout, shared by tests and the demo."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdfleet"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDFLEET_", extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///sdfleet.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # What a worker serves: an OpenVINO IR folder or a hub ID. `model_name` is what jobs ask for
+    # (and names the queue); it defaults to the folder's or the hub ID's last part.
+    model: str | None = None
+    model_name: str | None = None
+    backend: str = "optimum"  # "optimum", or "package.module:factory" for a custom Pipeline
+    device: str = "CPU"
+    warmup: bool = True  # one tiny generation at load, so weights are resident before the first job's meter
+
+    # The model a job gets when it names none (the API side).
+    default_model: str | None = None
+
+    memory_budget: int | None = Field(default=None, gt=0)
+    memory_reserve: int = Field(default=1 << 30, ge=0)
+    max_attempts: int = Field(default=2, ge=1, le=20)
+
+    # Longest a job may run. Redis redelivers an unacknowledged task after the visibility timeout,
+    # so that is derived from this and must stay above it (checked below).
+    job_timeout_s: int = Field(default=3600, ge=10)
+    visibility_timeout_s: int | None = None
+    model_load_timeout_s: int = Field(default=1800, ge=10)
+
+    memory_sample_interval_s: float = Field(default=0.02, gt=0, le=5)
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    api_keys: str | None = None
+
+    @field_validator("model_name", "default_model")
+    @classmethod
+    def _model_name_shape(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a model name (letters, digits and ._/- only, at most 200)")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, v: str) -> str:
+        if not v.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError("SDFLEET_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL")
+        if v.startswith("postgresql:") and not v.startswith("postgresql+"):
+            # psycopg 3 is the driver we install; the bare scheme would ask SQLAlchemy for psycopg2
+            v = "postgresql+psycopg:" + v[len("postgresql:") :]
+        return v
+
+    @model_validator(mode="after")
+    def _safe_combinations(self) -> "Settings":
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError(
+                "SDFLEET_VISIBILITY_TIMEOUT_S must exceed SDFLEET_JOB_TIMEOUT_S: Redis would hand a "
+                "still-running job to a second worker"
+            )
+        return self
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        return self.visibility_timeout_s or self.job_timeout_s * 2 + 60
+
+    @property
+    def served_model_name(self) -> str:
+        """The name under which a worker serves `model` (and the queue it consumes)."""
+        if self.model_name:
+            return self.model_name
+        if not self.model:
+            raise ValueError("SDFLEET_MODEL is not set: a worker must be told which model it serves")
+        name = Path(self.model.rstrip("/")).name if os.path.isdir(self.model) else self.model
+        if not MODEL_NAME_RE.match(name):
+            raise ValueError(f"cannot derive a model name from {self.model!r}; set SDFLEET_MODEL_NAME")
+        return name
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,52 @@
+"""The Celery worker: the shared app with the generate task registered, the pipeline loaded once per pool
+child (worker_process_init), and the command that starts it with concurrency 1 on its model's queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import worker_process_init
+
+from shared.db import engine_for, migrate, wait_for_database
+from shared.queue import GENERATE_TASK, make_celery, queue_name
+from shared.settings import get_settings
+from worker.pipelines import get_pipeline
+from worker.tasks import run_job
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+@app.task(name=GENERATE_TASK)
+def generate(job_id: str) -> str:
+    return run_job(job_id, settings)
+
+
+@worker_process_init.connect
+def _load_pipeline(**_kwargs) -> None:
+    # Only the pool child holds the weights; a replaced child (after a SIGKILL) loads them again.
+    get_pipeline(settings)
+
+
+def preflight() -> str:
+    """Refuse to start with a clear message rather than loop on a broken child."""
+    name = settings.served_model_name
+    if settings.backend == "optimum" and os.path.sep in settings.model and not os.path.isdir(settings.model):
+        raise SystemExit(f"SDFLEET_MODEL={settings.model}: no such folder")
+    engine = engine_for(settings.database_url)
+    wait_for_database(engine)
+    migrate(engine)
+    return name
+
+
+def main(extra_args: list[str] | None = None) -> None:
+    name = preflight()
+    log.info("serving %s from %s on queue %s", name, settings.model, queue_name(name))
+    app.worker_main([
+        "worker", "--queues", queue_name(name), "--concurrency", "1", "--prefetch-multiplier", "1",
+        "--pool", "prefork", "--hostname", f"sdfleet@%h.{os.getpid()}", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", *(extra_args or []),
+    ])
