@@ -8,6 +8,8 @@ sampler runs beside it: it splits anonymous memory (heap, OpenVINO's compiled we
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 
 import psutil
@@ -39,6 +41,24 @@ def reset_high_water_mark() -> bool:
 def high_water_mark_bytes() -> int | None:
     kb = _status_kb("VmHWM")
     return None if kb is None else kb * 1024
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """Hand the heap that a job freed back to the kernel (glibc keeps it otherwise, and the worker's RSS
+    would stay at its largest job's peak). OpenVINO's own buffers for the largest shape seen stay."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def rss_bytes() -> int:

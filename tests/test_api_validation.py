@@ -1,0 +1,120 @@
+"""Bad input: 422 with the field and the reason in the one error shape; nothing stored, nothing enqueued."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis
+
+from api.app import create_app
+from shared import store
+from shared.queue import queue_name
+from shared.settings import Settings
+
+BAD_BODIES = [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "a cat", "negative_prompt": "x" * 2001}, "negative_prompt"),
+    ({"prompt": "a cat", "width": 500}, "width"),
+    ({"prompt": "a cat", "height": 516}, "height"),
+    ({"prompt": "a cat", "width": 56}, "width"),
+    ({"prompt": "a cat", "height": 2056}, "height"),
+    ({"prompt": "a cat", "steps": 0}, "steps"),
+    ({"prompt": "a cat", "steps": 151}, "steps"),
+    ({"prompt": "a cat", "guidance_scale": -0.5}, "guidance_scale"),
+    ({"prompt": "a cat", "guidance_scale": 30.5}, "guidance_scale"),
+    ({"prompt": "a cat", "num_images": 0}, "num_images"),
+    ({"prompt": "a cat", "num_images": 9}, "num_images"),
+    ({"prompt": "a cat", "seed": -1}, "seed"),
+    ({"prompt": "a cat", "seed": 2**32}, "seed"),
+    ({"prompt": "a cat", "model": "../../etc"}, "model"),
+    ({"prompt": "a cat", "colour": "red"}, "colour"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "a cat", "width": "512"}, "width"),
+    ({"prompt": "a cat", "steps": 2.5}, "steps"),
+    ({"prompt": "a cat", "steps": True}, "steps"),
+    ({"prompt": "a cat", "guidance_scale": "7.5"}, "guidance_scale"),
+    ({"prompt": "a cat", "num_images": None}, "num_images"),
+]
+
+
+def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture
+def unchanged(stack):
+    """Asserts after the test that the job table and the model's queue did not change."""
+    r = redis.Redis.from_url(stack.redis_url)
+    with stack.sessions() as s:
+        before = store.count_jobs(s)
+    queued_before = r.llen(queue_name(stack.model))
+    yield
+    with stack.sessions() as s:
+        assert store.count_jobs(s) == before
+    assert r.llen(queue_name(stack.model)) == queued_before
+
+
+@pytest.mark.parametrize("body,field", BAD_BODIES, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_BODIES)])
+def test_bad_body_is_422_with_field_and_reason(stack, unchanged, body, field):
+    error = assert_error_shape(stack.api.http.post("/v1/jobs", json=body), 422, "invalid_request")
+    fields = {d["field"] for d in error["details"]}
+    assert field in fields, error
+    assert all(d["reason"] for d in error["details"])
+
+
+@pytest.mark.parametrize("content,ctype", [
+    (b"{not json", "application/json"),
+    (b'["a cat"]', "application/json"),
+    (b'"a cat"', "application/json"),
+    (b"prompt=a+cat", "application/x-www-form-urlencoded"),
+    (b"", "application/json"),
+])
+def test_body_that_is_not_a_json_object_is_422(stack, unchanged, content, ctype):
+    r = stack.api.http.post("/v1/jobs", content=content, headers={"content-type": ctype})
+    error = assert_error_shape(r, 422, "invalid_request")
+    assert error["details"][0]["field"] == "body"
+
+
+def test_unknown_job_and_image_are_404_in_the_same_shape(stack):
+    assert_error_shape(stack.api.http.get("/v1/jobs/no-such-job"), 404, "not_found")
+    assert_error_shape(stack.api.http.get("/v1/jobs/no-such-job/images/0.png"), 404, "not_found")
+    assert_error_shape(stack.api.http.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_openapi_docs_are_served(stack):
+    spec = stack.api.http.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}.png"} <= set(spec["paths"])
+    assert stack.api.http.get("/docs").status_code == 200
+
+
+def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import free_port
+
+    settings = Settings(database_url=sqlite_url, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                        default_model="tiny")
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/jobs", json={"prompt": "a cat"})
+    assert_error_shape(r, 503, "service_unavailable")
+    from shared.db import session_factory
+
+    with session_factory(sqlite_url)() as s:
+        assert store.count_jobs(s) == 0
+
+
+def test_no_model_and_no_default_is_422(sqlite_url, redis_url):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(database_url=sqlite_url, redis_url=redis_url))) as client:
+        error = assert_error_shape(client.post("/v1/jobs", json={"prompt": "a cat"}), 422, "invalid_request")
+    assert error["details"][0]["field"] == "model"
