@@ -112,7 +112,7 @@ def cmd_up(args) -> int:
     if settings.model is None:
         # the demo's model: built once (about half a minute), then reused from the cache
         tiny = default_tiny_dir(settings.cache_dir)
-        subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True)
+        subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True, stdout=sys.stderr)
         settings = settings.model_copy(update={"model": str(tiny)})
         env["SDFLEET_MODEL"] = str(tiny)
     name = settings.served_model_name

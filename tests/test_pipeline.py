@@ -1,0 +1,35 @@
+"""The optimum backend on the tiny SD and SDXL models, in this process: the loader picks the class from the
+folder, one image per call, and the seed alone decides the pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.pipelines import ImageRequest, OptimumPipeline
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def pipeline(request, tiny_model, tiny_sdxl_model):
+    return OptimumPipeline(str(tiny_model if request.param == "sd" else tiny_sdxl_model))
+
+
+def test_generates_the_requested_size_deterministically(pipeline):
+    req = ImageRequest("a cat on the moon", "blurry", width=96, height=64, steps=2, guidance_scale=7.5, seed=7)
+    steps = []
+    a = pipeline.generate(req, on_step=lambda i, n: steps.append((i, n)))
+    b = pipeline.generate(req)
+    c = pipeline.generate(ImageRequest(**{**req.__dict__, "seed": 8}))
+    assert a.size == (96, 64)
+    assert steps == [(1, 2), (2, 2)]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_guidance_1_and_other_sizes_work_on_one_loaded_pipeline(pipeline):
+    for w, h, g in [(64, 64, 1.0), (128, 256, 0.0), (256, 128, 12.0)]:
+        assert pipeline.generate(ImageRequest("a tree", None, w, h, 1, g, 0)).size == (w, h)
+
+
+def test_precision_is_reported(pipeline):
+    assert pipeline.precision in ("bf16", "f32", "f16")

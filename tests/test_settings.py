@@ -1,0 +1,41 @@
+"""Settings refuse unsafe values at start, with a message that says why."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+
+def test_visibility_timeout_must_exceed_the_job_timeout():
+    with pytest.raises(ValidationError, match="would hand a still-running job to a second worker"):
+        Settings(job_timeout_s=600, visibility_timeout_s=600)
+    assert Settings(job_timeout_s=600).broker_visibility_timeout > 600
+
+
+def test_database_url_schemes():
+    assert Settings(database_url="postgresql://u@h/db").database_url == "postgresql+psycopg://u@h/db"
+    with pytest.raises(ValidationError, match="sqlite:// or postgresql"):
+        Settings(database_url="mysql://u@h/db")
+
+
+def test_served_model_name(tmp_path):
+    folder = tmp_path / "sdxl-turbo-int8"
+    folder.mkdir()
+    assert Settings(model=str(folder)).served_model_name == "sdxl-turbo-int8"
+    assert Settings(model="OpenVINO/sdxl-turbo-int8-ov").served_model_name == "OpenVINO/sdxl-turbo-int8-ov"
+    assert Settings(model=str(folder), model_name="xl").served_model_name == "xl"
+    with pytest.raises(ValueError, match="SDFLEET_MODEL is not set"):
+        Settings().served_model_name
+    with pytest.raises(ValidationError, match="not a model name"):
+        Settings(model_name="bad name")
+
+
+def test_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SDFLEET_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("SDFLEET_MEMORY_BUDGET", "0")
+    with pytest.raises(ValidationError, match="memory_budget"):
+        Settings()
+    monkeypatch.setenv("SDFLEET_MEMORY_BUDGET", "1000")
+    assert Settings().max_attempts == 3
