@@ -6,8 +6,6 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Literal
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -37,8 +35,6 @@ class Settings(BaseSettings):
     # The model a job gets when it names none (the API side).
     default_model: str | None = None
 
-    memory_budget: int | None = Field(default=None, gt=0)
-    memory_reserve: int = Field(default=1 << 30, ge=0)
     max_attempts: int = Field(default=2, ge=1, le=20)
 
     # Longest a job may run. Redis redelivers an unacknowledged task after the visibility timeout,
@@ -50,7 +46,6 @@ class Settings(BaseSettings):
     memory_sample_interval_s: float = Field(default=0.02, gt=0, le=5)
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    api_keys: str | None = None
 
     @field_validator("model_name", "default_model")
     @classmethod

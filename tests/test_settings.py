@@ -33,9 +33,9 @@ def test_served_model_name(tmp_path):
 
 
 def test_read_from_the_environment(monkeypatch):
-    monkeypatch.setenv("SDFLEET_MAX_ATTEMPTS", "3")
-    monkeypatch.setenv("SDFLEET_MEMORY_BUDGET", "0")
-    with pytest.raises(ValidationError, match="memory_budget"):
+    monkeypatch.setenv("SDFLEET_MAX_ATTEMPTS", "0")
+    with pytest.raises(ValidationError, match="max_attempts"):
         Settings()
-    monkeypatch.setenv("SDFLEET_MEMORY_BUDGET", "1000")
-    assert Settings().max_attempts == 3
+    monkeypatch.setenv("SDFLEET_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("SDFLEET_MODEL", "/models/x")
+    assert Settings().max_attempts == 3 and Settings().model == "/models/x"
