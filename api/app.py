@@ -18,9 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.db import engine_for, migrate, session_factory, wait_for_database
 from shared.errors import ErrorCode, InvalidRequest, NotFound, SdfleetError, ServiceUnavailable
-from shared.jobs import MAX_SEED, ImageLink, JobCreate, JobError, JobParameters, JobPublic, JobStatus
-from shared.models import Job
-from shared import store
+from shared.jobs import (
+    MAX_SEED, ImageLink, JobCreate, JobError, JobMemoryPublic, JobParameters, JobPublic, JobStatus, ModelPublic,
+    ProfilePublic, WorkerPublic,
+)
+from shared.models import Job, Worker
+from shared import fleet, store
+from api.admission import admit
 from shared.queue import GENERATE_TASK, make_celery, queue_name
 from shared.settings import Settings, get_settings
 
@@ -39,8 +43,10 @@ class ErrorBody(BaseModel):
 
 ERRORS = {
     404: {"model": ErrorBody, "description": "No such job or image"},
-    422: {"model": ErrorBody, "description": "Invalid request: the field and the reason are in details"},
-    503: {"model": ErrorBody, "description": "The database or the broker is unreachable"},
+    422: {"model": ErrorBody, "description": "invalid_request (the field and the reason are in details) or "
+          "insufficient_memory (the predicted peak, the largest budget, and hints that would fit)"},
+    503: {"model": ErrorBody, "description": "model_unavailable (no live worker serves the model) or "
+          "service_unavailable (the database or the broker is unreachable)"},
 }
 
 
@@ -66,6 +72,11 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return out
 
 
+def worker_public(w: Worker, alive: bool) -> WorkerPublic:
+    return WorkerPublic.model_validate({**{c: getattr(w, c) for c in WorkerPublic.model_fields if c != "alive"},
+                                        "alive": alive})
+
+
 def job_public(job: Job) -> JobPublic:
     wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -83,6 +94,8 @@ def job_public(job: Job) -> JobPublic:
         peak_rss_file_bytes=job.peak_rss_file_bytes,
         rss_before_bytes=job.rss_before_bytes,
         peak_rss_method=job.peak_rss_method,
+        predicted_peak_bytes=job.predicted_peak_bytes,
+        prediction_source=job.prediction_source,
         worker_host=job.worker_host,
         attempts=job.attempts,
         error=error,
@@ -153,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             seed=job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1),
         )
         with sessions.begin() as session:
-            row = store.create_job(session, params)
+            prediction = admit(session, params, settings.worker_stale_s)
+            row = store.create_job(session, params, prediction.bytes, prediction.source)
         try:
             celery.send_task(GENERATE_TASK, args=[row.id], queue=queue_name(model))
         except Exception as exc:  # the broker is down: keep nothing the client was not told about
@@ -183,6 +197,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if png is None:
             raise NotFound(f"job {job_id} has no image {index}")
         return Response(png, media_type="image/png")
+
+    @app.get("/v1/jobs/{job_id}/memory", response_model=JobMemoryPublic, responses=ERRORS, tags=["jobs"])
+    def get_job_memory(job_id: str) -> JobMemoryPublic:
+        """The job's memory timeline (its last attempt): RSS samples with phase marks."""
+        with sessions() as session:
+            job = store.get_job(session, job_id)
+            row = fleet.timeline(session, job_id) if job else None
+            if row is None:
+                raise NotFound(f"no memory timeline for job {job_id}" + (" yet" if job else ""))
+            return JobMemoryPublic(job_id=job_id, attempt=row.attempt, interval_s=row.interval_s,
+                                   peak_rss_bytes=job.peak_rss_bytes, samples=row.timeline)
+
+    @app.get("/v1/workers", response_model=list[WorkerPublic], tags=["fleet"])
+    def list_workers() -> list[WorkerPublic]:
+        """Every worker that has sent a heartbeat; `alive` is false once it stops (not counted as capacity)."""
+        with sessions() as session:
+            return [worker_public(w, fleet.is_alive(w, settings.worker_stale_s)) for w in fleet.workers(session)]
+
+    @app.get("/v1/models", response_model=list[ModelPublic], tags=["fleet"])
+    def list_models() -> list[ModelPublic]:
+        """The models live workers serve, with the memory profiles their jobs measured."""
+        with sessions() as session:
+            live = fleet.live_workers(session, settings.worker_stale_s)
+            profiles = fleet.all_profiles(session)
+        out = []
+        for name in sorted({w.model for w in live}):
+            ws = [w for w in live if w.model == name]
+            out.append(ModelPublic(
+                name=name, workers=len(ws), largest_budget_bytes=max(w.budget_bytes for w in ws),
+                runtimes=sorted({f"{w.backend}/{w.precision}" for w in ws}),
+                profiles=[ProfilePublic.model_validate(p, from_attributes=True) for p in profiles if p.model == name],
+            ))
+        return out
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

@@ -138,6 +138,11 @@ def cmd_up(args) -> int:
             if api.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the API did not start; see {args.log_dir / 'api.log'}")
             time.sleep(0.2)
+        deadline = time.monotonic() + settings.model_load_timeout_s
+        while not any(w["alive"] and w["model"] == name for w in client.workers()):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not come up; see {args.log_dir / 'worker.log'}")
+            time.sleep(0.2)
         print(f"sdfleet is up: API http://127.0.0.1:{args.port} (docs at /docs), model {name!r}, "
               f"database {settings.database_url}; logs in {args.log_dir}", file=sys.stderr)
 

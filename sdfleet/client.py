@@ -54,6 +54,15 @@ class Client:
             raise ApiError(response.status_code, response.json())
         return response.content
 
+    def workers(self) -> list[dict]:
+        return self._json(self.http.get("/v1/workers"))
+
+    def models(self) -> list[dict]:
+        return self._json(self.http.get("/v1/models"))
+
+    def memory(self, job_id: str) -> dict:
+        return self._json(self.http.get(f"/v1/jobs/{job_id}/memory"))
+
     def healthy(self) -> bool:
         try:
             return self.http.get("/healthz", timeout=2).status_code == 200

@@ -48,3 +48,13 @@ class InvalidTransition(SdfleetError):
     """A job state change that the state machine forbids (a bug or a race lost, never user input)."""
 
     code, http_status = ErrorCode.internal, 409
+
+
+class InsufficientMemory(SdfleetError):
+    """No live worker serving the model has the memory this job is predicted to need."""
+
+    code, http_status = ErrorCode.insufficient_memory, 422
+
+
+class ModelUnavailable(SdfleetError):
+    code, http_status = ErrorCode.model_unavailable, 503

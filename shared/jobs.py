@@ -113,8 +113,67 @@ class JobPublic(BaseModel):
     peak_rss_anon_bytes: int | None = Field(description="peak anonymous RSS (heap, compiled weights)")
     peak_rss_file_bytes: int | None = Field(description="peak file-backed RSS (mmapped weights, reclaimable)")
     rss_before_bytes: int | None = Field(description="the worker's resident set when the job started")
-    peak_rss_method: str | None = Field(description="vmhwm (kernel high-water mark) or sampler (psutil)")
+    peak_rss_method: str | None = Field(
+        description="vmhwm (kernel high-water mark), sampler (psutil), or partial (the last reading of a "
+        "running job, or of one whose worker was lost)")
+    predicted_peak_bytes: int | None = Field(description="what admission predicted this job would need")
+    prediction_source: str | None = Field(description="profile (this shape measured), scaled, or prior")
     worker_host: str | None
     attempts: int
     error: JobError | None
     images: list[ImageLink]
+
+
+class MemorySample(BaseModel):
+    t: float = Field(description="seconds since the job started")
+    rss: int
+    anon: int
+    file: int
+    phase: str = Field(description="start, encode, denoise, decode, end")
+    image: int
+
+
+class JobMemoryPublic(BaseModel):
+    job_id: str
+    attempt: int
+    interval_s: float
+    peak_rss_bytes: int | None
+    samples: list[MemorySample]
+
+
+class WorkerPublic(BaseModel):
+    name: str
+    host: str
+    model: str
+    backend: str
+    precision: str
+    budget_bytes: int
+    cgroup_limit_bytes: int | None
+    total_ram_bytes: int
+    available_bytes: int
+    resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs")
+    current_job_id: str | None
+    started_at: datetime
+    last_seen: datetime
+    alive: bool
+
+
+class ProfilePublic(BaseModel):
+    backend: str
+    precision: str
+    width: int
+    height: int
+    images_per_pass: int
+    guidance: bool
+    peak_bytes: int
+    base_bytes: int
+    samples: int
+    updated_at: datetime
+
+
+class ModelPublic(BaseModel):
+    name: str
+    workers: int
+    largest_budget_bytes: int
+    runtimes: list[str] = Field(description="backend/precision of the workers serving it")
+    profiles: list[ProfilePublic]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -61,6 +61,9 @@ class Job(Base):
     rss_before_bytes: Mapped[int | None] = mapped_column(BigInteger)
     peak_rss_method: Mapped[str | None] = mapped_column(String(16))
 
+    predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    prediction_source: Mapped[str | None] = mapped_column(String(16))
+
     worker_host: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(32))
@@ -85,3 +88,52 @@ class JobImage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+class Worker(Base):
+    """A worker's heartbeat: what it serves, its memory budget and what its loaded pipeline holds."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid of the Celery main process
+    host: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    backend: Mapped[str] = mapped_column(String(64))
+    precision: Mapped[str] = mapped_column(String(16))
+    budget_bytes: Mapped[int] = mapped_column(BigInteger)
+    cgroup_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    total_ram_bytes: Mapped[int] = mapped_column(BigInteger)
+    available_bytes: Mapped[int] = mapped_column(BigInteger)
+    resident_bytes: Mapped[int] = mapped_column(BigInteger)  # RSS with the pipeline loaded, between jobs
+    current_job_id: Mapped[str | None] = mapped_column(String(36))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class MemoryProfile(Base):
+    """The largest peak measured for one job shape on one model, backend and precision."""
+
+    __tablename__ = "memory_profiles"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(64), primary_key=True)
+    precision: Mapped[str] = mapped_column(String(16), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer, primary_key=True)
+    height: Mapped[int] = mapped_column(Integer, primary_key=True)
+    images_per_pass: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guidance: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    peak_bytes: Mapped[int] = mapped_column(BigInteger)
+    base_bytes: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class JobMemory(Base):
+    """A job's memory timeline (its last attempt): samples with phase marks."""
+
+    __tablename__ = "job_memory"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    interval_s: Mapped[float] = mapped_column(Float)
+    timeline: Mapped[list] = mapped_column(JSON)

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # The model a job gets when it names none (the API side).
     default_model: str | None = None
 
+    # A worker's memory budget: explicit, else min(cgroup limit, RAM) minus the reserve.
+    memory_budget: int | None = Field(default=None, gt=0)
+    memory_reserve: int = Field(default=1 << 30, ge=0)
+    heartbeat_s: float = Field(default=5.0, gt=0, le=300)
+    worker_stale_s: float = Field(default=30.0, gt=0)  # no heartbeat for this long: gone, not capacity
+
     max_attempts: int = Field(default=2, ge=1, le=20)
 
     # Longest a job may run. Redis redelivers an unacknowledged task after the visibility timeout,
@@ -66,6 +72,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_combinations(self) -> "Settings":
+        if self.worker_stale_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                "SDFLEET_WORKER_STALE_S must exceed twice SDFLEET_HEARTBEAT_S, or live workers look gone"
+            )
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError(
                 "SDFLEET_VISIBILITY_TIMEOUT_S must exceed SDFLEET_JOB_TIMEOUT_S: Redis would hand a "

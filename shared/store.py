@@ -62,8 +62,10 @@ def transition(
     return session.execute(stmt.values(status=new.value, **values)).rowcount == 1
 
 
-def create_job(session: Session, params: JobParameters) -> Job:
-    job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value, **params.model_dump(), attempts=0, images=[])
+def create_job(session: Session, params: JobParameters, predicted_bytes: int | None = None,
+               prediction_source: str | None = None) -> Job:
+    job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value, **params.model_dump(), attempts=0, images=[],
+              predicted_peak_bytes=predicted_bytes, prediction_source=prediction_source)
     session.add(job)
     session.flush()
     return job
@@ -105,8 +107,9 @@ def start_attempt(session: Session, job_id: str, host: str, max_attempts: int) -
                 session, job_id, JobStatus.running, JobStatus.failed,
                 finished_at=utcnow(), error_code=ErrorCode.worker_lost.value,
                 error_message=(
-                    f"the worker running this job was lost {job.attempts} time(s) "
-                    f"(last on {job.worker_host}); it will not be run again"
+                    f"the worker running this job was lost {job.attempts} time(s) (last on {job.worker_host}"
+                    + (f", at {job.peak_rss_bytes / 2**30:.2f} GB resident when last seen" if job.peak_rss_bytes else "")
+                    + "); it will not be run again"
                 ),
             )
             return None
@@ -116,7 +119,7 @@ def start_attempt(session: Session, job_id: str, host: str, max_attempts: int) -
     if not transition(
         session, job_id, JobStatus.queued, JobStatus.running,
         attempts=number, started_at=utcnow(), worker_host=host,
-        error_code=None, error_message=None,
+        error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))
@@ -137,6 +140,13 @@ def finish_succeeded(
         for i in images
     )
     return True
+
+
+def note_peak(session: Session, attempt: Attempt, peak_bytes: int) -> None:
+    """The running job's peak so far: what remains known if its worker is killed before it finishes."""
+    session.execute(update(Job).where(
+        Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
+    ).values(peak_rss_bytes=peak_bytes, peak_rss_method="partial"))
 
 
 def finish_failed(

@@ -126,10 +126,17 @@ def start_worker(env: dict, log: Path) -> subprocess.Popen:
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def wait_worker_ready(worker: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    """Ready when the pool child has loaded and warmed the pipeline (it logs 'warm-up')."""
+def wait_worker_ready(worker: subprocess.Popen, log: Path, database_url: str, model: str,
+                      timeout: float = 180) -> None:
+    """Ready when the pool child has loaded the pipeline and its heartbeat is in the database."""
+    from shared import fleet
+
+    sessions = session_factory(database_url)
     deadline = time.monotonic() + timeout
-    while "warm-up in" not in log.read_text(errors="replace"):
+    while True:
+        with sessions() as s:
+            if any(w.model == model for w in fleet.live_workers(s, 30)):
+                return
         if worker.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"worker did not get ready:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
@@ -159,7 +166,7 @@ def stack(database_url, redis_url, tiny_model, tmp_path_factory):
         while not client.healthy():
             assert api.poll() is None and time.monotonic() < deadline, (log_dir / "api.log").read_text()
             time.sleep(0.1)
-        wait_worker_ready(worker, log_dir / "worker.log")
+        wait_worker_ready(worker, log_dir / "worker.log", database_url, model)
         yield Stack(client, f"http://127.0.0.1:{port}", database_url, redis_url, model, worker, procs, log_dir)
     finally:
         stop(procs)

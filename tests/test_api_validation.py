@@ -103,11 +103,16 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
 
     settings = Settings(database_url=sqlite_url, redis_url=f"redis://127.0.0.1:{free_port()}/0",
                         default_model="tiny")
+    from shared import fleet
+    from shared.db import session_factory
+    from shared.models import utcnow
+
+    with session_factory(sqlite_url).begin() as s:  # a live worker for "tiny", so admission passes
+        fleet.beat(s, fleet.Heartbeat("h:1", "h", "tiny", "optimum", "bf16", 8 << 30, None, 16 << 30,
+                                      12 << 30, 600 << 20, None), utcnow())
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", json={"prompt": "a cat"})
     assert_error_shape(r, 503, "service_unavailable")
-    from shared.db import session_factory
-
     with session_factory(sqlite_url)() as s:
         assert store.count_jobs(s) == 0
 

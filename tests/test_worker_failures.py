@@ -16,11 +16,11 @@ def raising_worker(stack, tiny_model, tmp_path):
     that raises for prompts containing FAIL (and is the real tiny pipeline otherwise)."""
     model = f"tiny-raising-{uuid.uuid4().hex[:6]}"
     env = stack_env(stack.database_url, stack.redis_url, SDFLEET_MODEL=str(tiny_model),
-                    SDFLEET_MODEL_NAME=model, SDFLEET_BACKEND="tests.fakes:raising")
+                    SDFLEET_MODEL_NAME=model, SDFLEET_BACKEND="tests.fakes:faulty")
     log = tmp_path / "worker.log"
     proc = start_worker(env, log)
     try:
-        wait_worker_ready(proc, log)
+        wait_worker_ready(proc, log, stack.database_url, model)
         yield model, proc
     finally:
         stop([proc])

@@ -1,5 +1,6 @@
 """The Celery worker: the shared app with the generate task registered, the pipeline loaded once per pool
-child (worker_process_init), and the command that starts it with concurrency 1 on its model's queue."""
+child (worker_process_init) and its heartbeat started, and the command that starts it with concurrency 1
+on its model's queue."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from celery.signals import worker_process_init
 from shared.db import engine_for, migrate, wait_for_database
 from shared.queue import GENERATE_TASK, make_celery, queue_name
 from shared.settings import get_settings
+from worker.host import Host
 from worker.pipelines import get_pipeline
 from worker.tasks import run_job
 
@@ -18,17 +20,20 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings)
+_host: Host | None = None
 
 
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str) -> str:
-    return run_job(job_id, settings)
+    return run_job(job_id, _host)
 
 
 @worker_process_init.connect
 def _load_pipeline(**_kwargs) -> None:
     # Only the pool child holds the weights; a replaced child (after a SIGKILL) loads them again.
-    get_pipeline(settings)
+    global _host
+    _host = Host(settings, get_pipeline(settings))
+    _host.start_heartbeat()
 
 
 def preflight() -> str:

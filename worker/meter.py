@@ -1,9 +1,10 @@
-"""A job's own peak memory in a long-lived worker process.
+"""A job's own peak memory in a long-lived worker process, its timeline, and the runtime guard.
 
 The kernel keeps a high-water mark of the resident set (VmHWM); writing "5" to /proc/self/clear_refs resets
 it to the current RSS, so the mark read after the job is the job's own peak, spikes included. A psutil
 sampler runs beside it: it splits anonymous memory (heap, OpenVINO's compiled weights) from file-backed
-(mmapped IR weights, which the kernel may drop), and it is the measure where clear_refs is not allowed.
+(mmapped IR weights, which the kernel may drop), records the timeline with phase marks, watches the budget,
+and is the measure where clear_refs is not allowed.
 """
 
 from __future__ import annotations
@@ -11,10 +12,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+import time
 
 import psutil
 
+from shared.memory import fmt_gb
 from shared.store import MemoryReading
+
+MAX_TIMELINE_POINTS = 600
+
+
+class MemoryBudgetExceeded(Exception):
+    """Raised at the next denoising step after the sampler saw the RSS cross the budget."""
+
+    def __init__(self, rss: int, budget: int):
+        super().__init__(f"resident memory reached {fmt_gb(rss)}, past this worker's budget of {fmt_gb(budget)}")
+        self.rss, self.budget = rss, budget
 
 
 def _status_kb(field: str) -> int | None:
@@ -66,27 +79,56 @@ def rss_bytes() -> int:
 
 
 class JobMeter:
-    """Context manager around one job: `reading` holds its peak once the block exits."""
+    """Context manager around one job: `reading` holds its peak once the block exits, `timeline()` the
+    samples. Given a budget, `check()` raises MemoryBudgetExceeded once a sample has crossed it."""
 
-    def __init__(self, interval_s: float = 0.02):
+    def __init__(self, interval_s: float = 0.02, budget_bytes: int | None = None):
         self.interval_s = interval_s
+        self.budget_bytes = budget_bytes
         self.reading: MemoryReading | None = None
+        self.exceeded_at: int | None = None
+        self.phase, self.image = "start", 0
         self._proc = psutil.Process()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._samples: list[tuple] = []
         self._peak_rss = self._peak_anon = self._peak_file = 0
+        self._t0 = time.monotonic()
 
     def _sample(self) -> None:
         m = self._proc.memory_info()
         # On Linux psutil's `shared` is RssFile + RssShmem: the file-backed part of the resident set.
-        self._peak_rss = max(self._peak_rss, m.rss)
-        self._peak_anon = max(self._peak_anon, m.rss - m.shared)
-        self._peak_file = max(self._peak_file, m.shared)
+        anon, file = m.rss - m.shared, m.shared
+        with self._lock:
+            self._peak_rss = max(self._peak_rss, m.rss)
+            self._peak_anon = max(self._peak_anon, anon)
+            self._peak_file = max(self._peak_file, file)
+            self._samples.append((round(time.monotonic() - self._t0, 3), m.rss, anon, file, self.phase, self.image))
+        if self.budget_bytes is not None and m.rss > self.budget_bytes and self.exceeded_at is None:
+            self.exceeded_at = m.rss
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    def mark(self, phase: str, image: int | None = None) -> None:
+        """Start a phase (encode, denoise, decode) of image `image`: the timeline carries the marks."""
+        self.phase = phase
+        if image is not None:
+            self.image = image
+        self._sample()
+
+    def check(self) -> None:
+        if self.exceeded_at is not None:
+            raise MemoryBudgetExceeded(self.exceeded_at, self.budget_bytes)
+
+    @property
+    def peak_so_far(self) -> int:
+        hwm = high_water_mark_bytes() if self._hwm else None
+        return max(hwm or 0, self._peak_rss)
+
     def __enter__(self) -> "JobMeter":
+        self._t0 = time.monotonic()
         self._rss_before = self._proc.memory_info().rss
         self._hwm = reset_high_water_mark()
         self._sample()
@@ -97,7 +139,7 @@ class JobMeter:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self.mark("end")
         hwm = high_water_mark_bytes() if self._hwm else None
         self.reading = MemoryReading(
             peak_rss_bytes=max(hwm, self._peak_rss) if hwm else self._peak_rss,
@@ -106,3 +148,21 @@ class JobMeter:
             rss_before_bytes=self._rss_before,
             method="vmhwm" if hwm else "sampler",
         )
+
+    def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> list[dict]:
+        """The samples, thinned to at most about `max_points`: in each run of samples the highest is kept,
+        and so is every phase change, so the peak and the marks survive."""
+        with self._lock:
+            samples = list(self._samples)
+        step = max(1, -(-len(samples) // max_points))
+        kept = []
+        for i in range(0, len(samples), step):
+            chunk = samples[i:i + step]
+            starts = [s for j, s in enumerate(chunk) if (i + j) == 0 or samples[i + j - 1][4:] != s[4:]]
+            kept.extend(starts)
+            top = max(chunk, key=lambda s: s[1])
+            if top not in starts:
+                kept.append(top)
+        kept.sort(key=lambda s: s[0])
+        keys = ("t", "rss", "anon", "file", "phase", "image")
+        return [dict(zip(keys, s)) for s in kept]

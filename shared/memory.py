@@ -1,0 +1,141 @@
+"""The memory model: a host's budget (cgroup-aware), and a job's predicted peak from what similar jobs
+measured, else a prior from the loaded model's size. Pure functions: the API's admission and the worker's
+own pre-check both use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1 << 30
+MB = 1 << 20
+
+# A cgroup v1 "no limit" is the largest page-aligned 63-bit number; anything this big means none.
+_V1_UNLIMITED = 1 << 60
+
+# The prior, before a model has any profile: activations of a job grow with its latent pixels and double
+# with classifier-free guidance (the UNet runs a batch of two). It is deliberately generous (a refused job
+# costs a retry, an admitted one that does not fit costs a worker); profiles replace it after one job.
+PRIOR_FIXED_BYTES = 256 * MB
+PRIOR_BYTES_PER_LATENT_PIXEL = 64 * 1024  # 0.5 GB at 512x512 with guidance, 2 GB at 1024x1024
+
+
+def cgroup_memory_limit(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup and its ancestors (the smallest), or None.
+
+    `proc_self_cgroup` is the text of /proc/self/cgroup: "0::/path" for cgroup v2, "N:memory:/path" for v1.
+    In a container psutil reports the host's RAM: this is the number that counts.
+    """
+    limits = []
+    for line in proc_self_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hier, controllers, path = parts
+        if hier == "0" and controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+            if not base.is_dir():
+                base = root  # a v1 memory hierarchy mounted at the root
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in [rel, *rel.parents]:
+            value = _read_limit(base / d / name)
+            if value is not None:
+                limits.append(value)
+    return min(limits) if limits else None
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max" or not text.isdigit():
+        return None
+    value = int(text)
+    return None if value >= _V1_UNLIMITED else value
+
+
+def host_budget(total_ram: int, cgroup_limit: int | None, reserve: int, explicit: int | None = None) -> int:
+    """What a worker may use: an explicit setting, else min(cgroup limit, RAM) minus the reserve."""
+    if explicit is not None:
+        return explicit
+    limit = min(total_ram, cgroup_limit) if cgroup_limit else total_ram
+    return max(0, limit - reserve)
+
+
+def read_host_budget(reserve: int, explicit: int | None = None) -> tuple[int, int | None]:
+    """(budget, cgroup limit) of this host, read from /proc and /sys."""
+    import psutil
+
+    try:
+        cgroup = cgroup_memory_limit(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        cgroup = None
+    return host_budget(psutil.virtual_memory().total, cgroup, reserve, explicit), cgroup
+
+
+def guidance_on(guidance_scale: float) -> bool:
+    """Classifier-free guidance runs only above 1; it doubles the UNet's batch."""
+    return guidance_scale > 1.0
+
+
+def latent_pixels(width: int, height: int) -> int:
+    return (width // 8) * (height // 8)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a job's peak depends on, besides the model and how it runs."""
+
+    width: int
+    height: int
+    guidance: bool
+    images_per_pass: int = 1
+
+    @property
+    def work(self) -> int:
+        """Activation work: latent pixels x UNet batch."""
+        return latent_pixels(self.width, self.height) * (2 if self.guidance else 1) * self.images_per_pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What jobs of one shape measured on one model/backend/precision/memory mode."""
+
+    shape: Shape
+    peak_bytes: int  # the largest peak seen
+    base_bytes: int  # the worker's resident set before that job (the loaded pipeline)
+    samples: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    bytes: int
+    source: str  # "profile" (this shape was seen), "scaled" (another size, scaled), "prior"
+    detail: str
+
+
+def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -> Prediction:
+    """A job's peak RSS on a worker whose loaded pipeline holds `resident_bytes`."""
+    for p in profiles:
+        if p.shape == shape:
+            return Prediction(p.peak_bytes, "profile", f"measured on {p.samples} job(s) of this shape")
+    if profiles:
+        # The nearest seen shape by activation work; what it used above its base scales with the work.
+        near = min(profiles, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))
+        per_work = max(0, near.peak_bytes - near.base_bytes) / near.shape.work
+        base = resident_bytes if resident_bytes is not None else near.base_bytes
+        value = int(base + per_work * shape.work)
+        return Prediction(value, "scaled", f"scaled by latent pixels from {near.shape.width}x{near.shape.height}"
+                          f"{' with guidance' if near.shape.guidance else ''}")
+    base = resident_bytes if resident_bytes is not None else 0
+    value = base + PRIOR_FIXED_BYTES + PRIOR_BYTES_PER_LATENT_PIXEL * shape.work
+    return Prediction(value, "prior", "no job of this model measured yet: loaded pipeline + activation prior")
+
+
+def fmt_gb(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / MB:.0f} MB"

@@ -1,0 +1,75 @@
+"""This worker process's place in the fleet: its memory budget, its heartbeat into the database, and the
+job it is running (whose latest memory reading the heartbeat keeps on the job's row, so that a worker
+killed mid-job leaves its last reading behind)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+from shared import fleet, store
+from shared.db import session_factory
+from shared.memory import fmt_gb, read_host_budget
+from shared.models import utcnow
+from shared.settings import Settings
+from worker.meter import JobMeter, rss_bytes
+from worker.pipelines import Pipeline
+
+log = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+
+
+@dataclass
+class Running:
+    attempt: store.Attempt
+    meter: JobMeter
+
+
+class Host:
+    def __init__(self, settings: Settings, pipeline: Pipeline):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.model = settings.served_model_name
+        # one name for the Celery worker, kept when its pool child is replaced
+        self.name = f"{HOST}:{os.getppid()}"
+        self.budget, self.cgroup_limit = read_host_budget(settings.memory_reserve, settings.memory_budget)
+        self.started_at = utcnow()
+        self.resident = rss_bytes()
+        self.running: Running | None = None
+        self._sessions = session_factory(settings.database_url)
+        self._stop = threading.Event()
+        log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s", self.name,
+                 fmt_gb(self.budget), fmt_gb(self.cgroup_limit) if self.cgroup_limit else "none",
+                 fmt_gb(self.resident), pipeline.precision)
+
+    def start_heartbeat(self) -> None:
+        self.beat()
+        threading.Thread(target=self._loop, name="sdfleet-heartbeat", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self.beat()
+            except Exception:  # the database may be away for a while; the next beat tries again
+                log.exception("heartbeat failed")
+
+    def beat(self) -> None:
+        running = self.running
+        if running is None:
+            self.resident = rss_bytes()
+        hb = fleet.Heartbeat(
+            name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
+            precision=self.pipeline.precision, budget_bytes=self.budget, cgroup_limit_bytes=self.cgroup_limit,
+            total_ram_bytes=psutil.virtual_memory().total, available_bytes=psutil.virtual_memory().available,
+            resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
+        )
+        with self._sessions.begin() as session:
+            fleet.beat(session, hb, self.started_at)
+            if running is not None:
+                store.note_peak(session, running.attempt, running.meter.peak_so_far)
