@@ -170,3 +170,28 @@ def stack(database_url, redis_url, tiny_model, tmp_path_factory):
         yield Stack(client, f"http://127.0.0.1:{port}", database_url, redis_url, model, worker, procs, log_dir)
     finally:
         stop(procs)
+
+
+@pytest.fixture
+def spawn_worker(stack, tiny_model, tmp_path):
+    """Start more workers on the stack's API, Redis and database, each serving its own model name (so its
+    own queue and profiles); all stopped after the test. Returns (model name, process)."""
+    started = []
+
+    def spawn(prefix: str = "tiny", **extra_env) -> tuple[str, subprocess.Popen]:
+        model = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        env = stack_env(stack.database_url, stack.redis_url, SDFLEET_MODEL=str(tiny_model),
+                        SDFLEET_MODEL_NAME=model, **{k: str(v) for k, v in extra_env.items()})
+        log = tmp_path / f"{model}.log"
+        proc = start_worker(env, log)
+        started.append(proc)
+        wait_worker_ready(proc, log, stack.database_url, model)
+        return model, proc
+
+    yield spawn
+    stop(started)
+
+
+def pool_child(proc: subprocess.Popen) -> int:
+    (child,) = psutil.Process(proc.pid).children()
+    return child.pid

@@ -1,36 +1,30 @@
-"""A pipeline that raises fails that job with a clear code; the same worker then runs the next job."""
+"""Failures on real worker processes: a pipeline that raises, a child SIGKILLed mid-job (as by the kernel
+OOM killer), a job that kills its child every time, and the memory guard."""
 
 from __future__ import annotations
 
-import uuid
+import os
+import signal
+import time
 
-import pytest
+from shared import store
+from shared.memory import GB
+from tests.conftest import pool_child
 
-from sdfleet.stack import stop
-from tests.conftest import stack_env, start_worker, wait_worker_ready
-
-
-@pytest.fixture
-def raising_worker(stack, tiny_model, tmp_path):
-    """A second worker on the same API, Redis and database, serving its own model name with a pipeline
-    that raises for prompts containing FAIL (and is the real tiny pipeline otherwise)."""
-    model = f"tiny-raising-{uuid.uuid4().hex[:6]}"
-    env = stack_env(stack.database_url, stack.redis_url, SDFLEET_MODEL=str(tiny_model),
-                    SDFLEET_MODEL_NAME=model, SDFLEET_BACKEND="tests.fakes:faulty")
-    log = tmp_path / "worker.log"
-    proc = start_worker(env, log)
-    try:
-        wait_worker_ready(proc, log, stack.database_url, model)
-        yield model, proc
-    finally:
-        stop([proc])
+FAULTY = {"SDFLEET_BACKEND": "tests.fakes:faulty"}
 
 
-def test_exception_fails_the_job_and_the_next_job_succeeds_on_the_same_worker(stack, raising_worker):
-    import psutil
+def wait_status(stack, job_id: str, status: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := stack.api.job(job_id))["status"] != status:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
 
-    model, proc = raising_worker
-    (child,) = psutil.Process(proc.pid).children()
+
+def test_exception_fails_the_job_and_the_next_job_succeeds_on_the_same_worker(stack, spawn_worker):
+    model, proc = spawn_worker("raising", **FAULTY)
+    child = pool_child(proc)
     failed = stack.api.wait(stack.api.submit(prompt="FAIL please", model=model, width=64, height=64,
                                              steps=1)["id"], timeout=120)
     assert failed["status"] == "failed"
@@ -43,4 +37,68 @@ def test_exception_fails_the_job_and_the_next_job_succeeds_on_the_same_worker(st
                                          steps=1)["id"], timeout=120)
     assert ok["status"] == "succeeded", ok["error"]
     assert len(ok["images"]) == 1
-    assert [c.pid for c in psutil.Process(proc.pid).children()] == [child.pid]  # the same pool child
+    assert pool_child(proc) == child  # the same pool child ran both
+
+
+def test_child_killed_mid_job_is_redelivered_and_succeeds_on_the_second_attempt(stack, spawn_worker):
+    model, proc = spawn_worker("sigkill")
+    first_child = pool_child(proc)
+    job = stack.api.submit(prompt="a long job", model=model, width=512, height=512, steps=150,
+                           guidance_scale=1.0, seed=3)
+    wait_status(stack, job["id"], "running")
+    time.sleep(0.3)
+    os.kill(first_child, signal.SIGKILL)
+    done = stack.api.wait(job["id"], timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert len(done["images"]) == 1
+    assert pool_child(proc) != first_child  # Celery replaced the child, which loaded the model again
+    with stack.sessions() as s:  # stored once
+        assert len(store.get_job(s, job["id"]).images) == 1
+
+
+def test_job_that_kills_its_worker_every_time_ends_worker_lost_after_max_attempts(stack, spawn_worker):
+    model, proc = spawn_worker("poison", SDFLEET_MAX_ATTEMPTS=2, **FAULTY)
+    job = stack.api.submit(prompt="KILL the worker", model=model, width=64, height=64, steps=1)
+    done = stack.api.wait(job["id"], timeout=180)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "worker_lost"
+    assert done["attempts"] == 2
+    assert "lost 2 time(s)" in done["error"]["message"]
+    assert done["peak_rss_bytes"] > 0 and done["peak_rss_method"] == "partial"  # the last reading
+    assert "GB resident when last seen" in done["error"]["message"]
+    # it is never run again: the worker serves the next job, and the poison job stays as it ended
+    ok = stack.api.wait(stack.api.submit(prompt="a calm sea", model=model, width=64, height=64,
+                                         steps=1)["id"], timeout=180)
+    assert ok["status"] == "succeeded"
+    assert stack.api.job(job["id"]) == done
+
+
+def test_guard_aborts_a_job_past_the_budget_and_the_worker_goes_on(stack, spawn_worker):
+    budget = int(1.5 * GB)
+    model, proc = spawn_worker("guarded", SDFLEET_MEMORY_BUDGET=budget, **FAULTY)
+    child = pool_child(proc)
+    (w,) = [w for w in stack.api.workers() if w["model"] == model]
+    assert w["budget_bytes"] == budget and w["alive"]
+    assert w["resident_bytes"] < budget - 500 * 2**20  # room for a normal job, not for the fake's 2 GB
+
+    job = stack.api.submit(prompt="ALLOC=200 a hungry job", model=model, width=64, height=64, steps=10,
+                           guidance_scale=1.0)
+    assert job["prediction_source"] == "prior" and job["predicted_peak_bytes"] < budget
+    done = stack.api.wait(job["id"], timeout=120)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "out_of_memory"
+    assert "past this worker's budget" in done["error"]["message"]
+    assert done["peak_rss_bytes"] > budget  # the measured peak is recorded
+    assert done["peak_rss_bytes"] < budget + 3 * 200 * 2**20  # stopped within a step or two of crossing
+    assert done["images"] == []
+
+    timeline = stack.api.memory(job["id"])
+    assert {"encode", "denoise"} <= {s["phase"] for s in timeline["samples"]}
+    assert max(s["rss"] for s in timeline["samples"]) > budget
+
+    ok = stack.api.wait(stack.api.submit(prompt="a small job", model=model, width=64, height=64, steps=2,
+                                         guidance_scale=1.0)["id"], timeout=120)
+    assert ok["status"] == "succeeded", ok["error"]
+    assert ok["peak_rss_bytes"] < budget
+    assert pool_child(proc) == child  # the same child, its memory given back

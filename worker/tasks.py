@@ -115,8 +115,9 @@ def _run_job(job_id: str, host: Host) -> str:
             ok = store.finish_failed(session, attempt, code, message, reading, elapsed)
         if ok:
             fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
-            if code in (None, ErrorCode.out_of_memory):
-                # an aborted job's peak is a lower bound of what it needs: worth learning too
+            if code is None:
+                # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled
+                # to other sizes it would refuse jobs that fit.
                 fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, shape,
                                      reading.peak_rss_bytes, reading.rss_before_bytes)
     status = "succeeded" if code is None else "failed"
