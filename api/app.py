@@ -1,4 +1,5 @@
-"""The submission API: validates a job, stores it, enqueues its ID, and answers from the database by job ID.
+"""The submission API: validates a job, admits it against the fleet's memory, stores it, enqueues its ID,
+and answers from the database by job ID.
 It imports no model stack (torch, diffusers, OpenVINO): it stays small and starts in about a second."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.admission import admit
+from shared import fleet, store
 from shared.db import engine_for, migrate, session_factory, wait_for_database
 from shared.errors import ErrorCode, InvalidRequest, NotFound, SdfleetError, ServiceUnavailable
 from shared.jobs import (
@@ -23,8 +26,6 @@ from shared.jobs import (
     ProfilePublic, WorkerPublic,
 )
 from shared.models import Job, Worker
-from shared import fleet, store
-from api.admission import admit
 from shared.queue import GENERATE_TASK, make_celery, queue_name
 from shared.settings import Settings, get_settings
 

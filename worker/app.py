@@ -32,6 +32,8 @@ def generate(job_id: str) -> str:
 def _load_pipeline(**_kwargs) -> None:
     # Only the pool child holds the weights; a replaced child (after a SIGKILL) loads them again.
     global _host
+    # connections opened by the parent (its migration) must not be shared across the fork
+    engine_for(settings.database_url).dispose(close=False)
     _host = Host(settings, get_pipeline(settings))
     _host.start_heartbeat()
 
