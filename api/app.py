@@ -9,7 +9,7 @@ import logging
 import secrets
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(500, ErrorCode.internal, f"internal error ({type(exc).__name__})")
 
     @app.post("/v1/jobs", status_code=202, response_model=JobPublic, responses=ERRORS, tags=["jobs"])
-    def submit_job(response: Response, job: JobCreate = Body()) -> JobPublic:
+    def submit_job(job: JobCreate, response: Response) -> JobPublic:
         """Queue a text-to-image job; answers at once with its ID (poll GET /v1/jobs/{id})."""
         model = job.model or settings.default_model
         if model is None:

@@ -63,10 +63,11 @@ class Host:
         running = self.running
         if running is None:
             self.resident = rss_bytes()
+        ram = psutil.virtual_memory()
         hb = fleet.Heartbeat(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
             precision=self.pipeline.precision, budget_bytes=self.budget, cgroup_limit_bytes=self.cgroup_limit,
-            total_ram_bytes=psutil.virtual_memory().total, available_bytes=psutil.virtual_memory().available,
+            total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
         )
         with self._sessions.begin() as session:
