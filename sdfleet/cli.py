@@ -1,4 +1,5 @@
-"""`sdfleet`: up (the local stack), api, worker, submit, status, model make-tiny, db upgrade.
+"""`sdfleet`: up (the local stack), api, worker, ops, reconcile, keys, submit, status, model make-tiny,
+db upgrade.
 
 This is the composition root: it may start the API and the worker, which never import each other.
 Heavy imports (uvicorn, Celery, the model stack) happen inside the command that needs them.
@@ -82,6 +83,48 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_ops(args) -> int:
+    from worker.ops import main
+
+    main(args.celery_args)
+    return 0
+
+
+def cmd_reconcile(_args) -> int:
+    import redis
+
+    from shared.db import session_factory
+    from shared.queue import make_celery
+    from shared.reconcile import reconcile
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    report = reconcile(session_factory(settings.database_url), redis.Redis.from_url(settings.redis_url),
+                       make_celery(settings), settings)
+    print(json.dumps(vars(report), indent=2))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from shared import keys
+    from shared.db import engine_for, migrate, session_factory
+    from shared.settings import get_settings
+
+    url = get_settings().database_url
+    migrate(engine_for(url))
+    with session_factory(url).begin() as session:
+        if args.keys_command == "create":
+            key = keys.create_key(session, args.name, args.rate_limit)
+            print(json.dumps({"name": key.name, "id": key.id, "key": key.token, "webhook_secret": key.webhook_secret},
+                             indent=2))
+            print("the key is shown once; only its hash is stored", file=sys.stderr)
+            return 0
+        if not keys.revoke(session, args.name):
+            print(f"sdfleet: no active key named {args.name!r}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from worker.tiny import make_tiny
 
@@ -130,8 +173,9 @@ def cmd_up(args) -> int:
 
         args.log_dir.mkdir(parents=True, exist_ok=True)
         worker = spawn(["worker"], env, str(args.log_dir / "worker.log"))
+        ops = spawn(["ops"], env, str(args.log_dir / "ops.log"))
         api = spawn(["api", "--port", str(args.port)], env, str(args.log_dir / "api.log"))
-        procs[:0] = [worker, api]  # stopped first, Redis last
+        procs[:0] = [worker, ops, api]  # stopped first, Redis last
         client = Client(f"http://127.0.0.1:{args.port}")
         deadline = time.monotonic() + 60
         while not client.healthy():
@@ -177,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdfleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="run the local stack: Redis (bundled if none answers), the API, one worker")
+    p = sub.add_parser("up", help="run the local stack: Redis (bundled if none answers), the API, one worker, "
+                       "one ops worker")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--submit", metavar="PROMPT", help="submit this prompt, wait, print the record, then stop")
     p.add_argument("--keep", action="store_true", help="with --submit: keep the stack running afterwards")
@@ -193,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker for SDFLEET_MODEL (extra arguments go to Celery)")
     p.add_argument("celery_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("ops", help="run an ops worker: webhook deliveries and the periodic reconciler")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ops)
+
+    p = sub.add_parser("reconcile", help="reconcile the database with Redis once and print what changed")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("keys", help="API keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create", help="create a key (printed once) with its webhook secret")
+    k.add_argument("name")
+    k.add_argument("--rate-limit", type=int, metavar="PER_MIN", help="submissions per minute")
+    k.set_defaults(func=cmd_keys)
+    k = ksub.add_parser("revoke", help="revoke a key")
+    k.add_argument("name")
+    k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("submit", help="submit a prompt")
     p.add_argument("prompt")

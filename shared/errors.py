@@ -9,6 +9,10 @@ from typing import Any
 class ErrorCode(str, enum.Enum):
     invalid_request = "invalid_request"
     not_found = "not_found"
+    unauthorized = "unauthorized"
+    rate_limited = "rate_limited"
+    conflict = "conflict"
+    idempotency_conflict = "idempotency_conflict"
     insufficient_memory = "insufficient_memory"
     out_of_memory = "out_of_memory"
     generation_failed = "generation_failed"
@@ -58,3 +62,23 @@ class InsufficientMemory(SdfleetError):
 
 class ModelUnavailable(SdfleetError):
     code, http_status = ErrorCode.model_unavailable, 503
+
+
+class Unauthorized(SdfleetError):
+    code, http_status = ErrorCode.unauthorized, 401
+
+
+class RateLimited(SdfleetError):
+    code, http_status = ErrorCode.rate_limited, 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, {"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+
+class Conflict(SdfleetError):
+    code, http_status = ErrorCode.conflict, 409
+
+
+class IdempotencyConflict(SdfleetError):
+    code, http_status = ErrorCode.idempotency_conflict, 409

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,6 +14,10 @@ from shared.settings import MODEL_NAME_RE
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
+MAX_URL_CHARS = 2000
+
+Priority = Literal["low", "normal", "high"]
+PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
 
 
 class JobStatus(str, enum.Enum):
@@ -57,6 +63,18 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=8)
     model: str | None = Field(default=None, max_length=200, pattern=MODEL_NAME_RE.pattern)
+    priority: Priority = "normal"
+    webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS,
+                                    description="POSTed the job record (signed) when the job ends")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            u = urlparse(v)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -85,6 +103,13 @@ class JobParameters(BaseModel):
     seed: int
     num_images: int
     model: str
+
+
+class Progress(BaseModel):
+    image: int = Field(description="0-based index of the image being made")
+    images: int
+    step: int = Field(description="denoising steps done for that image")
+    steps: int
 
 
 class ImageLink(BaseModel):
@@ -118,6 +143,11 @@ class JobPublic(BaseModel):
         "running job, or of one whose worker was lost)")
     predicted_peak_bytes: int | None = Field(description="what admission predicted this job would need")
     prediction_source: str | None = Field(description="profile (this shape measured), scaled, or prior")
+    priority: Priority
+    queue_position: int | None = Field(description="while queued: 1 is next for its model")
+    progress: Progress | None = Field(description="while running, updated at a bounded rate")
+    cancel_requested: bool
+    webhook_status: str | None = Field(description="pending, delivered or failed, for a job with a webhook_url")
     worker_host: str | None
     attempts: int
     error: JobError | None

@@ -64,6 +64,23 @@ class Job(Base):
     predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     prediction_source: Mapped[str | None] = mapped_column(String(16))
 
+    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Each enqueue gets a new delivery ID, carried by the message: a message from an older enqueue
+    # (the reconciler re-sent the job) is recognised as stale and dropped.
+    delivery_id: Mapped[str | None] = mapped_column(String(36))
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_name: Mapped[str | None] = mapped_column(String(255))
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    progress_steps: Mapped[int | None] = mapped_column(Integer)
+    progress_image: Mapped[int | None] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_status: Mapped[str | None] = mapped_column(String(16))  # pending, delivered, failed
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
     worker_host: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(32))
@@ -137,3 +154,17 @@ class JobMemory(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     interval_s: Mapped[float] = mapped_column(Float)
     timeline: Mapped[list] = mapped_column(JSON)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored. The webhook secret signs the key's callbacks."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    webhook_secret: Mapped[str] = mapped_column(String(128))
+    rate_limit_per_min: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

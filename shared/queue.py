@@ -3,17 +3,70 @@ without importing the worker, and the worker registers the task on this same app
 
 from __future__ import annotations
 
+import json
+import uuid
+
 from celery import Celery
 
 from shared.settings import Settings
 
 GENERATE_TASK = "sdfleet.generate"
+WEBHOOK_TASK = "sdfleet.webhook"
+RECONCILE_TASK = "sdfleet.reconcile"
 QUEUE_PREFIX = "sdfleet.model."
+OPS_QUEUE = "sdfleet.ops"  # webhooks and the reconciler: never behind an image generation
+
+# The Redis transport emulates priorities with one list per step, consumed lowest number first.
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}
+_PRIORITY_SEP = ":"
+_UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
+RATE_LIMIT_KEY = "sdfleet:ratelimit:{key_id}:{window}"
 
 
 def queue_name(model: str) -> str:
     """One queue per model: a worker consumes only the queue of the model it has loaded."""
     return QUEUE_PREFIX + model
+
+
+def queue_keys(model: str) -> list[str]:
+    """The Redis lists holding a model's queued messages, highest priority first."""
+    base = queue_name(model)
+    return [base if p == 0 else f"{base}{_PRIORITY_SEP}{p}" for p in sorted(PRIORITIES.values())]
+
+
+def queue_depth(redis_client, model: str) -> int:
+    return sum(redis_client.llen(k) for k in queue_keys(model))
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
+            message = message[0]
+        return message["headers"]["id"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def message_ids_in_broker(redis_client, models: list[str]) -> set[str]:
+    """Task IDs (our delivery IDs) of every message Redis holds for these models: queued or delivered."""
+    ids = set()
+    for model in models:
+        for key in queue_keys(model):
+            ids.update(_message_id(m) for m in redis_client.lrange(key, 0, -1))
+    ids.update(_message_id(m) for m in redis_client.hvals(_UNACKED_KEY))
+    ids.discard(None)
+    return ids
+
+
+def new_delivery_id() -> str:
+    return str(uuid.uuid4())
+
+
+def send_generate(celery: Celery, job_id: str, delivery_id: str, model: str, priority: str) -> None:
+    """The message is the job ID and this enqueue's delivery ID (also the Celery task ID)."""
+    celery.send_task(GENERATE_TASK, args=[job_id, delivery_id], task_id=delivery_id, queue=queue_name(model),
+                     priority=PRIORITIES[priority])
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -31,7 +84,12 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         # Redis hands an unacknowledged message to another worker after the visibility timeout:
         # it must exceed the longest job or a running job would run twice.
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "priority_steps": sorted(PRIORITIES.values()),
+            "sep": _PRIORITY_SEP,
+            "queue_order_strategy": "priority",
+        },
         task_soft_time_limit=settings.job_timeout_s,
         task_time_limit=settings.job_timeout_s + 60,
         # The pool child loads the pipeline in worker_process_init; Celery's default wait is 4 s.

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0, le=300)
     worker_stale_s: float = Field(default=30.0, gt=0)  # no heartbeat for this long: gone, not capacity
 
+    progress_interval_s: float = Field(default=0.5, gt=0, le=60)  # progress writes and cancel checks
+    reconcile_interval_s: float = Field(default=15.0, gt=0)
+    reconcile_grace_s: float = Field(default=30.0, ge=0)  # younger jobs are left alone by the reconciler
+    webhook_secret: str | None = None  # signs webhooks of jobs submitted without a key (an open API)
+    webhook_max_attempts: int = Field(default=6, ge=1, le=20)
+
     max_attempts: int = Field(default=2, ge=1, le=20)
 
     # Longest a job may run. Redis redelivers an unacknowledged task after the visibility timeout,

@@ -156,10 +156,12 @@ def stack(database_url, redis_url, tiny_model, tmp_path_factory):
                     SDFLEET_DEFAULT_MODEL=model)
     migrate(engine_for(database_url))
     worker = start_worker(env, log_dir / "worker.log")
+    ops = subprocess.Popen([sys.executable, "-m", "sdfleet", "ops"], cwd=ROOT, env=env,
+                           stdout=open(log_dir / "ops.log", "ab"), stderr=subprocess.STDOUT)
     port = free_port()
     api = subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
                            stdout=open(log_dir / "api.log", "ab"), stderr=subprocess.STDOUT)
-    procs = [worker, api]
+    procs = [worker, ops, api]
     try:
         client = Client(f"http://127.0.0.1:{port}", timeout=30)
         deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ from shared import store
 from shared.db import session_factory
 from shared.errors import ErrorCode, InvalidTransition
 from shared.jobs import ALLOWED, JobParameters, JobStatus, check_transition
+from shared.models import Job
 
 PARAMS = JobParameters(prompt="a cat", negative_prompt=None, width=64, height=64, steps=1, guidance_scale=1.0,
                        seed=1, num_images=1, model="tiny")
@@ -35,15 +36,20 @@ def sessions(sqlite_url):
     return session_factory(sqlite_url)
 
 
-def _new_job(sessions) -> str:
+def _new_job(sessions) -> tuple[str, str]:
     with sessions.begin() as s:
-        return store.create_job(s, PARAMS).id
+        job = store.create_job(s, store.NewJob(PARAMS))
+        return job.id, job.delivery_id
+
+
+def _start(sessions, job_id, delivery, host):
+    with sessions.begin() as s:
+        return store.start_attempt(s, job_id, delivery, host, f"{host}:1", max_attempts=2)
 
 
 def test_attempt_runs_once_and_success_stores_images_once(sessions):
-    job_id = _new_job(sessions)
-    with sessions.begin() as s:
-        attempt = store.start_attempt(s, job_id, "host-a", max_attempts=2)
+    job_id, delivery = _new_job(sessions)
+    attempt = _start(sessions, job_id, delivery, "host-a")
     assert attempt.number == 1 and attempt.parameters == PARAMS
     image = store.GeneratedImage(0, 1, 64, 64, b"png")
     with sessions.begin() as s:
@@ -54,22 +60,18 @@ def test_attempt_runs_once_and_success_stores_images_once(sessions):
     with sessions() as s:
         job = store.get_job(s, job_id)
         assert job.status == "succeeded" and len(job.images) == 1 and job.peak_rss_bytes == 100
-    with sessions.begin() as s:  # a terminal job delivered again is not run again
-        assert store.start_attempt(s, job_id, "host-b", max_attempts=2) is None
+    assert _start(sessions, job_id, delivery, "host-b") is None  # a terminal job delivered again: not run
 
 
 def test_redelivery_after_a_lost_worker_counts_attempts_then_fails_worker_lost(sessions):
-    job_id = _new_job(sessions)
-    with sessions.begin() as s:
-        first = store.start_attempt(s, job_id, "host-a", max_attempts=2)
-    # the worker died: the broker redelivers the same ID while the row still says running
-    with sessions.begin() as s:
-        second = store.start_attempt(s, job_id, "host-b", max_attempts=2)
+    job_id, delivery = _new_job(sessions)
+    first = _start(sessions, job_id, delivery, "host-a")
+    # the worker died: the broker redelivers the same message while the row still says running
+    second = _start(sessions, job_id, delivery, "host-b")
     assert second.number == 2
     with sessions.begin() as s:  # the lost first attempt can no longer write a result
         assert not store.finish_succeeded(s, first, [], 1.0, READING)
-    with sessions.begin() as s:
-        assert store.start_attempt(s, job_id, "host-c", max_attempts=2) is None
+    assert _start(sessions, job_id, delivery, "host-c") is None
     with sessions() as s:
         job = store.get_job(s, job_id)
         assert job.status == "failed" and job.error_code == "worker_lost" and job.attempts == 2
@@ -77,5 +79,35 @@ def test_redelivery_after_a_lost_worker_counts_attempts_then_fails_worker_lost(s
 
 
 def test_unknown_job_is_skipped(sessions):
+    assert _start(sessions, "no-such-job", None, "host") is None
+
+
+def test_a_message_from_before_a_requeue_is_stale(sessions):
+    job_id, old = _new_job(sessions)
     with sessions.begin() as s:
-        assert store.start_attempt(s, "no-such-job", "host", max_attempts=2) is None
+        new = store.requeue(s, store.get_job(s, job_id), JobStatus.queued)
+    assert new and new != old
+    with sessions.begin() as s:  # a second reconciler acting on the same reading loses the race
+        assert store.requeue(s, Job(id=job_id, delivery_id=old), JobStatus.queued) is None
+    assert _start(sessions, job_id, old, "host-a") is None
+    assert _start(sessions, job_id, new, "host-a").number == 1
+
+
+def test_cancel_queued_running_and_finished(sessions):
+    from shared.errors import Conflict
+
+    queued, _ = _new_job(sessions)
+    with sessions.begin() as s:
+        assert store.cancel(s, queued, None).status == "cancelled"
+    with sessions.begin() as s:
+        with pytest.raises(Conflict):
+            store.cancel(s, queued, None)
+    running, delivery = _new_job(sessions)
+    attempt = _start(sessions, running, delivery, "host-a")
+    with sessions.begin() as s:
+        job = store.cancel(s, running, None)
+        assert job.status == "running" and job.cancel_requested_at is not None
+    with sessions.begin() as s:
+        assert store.sync_running(s, attempt, 0, 3, 10) is True
+    with sessions.begin() as s:
+        assert store.cancel(s, running, "another-owner") is None

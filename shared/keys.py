@@ -1,0 +1,64 @@
+"""API keys: random bearer tokens of which only the SHA-256 is stored (a token has 256 bits of entropy, so
+a fast hash is enough), each with its webhook signing secret and an optional submission rate limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import ApiKey, utcnow
+
+TOKEN_PREFIX = "sdf_"
+SIGNATURE_HEADER = "X-Sdfleet-Signature"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: str
+    name: str
+    token: str  # shown once; only its hash is kept
+    webhook_secret: str
+
+
+def create_key(session: Session, name: str, rate_limit_per_min: int | None = None) -> NewKey:
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(id=str(uuid.uuid4()), name=name, key_hash=hash_token(token),
+                 webhook_secret=secrets.token_urlsafe(32), rate_limit_per_min=rate_limit_per_min)
+    session.add(key)
+    session.flush()
+    return NewKey(key.id, name, token, key.webhook_secret)
+
+
+def any_keys(session: Session) -> bool:
+    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+
+
+def lookup(session: Session, token: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token), ApiKey.revoked_at.is_(None)))
+
+
+def revoke(session: Session, name: str) -> bool:
+    key = session.scalar(select(ApiKey).where(ApiKey.name == name))
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    return True
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The webhook signature header's value: HMAC-SHA256 of the exact body bytes."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(secret, body), signature)
