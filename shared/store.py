@@ -148,6 +148,7 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         session, job_id, JobStatus.queued, JobStatus.running,
         attempts=number, started_at=utcnow(), worker_host=host, worker_name=worker_name,
         error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
+        progress_image=None, progress_step=None, progress_steps=None,
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))

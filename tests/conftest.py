@@ -26,6 +26,7 @@ from shared.settings import default_cache_dir
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 POSTGRES_URL = os.environ.get("SDFLEET_TEST_POSTGRES_URL")
+WEBHOOK_SECRET = "stack-webhook-secret"  # signs the stack's webhooks (its API is open: no keys)
 
 
 def free_port() -> int:
@@ -153,7 +154,7 @@ def stack(database_url, redis_url, tiny_model, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
     model = f"tiny-{uuid.uuid4().hex[:6]}"  # its own queue: stacks of different sessions never share jobs
     env = stack_env(database_url, redis_url, SDFLEET_MODEL=str(tiny_model), SDFLEET_MODEL_NAME=model,
-                    SDFLEET_DEFAULT_MODEL=model)
+                    SDFLEET_DEFAULT_MODEL=model, SDFLEET_WEBHOOK_SECRET=WEBHOOK_SECRET)
     migrate(engine_for(database_url))
     worker = start_worker(env, log_dir / "worker.log")
     ops = subprocess.Popen([sys.executable, "-m", "sdfleet", "ops"], cwd=ROOT, env=env,
@@ -180,8 +181,8 @@ def spawn_worker(stack, tiny_model, tmp_path):
     own queue and profiles); all stopped after the test. Returns (model name, process)."""
     started = []
 
-    def spawn(prefix: str = "tiny", **extra_env) -> tuple[str, subprocess.Popen]:
-        model = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    def spawn(prefix: str = "tiny", model: str | None = None, **extra_env) -> tuple[str, subprocess.Popen]:
+        model = model or f"{prefix}-{uuid.uuid4().hex[:6]}"
         env = stack_env(stack.database_url, stack.redis_url, SDFLEET_MODEL=str(tiny_model),
                         SDFLEET_MODEL_NAME=model, **{k: str(v) for k, v in extra_env.items()})
         log = tmp_path / f"{model}.log"

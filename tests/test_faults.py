@@ -1,0 +1,303 @@
+"""Fault tests, each with real Redis, the database and real worker processes, each asserting that no job is
+lost, none ran twice to completion, and the final states."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import lazyload
+
+from sdfleet.client import ApiError, Client
+from sdfleet.stack import stop
+from shared.models import Job, JobImage
+from shared.queue import make_celery, queue_depth
+from shared.reconcile import reconcile
+from shared.settings import Settings
+from tests.conftest import ROOT, free_port, pool_child, stack_env
+from tests.test_worker_failures import wait_status
+
+LONG = dict(width=512, height=512, steps=150, guidance_scale=1.0)
+SHORT = dict(width=64, height=64, steps=1)
+
+
+def jobs_of(stack, model: str) -> list[Job]:
+    with stack.sessions() as s:
+        return list(s.scalars(select(Job).where(Job.model == model).options(lazyload(Job.images))))
+
+
+def image_counts(stack, model: str) -> dict[str, int]:
+    with stack.sessions() as s:
+        rows = s.execute(select(JobImage.job_id).join(Job).where(Job.model == model)).scalars().all()
+    counts = {}
+    for job_id in rows:
+        counts[job_id] = counts.get(job_id, 0) + 1
+    return counts
+
+
+def reconcile_now(stack) -> object:
+    settings = Settings(database_url=stack.database_url, redis_url=stack.redis_url, reconcile_grace_s=0)
+    return reconcile(stack.sessions, redis.Redis.from_url(stack.redis_url), make_celery(settings), settings)
+
+
+def wait_all_terminal(stack, model: str, timeout: float = 300) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = jobs_of(stack, model)
+        if all(j.status in ("succeeded", "failed", "cancelled") for j in rows):
+            return rows
+        assert time.monotonic() < deadline, [(j.id, j.status) for j in rows if j.status not in ("succeeded",)]
+        time.sleep(0.3)
+
+
+def test_worker_sigkilled_20_times_during_jobs_while_others_wait(stack, spawn_worker):
+    model, proc = spawn_worker("killed", SDFLEET_MAX_ATTEMPTS=2)
+    submitted = [stack.api.submit(prompt=f"job {i}", model=model, **LONG)["id"] for i in range(4)]
+    kills, killed = 0, set()
+    deadline = time.monotonic() + 600
+    while kills < 20:
+        assert time.monotonic() < deadline, f"only {kills} kills"
+        rows = jobs_of(stack, model)
+        if sum(j.status in ("queued", "running") for j in rows) < 3:  # keep others waiting
+            submitted.append(stack.api.submit(prompt=f"job {len(submitted)}", model=model, **LONG)["id"])
+        # an attempt in progress (its own progress, written by the child now running it), surely mid-job;
+        # a killed attempt's row says running until the job is delivered again: never counted twice
+        running = [j for j in rows if j.status == "running" and (j.id, j.attempts) not in killed
+                   and j.progress_step is not None and 0 < j.progress_step < j.progress_steps // 2]
+        try:
+            child = pool_child(proc)
+        except ValueError:  # between children
+            continue
+        if running:
+            os.kill(child, signal.SIGKILL)
+            killed.add((running[0].id, running[0].attempts))
+            kills += 1
+        time.sleep(0.1)
+
+    rows = wait_all_terminal(stack, model)
+    assert {j.id for j in rows} == set(submitted)  # nothing lost, nothing invented
+    images = image_counts(stack, model)
+    succeeded = [j for j in rows if j.status == "succeeded"]
+    for j in rows:
+        assert j.status in ("succeeded", "failed"), (j.id, j.status)
+        assert 1 <= j.attempts <= 2
+        if j.status == "succeeded":
+            assert images.get(j.id) == 1  # stored once: never completed twice
+        else:
+            assert j.error_code == "worker_lost" and j.attempts == 2 and j.id not in images
+    # every kill cost exactly one attempt of a job: a redelivery, or the second of a worker_lost
+    assert sum(j.attempts for j in rows) - len(succeeded) == kills
+    assert len(succeeded) >= len(rows) - kills // 2
+
+
+def test_redis_flushed_while_jobs_are_queued_the_reconciler_brings_them_back(stack, spawn_worker):
+    model, _ = spawn_worker("flushed")
+    blocker = stack.api.submit(prompt="a long job", model=model, **LONG)
+    wait_status(stack, blocker["id"], "running")
+    waiting = [stack.api.submit(prompt=f"queued {i}", model=model, **SHORT)["id"] for i in range(3)]
+    r = redis.Redis.from_url(stack.redis_url)
+    assert queue_depth(r, model) == 3
+    r.flushdb()  # what a Redis restart without persistence does
+    assert queue_depth(r, model) == 0
+
+    report = reconcile_now(stack)
+    assert sorted(report.requeued_lost_messages) == sorted(waiting)
+    assert blocker["id"] not in report.requeued_from_lost_workers  # its worker is alive and running it
+    assert reconcile_now(stack).requeued_lost_messages == []  # idempotent: they are in Redis again
+
+    rows = wait_all_terminal(stack, model)
+    images = image_counts(stack, model)
+    for j in rows:
+        assert j.status == "succeeded" and j.attempts == 1 and images[j.id] == 1
+
+
+def test_two_reconcilers_at_once_send_each_lost_job_once(stack, spawn_worker):
+    model, proc = spawn_worker("twice")
+    os.kill(proc.pid, signal.SIGSTOP)  # the worker stops consuming: what it is sent stays in Redis
+    try:
+        job_id = stack.api.submit(prompt="one job", model=model, **SHORT)["id"]
+        r = redis.Redis.from_url(stack.redis_url)
+        for key in r.keys("sdfleet.model." + model + "*"):
+            r.delete(key)
+        reports = []
+        threads = [threading.Thread(target=lambda: reports.append(reconcile_now(stack))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(len(rep.requeued_lost_messages) for rep in reports) == 1
+        assert queue_depth(r, model) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    done = stack.api.wait(job_id, timeout=60)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def _start_api(stack, port: int, log) -> subprocess.Popen:
+    env = stack_env(stack.database_url, stack.redis_url, SDFLEET_DEFAULT_MODEL=stack.model)
+    return subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _wait_healthy(client: Client, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.healthy():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_api_restarted_during_submissions_loses_nothing(stack, tmp_path):
+    port = free_port()
+    api = _start_api(stack, port, tmp_path / "api.log")
+    client = Client(f"http://127.0.0.1:{port}", timeout=5)
+    _wait_healthy(client)
+    marker = f"restart-{uuid.uuid4().hex[:6]}"
+    accepted, errors, stop_flag = [], [], threading.Event()
+
+    def submit_loop():
+        while not stop_flag.is_set() and len(accepted) < 30:
+            try:
+                accepted.append(client.submit(prompt=f"{marker} {len(accepted)}", **SHORT)["id"])
+            except (httpx.HTTPError, ApiError) as exc:
+                errors.append(exc)
+                time.sleep(0.05)
+
+    t = threading.Thread(target=submit_loop)
+    t.start()
+    while len(accepted) < 10:
+        time.sleep(0.01)
+    api.send_signal(signal.SIGKILL)
+    api.wait()
+    time.sleep(0.5)
+    api = _start_api(stack, port, tmp_path / "api.log")
+    try:
+        t.join(timeout=120)
+        assert len(accepted) == 30
+        assert errors  # the restart was seen by the client
+        reconcile_now(stack)  # a job stored just before the kill but never sent comes back here
+        for job_id in accepted:
+            assert stack.api.wait(job_id, timeout=120)["status"] == "succeeded"
+        with stack.sessions() as s:
+            mine = list(s.scalars(select(Job).where(Job.prompt.startswith(marker))))
+        assert set(accepted) <= {j.id for j in mine}
+        deadline = time.monotonic() + 120
+        while any(j.status != "succeeded" for j in mine):  # including any the client never heard of
+            assert time.monotonic() < deadline, [(j.id, j.status) for j in mine if j.status != "succeeded"]
+            reconcile_now(stack)
+            time.sleep(1)
+            with stack.sessions() as s:
+                mine = list(s.scalars(select(Job).where(Job.prompt.startswith(marker))))
+        assert all(j.attempts == 1 for j in mine)
+    finally:
+        stop([api])
+
+
+class TcpProxy:
+    """A TCP relay the test can cut: while paused it refuses connections and drops the open ones."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.port = upstream, free_port()
+        self._conns: list[socket.socket] = []
+        self._listener = None
+        self.resume()
+
+    def resume(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def pause(self) -> None:
+        self._listener.close()
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def test_database_unreachable_gives_clear_503s_then_recovers(stack, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(stack.database_url)
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a SQLite file cannot be made unreachable; this runs against PostgreSQL")
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    port = free_port()
+    env = stack_env(proxied, stack.redis_url, SDFLEET_DEFAULT_MODEL=stack.model)
+    api = subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
+                           stdout=open(tmp_path / "api.log", "ab"), stderr=subprocess.STDOUT)
+    client = Client(f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        _wait_healthy(client)
+        before = client.submit(prompt="before the outage", **SHORT)
+        proxy.pause()
+        for request in (lambda: client.http.get(f"/v1/jobs/{before['id']}"),
+                        lambda: client.http.post("/v1/jobs", json={"prompt": "during", **SHORT}),
+                        lambda: client.http.get("/healthz")):
+            r = request()
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "service_unavailable"
+        time.sleep(3)
+        proxy.resume()
+        deadline = time.monotonic() + 30
+        while client.http.get("/healthz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.wait(before["id"], timeout=60)["status"] == "succeeded"
+        after = client.submit(prompt="after the outage", **SHORT)
+        assert client.wait(after["id"], timeout=60)["status"] == "succeeded"
+    finally:
+        stop([api])
+        proxy.pause()
+
+
+def test_sigterm_finishes_the_current_job_and_hands_back_the_rest(stack, spawn_worker):
+    model, proc = spawn_worker("graceful")
+    current = stack.api.submit(prompt="a long job", model=model, **LONG)
+    waiting = [stack.api.submit(prompt=f"waiting {i}", model=model, **SHORT)["id"] for i in range(2)]
+    wait_status(stack, current["id"], "running")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert stack.api.job(current["id"])["status"] == "succeeded"
+    for job_id in waiting:
+        assert stack.api.job(job_id)["status"] == "queued"
+    spawn_worker(model=model)  # a worker for the same model takes them over
+    for job_id in waiting:
+        done = stack.api.wait(job_id, timeout=60)
+        assert done["status"] == "succeeded" and done["attempts"] == 1
