@@ -279,6 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tags=["jobs"],
     )
     def get_image(job_id: str, index: int, caller: Caller) -> Response:
+        if not 0 <= index < 2**31:  # no such image; and past the database's integers
+            raise NotFound(f"job {job_id} has no image {index}")
         with sessions() as session:
             png = store.image_png(session, job_id, index, owner_id(caller))
         if png is None:

@@ -216,6 +216,10 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def pause(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close alone does not
+        except OSError:
+            pass
         self._listener.close()
         for c in self._conns:
             try:
