@@ -31,7 +31,7 @@ from shared.errors import (
 from shared.jobs import MAX_SEED, JobCreate, JobMemoryPublic, JobParameters, JobPublic, JobStatus, ModelPublic
 from shared.jobs import ProfilePublic, WorkerPublic
 from shared.models import ApiKey, Job, Worker
-from shared.queue import OPS_QUEUE, RATE_LIMIT_KEY, WEBHOOK_TASK, make_celery, send_generate
+from shared.queue import RATE_LIMIT_KEY, make_celery, send_generate, send_webhook
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RateLimited(f"this key may submit {caller.rate_limit_per_min} jobs a minute; retry in {retry} s",
                               retry)
 
-    def notify(job_id: str) -> None:
-        """Hand a finished job's webhook to the ops workers (the reconciler re-sends it if this fails)."""
-        try:
-            celery.send_task(WEBHOOK_TASK, args=[job_id], queue=OPS_QUEUE)
-        except Exception:
-            log.warning("could not enqueue the webhook of job %s; the reconciler will", job_id)
-
     @app.post("/v1/jobs", status_code=202, response_model=JobPublic, tags=["jobs"],
               responses={200: {"model": JobPublic, "description": "an Idempotency-Key replay: the same job"},
                          **_errors(401, 409, 422, 429, 503)})
@@ -267,7 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             record = store.to_public(job)
         if record.status is JobStatus.cancelled:
             if record.webhook_status == "pending":
-                notify(job_id)
+                send_webhook(celery, job_id)
         else:
             response.status_code = 202
         return record

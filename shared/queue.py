@@ -4,11 +4,14 @@ without importing the worker, and the worker registers the task on this same app
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 from celery import Celery
 
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 GENERATE_TASK = "sdfleet.generate"
 WEBHOOK_TASK = "sdfleet.webhook"
@@ -61,6 +64,16 @@ def message_ids_in_broker(redis_client, models: list[str]) -> set[str]:
 
 def new_delivery_id() -> str:
     return str(uuid.uuid4())
+
+
+def send_webhook(celery: Celery, job_id: str) -> bool:
+    """Hand a finished job's webhook to the ops workers; if Redis is away, the reconciler re-sends it."""
+    try:
+        celery.send_task(WEBHOOK_TASK, args=[job_id], queue=OPS_QUEUE)
+        return True
+    except Exception:
+        log.warning("could not enqueue the webhook of job %s; the reconciler will", job_id)
+        return False
 
 
 def send_generate(celery: Celery, job_id: str, delivery_id: str, model: str, priority: str) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from shared import fleet, store
 from shared.jobs import JobStatus
 from shared.models import Job, utcnow
-from shared.queue import OPS_QUEUE, WEBHOOK_TASK, message_ids_in_broker, send_generate
+from shared.queue import message_ids_in_broker, send_generate, send_webhook
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
             report.requeued_from_lost_workers.append(job.id)
 
     for job_id in hooks + report.failed_worker_lost:
-        celery.send_task(WEBHOOK_TASK, args=[job_id], queue=OPS_QUEUE)
-        report.webhooks_resent.append(job_id)
+        if send_webhook(celery, job_id):
+            report.webhooks_resent.append(job_id)
     if any(vars(report).values()):
         log.info("reconciled: %s", report)
     return report

@@ -199,11 +199,13 @@ def cancel(session: Session, job_id: str, owner_key_id: str | None) -> Job | Non
     return job
 
 
-def sync_running(session: Session, attempt: Attempt, image: int, step: int, steps: int) -> bool:
-    """Write a running job's progress; True if a cancel was asked for since it started."""
-    session.execute(update(Job).where(
-        Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
-    ).values(progress_image=image, progress_step=step, progress_steps=steps))
+def sync_running(session: Session, attempt: Attempt, progress: tuple[int, int, int] | None) -> bool:
+    """Write a running job's progress (image, step, steps) if given; True if a cancel was asked for."""
+    if progress is not None:
+        image, step, steps = progress
+        session.execute(update(Job).where(
+            Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
+        ).values(progress_image=image, progress_step=step, progress_steps=steps))
     return session.scalar(select(Job.cancel_requested_at).where(Job.id == attempt.job_id)) is not None
 
 

@@ -108,6 +108,6 @@ def test_cancel_queued_running_and_finished(sessions):
         job = store.cancel(s, running, None)
         assert job.status == "running" and job.cancel_requested_at is not None
     with sessions.begin() as s:
-        assert store.sync_running(s, attempt, 0, 3, 10) is True
+        assert store.sync_running(s, attempt, (0, 3, 10)) is True
     with sessions.begin() as s:
         assert store.cancel(s, running, "another-owner") is None

@@ -10,7 +10,7 @@ import os
 from celery.signals import worker_process_init
 
 from shared.db import engine_for, migrate, wait_for_database
-from shared.queue import GENERATE_TASK, OPS_QUEUE, WEBHOOK_TASK, make_celery, queue_name
+from shared.queue import GENERATE_TASK, make_celery, queue_name, send_webhook
 from shared.settings import get_settings
 from worker.host import Host
 from worker.pipelines import get_pipeline
@@ -23,17 +23,10 @@ app = make_celery(settings)
 _host: Host | None = None
 
 
-def notify(job_id: str) -> None:
-    """Hand a finished job's webhook to the ops workers: this worker goes on to its next job at once."""
-    try:
-        app.send_task(WEBHOOK_TASK, args=[job_id], queue=OPS_QUEUE)
-    except Exception:
-        log.warning("could not enqueue the webhook of job %s; the reconciler will", job_id)
-
-
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
-    return run_job(job_id, delivery_id, _host, notify)
+    # webhooks go to the ops workers: this worker goes on to its next job at once
+    return run_job(job_id, delivery_id, _host, lambda finished: send_webhook(app, finished))
 
 
 @worker_process_init.connect

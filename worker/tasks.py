@@ -55,7 +55,7 @@ class Monitor:
     def sync(self) -> None:
         position = self.position
         with self.sessions.begin() as session:
-            if store.sync_running(session, self.attempt, *position):
+            if store.sync_running(session, self.attempt, position if position != self._written else None):
                 self.cancelled.set()
         self._written = position
 
