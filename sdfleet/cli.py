@@ -72,7 +72,8 @@ def cmd_status(args) -> int:
 def cmd_api(args) -> int:
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="API processes (they share nothing but the "
+                   "database and Redis)")
+    p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run a worker for SDFLEET_MODEL (extra arguments go to Celery)")

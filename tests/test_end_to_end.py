@@ -96,3 +96,16 @@ def test_job_states_are_visible_while_queued(stack):
     seen = stack.api.job(job["id"])
     assert JobStatus(seen["status"]) in (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
     assert stack.api.wait(job["id"], timeout=120)["status"] == "succeeded"
+
+
+def test_the_genai_backend_serves_jobs_the_same_way(stack, spawn_worker):
+    model, _ = spawn_worker("genai", SDFLEET_BACKEND="genai")
+    (w,) = [w for w in stack.api.workers() if w["model"] == model]
+    assert w["backend"] == "genai"
+    params = dict(prompt="a red car", model=model, width=128, height=96, steps=2, seed=7, num_images=2)
+    first, second = run(stack, **params), run(stack, **params)
+    assert first["status"] == "succeeded" and first["peak_rss_method"] == "vmhwm"
+    a = [pixels(stack.api.image(i["url"])) for i in first["images"]]
+    b = [pixels(stack.api.image(i["url"])) for i in second["images"]]
+    assert a[0].shape == (96, 128, 3) and not np.array_equal(a[0], a[1])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -1,17 +1,21 @@
-"""The optimum backend on the tiny SD and SDXL models, in this process: the loader picks the class from the
-folder, one image per call, and the seed alone decides the pixels."""
+"""Both backends (optimum-intel, openvino-genai) on the tiny SD and SDXL models, in this process: one loader
+for every architecture, one image per call, and the seed alone decides the pixels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from worker.pipelines import ImageRequest, OptimumPipeline
+from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline
+
+BACKENDS = {"optimum": OptimumPipeline, "genai": GenaiPipeline}
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=[(b, a) for b in BACKENDS for a in ("sd", "sdxl")],
+                ids=lambda p: "-".join(p))
 def pipeline(request, tiny_model, tiny_sdxl_model):
-    return OptimumPipeline(str(tiny_model if request.param == "sd" else tiny_sdxl_model))
+    backend, arch = request.param
+    return BACKENDS[backend](str(tiny_model if arch == "sd" else tiny_sdxl_model))
 
 
 def test_generates_the_requested_size_deterministically(pipeline):
@@ -33,3 +37,16 @@ def test_guidance_1_and_other_sizes_work_on_one_loaded_pipeline(pipeline):
 
 def test_precision_is_reported(pipeline):
     assert pipeline.precision in ("bf16", "f32", "f16")
+
+
+def test_an_exception_in_the_step_callback_stops_generation_and_propagates(pipeline):
+    seen = []
+
+    def stop_at_2(step, total):
+        seen.append(step)
+        if step == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline.generate(ImageRequest("a tree", None, 64, 64, 5, 1.0, 0), stop_at_2)
+    assert seen == [1, 2]  # the guard and cancel rely on this: nothing runs past the raising step

@@ -1,4 +1,5 @@
-"""Pipeline backends behind one interface, and the per-process cache that loads a model once per host.
+"""Pipeline backends behind one interface (optimum-intel, openvino-genai, or a factory of your own), and
+the per-process cache that loads a model once per host.
 
 `Pipeline.generate(request, on_step)` makes exactly one image: the worker runs one image per pass
 (seed, seed + 1, ...) so that N images cost the peak memory of one.
@@ -86,6 +87,47 @@ class OptimumPipeline:
         return out.images[0]
 
 
+class GenaiPipeline:
+    """openvino-genai's Text2ImagePipeline on the same exported folder (it needs the OpenVINO tokenizer that
+    `sdfleet model make-tiny` and optimum-cli write). No torch in the process: the C++ generator is used."""
+
+    backend = "genai"
+
+    def __init__(self, model: str, device: str = "CPU", properties: dict | None = None):
+        import openvino as ov
+        import openvino_genai
+
+        self._genai = openvino_genai
+        t0 = time.perf_counter()
+        self._pipe = openvino_genai.Text2ImagePipeline(model, device, **(properties or {}))
+        hint = (properties or {}).get("INFERENCE_PRECISION_HINT")
+        self.precision = str(hint) if hint else ov.Core().get_property(device, "INFERENCE_PRECISION_HINT").to_string()
+        log.info("loaded %s with openvino-genai (%s) in %.1f s", model, self.precision, time.perf_counter() - t0)
+
+    def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
+        raised: list[BaseException] = []
+
+        def callback(step: int, num_steps: int, _latent) -> bool:
+            # an exception cannot cross the C++ loop: keep it, stop the loop (True), and raise it after
+            try:
+                if on_step is not None:
+                    on_step(step + 1, num_steps)
+            except BaseException as exc:
+                raised.append(exc)
+                return True
+            return False
+
+        kwargs = {"negative_prompt": request.negative_prompt} if request.negative_prompt else {}
+        tensor = self._pipe.generate(
+            request.prompt, width=request.width, height=request.height, num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale, num_images_per_prompt=1,
+            generator=self._genai.CppStdGenerator(request.seed), callback=callback, **kwargs,
+        )
+        if raised:
+            raise raised[0]
+        return Image.fromarray(tensor.data[0])
+
+
 def _load_factory(spec: str) -> Callable[[Settings], Pipeline]:
     module, _, attr = spec.partition(":")
     if not attr:
@@ -96,10 +138,12 @@ def _load_factory(spec: str) -> Callable[[Settings], Pipeline]:
 def load_pipeline(settings: Settings) -> Pipeline:
     if not settings.model:
         raise ValueError("SDFLEET_MODEL is not set: a worker must be told which model it serves")
+    # Compiled blobs are cached per model, so a restarted worker (or a replaced pool child) skips compiling.
+    cache = str(settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--"))
     if settings.backend == "optimum":
-        # Compiled blobs are cached per model, so a restarted worker (or a replaced pool child) skips compiling.
-        cache = settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--")
-        return OptimumPipeline(settings.model, settings.device, {"CACHE_DIR": str(cache)})
+        return OptimumPipeline(settings.model, settings.device, {"CACHE_DIR": cache})
+    if settings.backend == "genai":
+        return GenaiPipeline(settings.model, settings.device, {"CACHE_DIR": cache})
     return _load_factory(settings.backend)(settings)
 
 

@@ -1,0 +1,195 @@
+"""What the service costs on top of the pipeline, side by side in one run.
+
+1. The same N jobs on the tiny model: a bare loop over the pipeline in one fresh process, then through
+   API + Redis + worker + SQLite (real processes). Throughput ratio and per-job overhead.
+2. The API's submission throughput with concurrent clients (jobs/s, p50/p99 latency), with 1 and 2 API
+   processes; the jobs are admitted against a live worker's heartbeat and queued for a model nobody serves,
+   so only the API, SQLite and Redis are measured.
+
+Usage: .venv/bin/python bench/overhead.py [--jobs 40] [--size 256] [--steps 8] [--seconds 10] [--clients 32]
+Prints a JSON report and a Markdown table. Redis: a bundled redis-server on a free port (never yours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sdfleet.client import Client  # noqa: E402
+from sdfleet.stack import spawn, start_bundled_redis, stop  # noqa: E402
+from shared.settings import default_cache_dir  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_loop(model: str, jobs: int, size: int, steps: int) -> dict:
+    """The pipeline alone: load, warm up, then the same jobs back to back (run in a fresh process)."""
+    from worker.pipelines import ImageRequest, OptimumPipeline
+
+    pipe = OptimumPipeline(model)
+    pipe.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
+    t0 = time.perf_counter()
+    for i in range(jobs):
+        pipe.generate(ImageRequest(f"a lighthouse {i}", None, size, size, steps, 7.5, i))
+    return {"seconds": time.perf_counter() - t0, "precision": pipe.precision}
+
+
+def run_bare(model: str, jobs: int, size: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--bare", model, str(jobs), str(size), str(steps)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_stack(model: str, jobs: int, size: int, steps: int, env: dict, workdir: Path) -> dict:
+    from sqlalchemy import func, select
+
+    from shared.db import session_factory
+    from shared.models import Job
+
+    port = free_port()
+    procs = [spawn(["worker"], env, str(workdir / "worker.log")),
+             spawn(["api", "--port", str(port)], env, str(workdir / "api.log"))]
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while not (client.healthy() and any(w["alive"] for w in client.workers())):
+            assert time.monotonic() < deadline, "stack did not come up"
+            time.sleep(0.2)
+        client.wait(client.submit(prompt="warm up", width=64, height=64, steps=1)["id"])
+        ids = [client.submit(prompt=f"a lighthouse {i}", width=size, height=size, steps=steps, guidance_scale=7.5,
+                             seed=i)["id"] for i in range(jobs)]
+        for job_id in ids:
+            assert client.wait(job_id, timeout=600, poll_s=0.05)["status"] == "succeeded"
+        sessions = session_factory(env["SDFLEET_DATABASE_URL"])
+        with sessions() as s:
+            first, last = s.execute(select(func.min(Job.created_at), func.max(Job.finished_at))
+                                    .where(Job.id.in_(ids))).one()
+            rows = s.execute(select(Job.started_at, Job.finished_at, Job.generation_s).where(Job.id.in_(ids))).all()
+        in_worker = [(f - s_).total_seconds() - g for s_, f, g in rows]
+        return {"seconds": (last - first).total_seconds(),
+                "worker_overhead_ms_median": statistics.median(in_worker) * 1000}
+    finally:
+        stop(procs)
+
+
+async def _submit_load(url: str, model: str, seconds: float, clients: int) -> dict:
+    import httpx
+
+    latencies, errors = [], 0
+    stop_at = time.perf_counter() + seconds
+    body = {"prompt": "a lighthouse", "width": 512, "height": 512, "model": model}
+
+    async def one_client():
+        nonlocal errors
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                r = await http.post("/v1/jobs", json=body)
+                latencies.append(time.perf_counter() - t)
+                errors += r.status_code != 202
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {"jobs_per_s": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "requests": len(latencies), "errors": errors}
+
+
+def run_submissions(env: dict, workdir: Path, seconds: float, clients: int, api_processes: int) -> dict:
+    from shared import fleet
+    from shared.db import engine_for, migrate, session_factory
+    from shared.memory import GB
+    from shared.models import utcnow
+
+    url = env["SDFLEET_DATABASE_URL"]
+    migrate(engine_for(url))
+    model = "bench-nobody"
+    with session_factory(url).begin() as s:  # a live worker's heartbeat for admission; nobody consumes
+        fleet.beat(s, fleet.Heartbeat("bench:1", "bench", model, "optimum", "bf16", 16 * GB, None, 24 * GB,
+                                      20 * GB, GB, None), utcnow())
+    port = free_port()
+    api = spawn(["api", "--port", str(port), "--workers", str(api_processes), "--quiet"],
+                {**env, "SDFLEET_WORKER_STALE_S": "3600"}, str(workdir / f"api-{api_processes}.log"))
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while not client.healthy():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        return asyncio.run(_submit_load(f"http://127.0.0.1:{port}", model, seconds, clients))
+    finally:
+        stop([api])
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--bare"]:
+        _, model, jobs, size, steps = sys.argv[1:]
+        print(json.dumps(bare_loop(model, int(jobs), int(size), int(steps))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=40)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--clients", type=int, default=32)
+    args = ap.parse_args()
+
+    model = default_cache_dir() / "models" / "tiny-sd"
+    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(model)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=ROOT)
+    redis_port = free_port()
+    redis_proc = start_bundled_redis(redis_port)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs, "size": args.size, "steps": args.steps}
+    try:
+        with tempfile.TemporaryDirectory(prefix="sdfleet-bench-") as tmp:
+            tmp = Path(tmp)
+            env = {"SDFLEET_DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
+                   "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SDFLEET_MODEL": str(model),
+                   "SDFLEET_MODEL_NAME": "tiny-sd", "SDFLEET_DEFAULT_MODEL": "tiny-sd", "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT)}
+            bare = run_bare(str(model), args.jobs, args.size, args.steps)
+            stacked = run_stack(str(model), args.jobs, args.size, args.steps, env, tmp)
+            report["precision"] = bare["precision"]
+            report["bare_jobs_per_s"] = args.jobs / bare["seconds"]
+            report["stack_jobs_per_s"] = args.jobs / stacked["seconds"]
+            report["throughput_ratio"] = report["stack_jobs_per_s"] / report["bare_jobs_per_s"]
+            report["overhead_ms_per_job"] = (stacked["seconds"] - bare["seconds"]) / args.jobs * 1000
+            report["worker_overhead_ms_median"] = stacked["worker_overhead_ms_median"]
+            env["SDFLEET_DATABASE_URL"] = f"sqlite:///{tmp / 'submit.db'}"
+            report["submit"] = {n: run_submissions(env, tmp, args.seconds, args.clients, n) for n in (1, 2)}
+    finally:
+        stop([redis_proc])
+    print(json.dumps(report, indent=2))
+    print(f"\n| what | value |\n|---|---|\n"
+          f"| bare loop ({args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, {report['precision']}) "
+          f"| {report['bare_jobs_per_s']:.2f} jobs/s |\n"
+          f"| API + Redis + worker + SQLite, same jobs | {report['stack_jobs_per_s']:.2f} jobs/s |\n"
+          f"| throughput ratio | {report['throughput_ratio']:.3f} |\n"
+          f"| overhead per job (wall) | {report['overhead_ms_per_job']:.0f} ms |\n"
+          f"| in-worker overhead per job (median: claim, PNG, store) | {report['worker_overhead_ms_median']:.0f} ms |")
+    for n, r in report["submit"].items():
+        print(f"| submissions, {args.clients} clients, {n} API process(es) | {r['jobs_per_s']:.0f} jobs/s, "
+              f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors |")
+
+
+if __name__ == "__main__":
+    main()
