@@ -6,8 +6,10 @@
    processes; the jobs are admitted against a live worker's heartbeat and queued for a model nobody serves,
    so only the API, SQLite and Redis are measured.
 
-Usage: .venv/bin/python bench/overhead.py [--jobs 40] [--size 256] [--steps 8] [--seconds 10] [--clients 32]
-Prints a JSON report and a Markdown table. Redis: a bundled redis-server on a free port (never yours).
+Usage: .venv/bin/python bench/overhead.py [--jobs 40] [--size 256] [--steps 8] [--rounds 3] [--seconds 10]
+       [--clients 32]
+Prints a JSON report and a Markdown table (medians over the rounds). Redis: a bundled redis-server on a free
+port (never yours); SQLite in a temporary folder.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def run_bare(model: str, jobs: int, size: int, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_stack(model: str, jobs: int, size: int, steps: int, env: dict, workdir: Path) -> dict:
+def run_side_by_side(model: str, jobs: int, size: int, steps: int, env: dict, workdir: Path, rounds: int) -> dict:
+    """Alternate the bare loop (a fresh process each round) and the stack (kept up), `rounds` times."""
     from sqlalchemy import func, select
 
     from shared.db import session_factory
@@ -65,7 +68,9 @@ def run_stack(model: str, jobs: int, size: int, steps: int, env: dict, workdir: 
 
     port = free_port()
     procs = [spawn(["worker"], env, str(workdir / "worker.log")),
-             spawn(["api", "--port", str(port)], env, str(workdir / "api.log"))]
+             spawn(["api", "--port", str(port), "--quiet"], env, str(workdir / "api.log"))]
+    sessions = session_factory(env["SDFLEET_DATABASE_URL"])
+    out = {"bare_s": [], "stack_s": [], "worker_s": [], "in_worker_ms": [], "gap_ms": [], "precision": None}
     try:
         client = Client(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 120
@@ -73,18 +78,24 @@ def run_stack(model: str, jobs: int, size: int, steps: int, env: dict, workdir: 
             assert time.monotonic() < deadline, "stack did not come up"
             time.sleep(0.2)
         client.wait(client.submit(prompt="warm up", width=64, height=64, steps=1)["id"])
-        ids = [client.submit(prompt=f"a lighthouse {i}", width=size, height=size, steps=steps, guidance_scale=7.5,
-                             seed=i)["id"] for i in range(jobs)]
-        for job_id in ids:
-            assert client.wait(job_id, timeout=600, poll_s=0.05)["status"] == "succeeded"
-        sessions = session_factory(env["SDFLEET_DATABASE_URL"])
-        with sessions() as s:
-            first, last = s.execute(select(func.min(Job.created_at), func.max(Job.finished_at))
-                                    .where(Job.id.in_(ids))).one()
-            rows = s.execute(select(Job.started_at, Job.finished_at, Job.generation_s).where(Job.id.in_(ids))).all()
-        in_worker = [(f - s_).total_seconds() - g for s_, f, g in rows]
-        return {"seconds": (last - first).total_seconds(),
-                "worker_overhead_ms_median": statistics.median(in_worker) * 1000}
+        for _ in range(rounds):
+            bare = run_bare(model, jobs, size, steps)
+            out["bare_s"].append(bare["seconds"])
+            out["precision"] = bare["precision"]
+            ids = [client.submit(prompt=f"a lighthouse {i}", width=size, height=size, steps=steps,
+                                 guidance_scale=7.5, seed=i)["id"] for i in range(jobs)]
+            for job_id in ids:
+                assert client.wait(job_id, timeout=600, poll_s=0.05)["status"] == "succeeded"
+            with sessions() as s:
+                first, started, last = s.execute(select(func.min(Job.created_at), func.min(Job.started_at),
+                                                        func.max(Job.finished_at)).where(Job.id.in_(ids))).one()
+                rows = s.execute(select(Job.started_at, Job.finished_at, Job.generation_s)
+                                 .where(Job.id.in_(ids)).order_by(Job.started_at)).all()
+            out["stack_s"].append((last - first).total_seconds())
+            out["worker_s"].append((last - started).total_seconds())
+            out["in_worker_ms"] += [((f - s_).total_seconds() - g) * 1000 for s_, f, g in rows]
+            out["gap_ms"] += [(b[0] - a[1]).total_seconds() * 1000 for a, b in zip(rows, rows[1:])]
+        return out
     finally:
         stop(procs)
 
@@ -150,6 +161,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="bare loop and stack alternated; medians reported")
     args = ap.parse_args()
 
     model = default_cache_dir() / "models" / "tiny-sd"
@@ -161,31 +173,42 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs, "size": args.size, "steps": args.steps}
     try:
         with tempfile.TemporaryDirectory(prefix="sdfleet-bench-") as tmp:
-            tmp = Path(tmp)
+            tmp = Path(os.environ.get("SDFLEET_BENCH_KEEP") or tmp)
+            tmp.mkdir(parents=True, exist_ok=True)
             env = {"SDFLEET_DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
                    "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SDFLEET_MODEL": str(model),
                    "SDFLEET_MODEL_NAME": "tiny-sd", "SDFLEET_DEFAULT_MODEL": "tiny-sd", "HF_HUB_OFFLINE": "1",
                    "PYTHONPATH": str(ROOT)}
-            bare = run_bare(str(model), args.jobs, args.size, args.steps)
-            stacked = run_stack(str(model), args.jobs, args.size, args.steps, env, tmp)
-            report["precision"] = bare["precision"]
-            report["bare_jobs_per_s"] = args.jobs / bare["seconds"]
-            report["stack_jobs_per_s"] = args.jobs / stacked["seconds"]
-            report["throughput_ratio"] = report["stack_jobs_per_s"] / report["bare_jobs_per_s"]
-            report["overhead_ms_per_job"] = (stacked["seconds"] - bare["seconds"]) / args.jobs * 1000
-            report["worker_overhead_ms_median"] = stacked["worker_overhead_ms_median"]
+            r = run_side_by_side(str(model), args.jobs, args.size, args.steps, env, tmp, args.rounds)
+            med = statistics.median
+            report["precision"] = r["precision"]
+            report["rounds"] = {k: r[k] for k in ("bare_s", "stack_s", "worker_s")}
+            report["bare_jobs_per_s"] = args.jobs / med(r["bare_s"])
+            report["stack_jobs_per_s"] = args.jobs / med(r["stack_s"])
+            report["throughput_ratio"] = med(b / s_ for b, s_ in zip(r["bare_s"], r["stack_s"]))
+            report["overhead_ms_per_job"] = med((s_ - b) / args.jobs * 1000 for b, s_ in zip(r["bare_s"], r["stack_s"]))
+            # the worker alone, once jobs are queued (the API and the client no longer share the 2 cores)
+            report["worker_jobs_per_s"] = args.jobs / med(r["worker_s"])
+            report["worker_throughput_ratio"] = med(b / w for b, w in zip(r["bare_s"], r["worker_s"]))
+            report["worker_overhead_ms_median"] = med(r["in_worker_ms"])
+            report["between_jobs_ms_median"] = med(r["gap_ms"])
             env["SDFLEET_DATABASE_URL"] = f"sqlite:///{tmp / 'submit.db'}"
             report["submit"] = {n: run_submissions(env, tmp, args.seconds, args.clients, n) for n in (1, 2)}
     finally:
         stop([redis_proc])
     print(json.dumps(report, indent=2))
     print(f"\n| what | value |\n|---|---|\n"
-          f"| bare loop ({args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, {report['precision']}) "
+          f"| bare loop ({args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, guidance 7.5, "
+          f"{report['precision']}, median of {args.rounds}) "
           f"| {report['bare_jobs_per_s']:.2f} jobs/s |\n"
-          f"| API + Redis + worker + SQLite, same jobs | {report['stack_jobs_per_s']:.2f} jobs/s |\n"
-          f"| throughput ratio | {report['throughput_ratio']:.3f} |\n"
+          f"| API + Redis + worker + SQLite, same jobs, first submit to last done | "
+          f"{report['stack_jobs_per_s']:.2f} jobs/s (ratio {report['throughput_ratio']:.3f}) |\n"
+          f"| the same, first start to last done (the worker alone) | "
+          f"{report['worker_jobs_per_s']:.2f} jobs/s (ratio {report['worker_throughput_ratio']:.3f}) |\n"
           f"| overhead per job (wall) | {report['overhead_ms_per_job']:.0f} ms |\n"
-          f"| in-worker overhead per job (median: claim, PNG, store) | {report['worker_overhead_ms_median']:.0f} ms |")
+          f"| in a worker, per job beside the pipeline (claim, PNG, store; median) | "
+          f"{report['worker_overhead_ms_median']:.1f} ms |\n"
+          f"| between two jobs in a worker (ack, fetch, dispatch; median) | {report['between_jobs_ms_median']:.1f} ms |")
     for n, r in report["submit"].items():
         print(f"| submissions, {args.clients} clients, {n} API process(es) | {r['jobs_per_s']:.0f} jobs/s, "
               f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors |")
