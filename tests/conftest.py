@@ -198,3 +198,12 @@ def spawn_worker(stack, tiny_model, tmp_path):
 def pool_child(proc: subprocess.Popen) -> int:
     (child,) = psutil.Process(proc.pid).children()
     return child.pid
+
+
+def wait_for(stack, job_id: str, field: str, value, timeout: float = 60) -> dict:
+    """Poll the job's record until `field` equals `value`."""
+    deadline = time.monotonic() + timeout
+    while (job := stack.api.job(job_id))[field] != value:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job

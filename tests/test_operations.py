@@ -11,7 +11,7 @@ import time
 import pytest
 
 from shared import keys
-from tests.conftest import WEBHOOK_SECRET
+from tests.conftest import WEBHOOK_SECRET, wait_for
 from tests.test_api_validation import assert_error_shape
 from tests.test_worker_failures import wait_status
 
@@ -132,11 +132,7 @@ def webhook_server():
 
 
 def _wait_webhook(stack, job_id, status="delivered", timeout=60):
-    deadline = time.monotonic() + timeout
-    while (job := stack.api.job(job_id))["webhook_status"] != status:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.2)
-    return job
+    return wait_for(stack, job_id, "webhook_status", status, timeout)
 
 
 def test_webhook_is_retried_with_backoff_until_delivered(stack, webhook_server):

@@ -9,17 +9,13 @@ import time
 
 from shared import store
 from shared.memory import GB
-from tests.conftest import pool_child
+from tests.conftest import pool_child, wait_for
 
 FAULTY = {"SDFLEET_BACKEND": "tests.fakes:faulty"}
 
 
 def wait_status(stack, job_id: str, status: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := stack.api.job(job_id))["status"] != status:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
+    return wait_for(stack, job_id, "status", status, timeout)
 
 
 def test_exception_fails_the_job_and_the_next_job_succeeds_on_the_same_worker(stack, spawn_worker):

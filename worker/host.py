@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -43,7 +44,6 @@ class Host:
         self.resident = rss_bytes()
         self.running: Running | None = None
         self._sessions = session_factory(settings.database_url)
-        self._stop = threading.Event()
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s", self.name,
                  fmt_gb(self.budget), fmt_gb(self.cgroup_limit) if self.cgroup_limit else "none",
                  fmt_gb(self.resident), pipeline.precision)
@@ -53,7 +53,8 @@ class Host:
         threading.Thread(target=self._loop, name="sdfleet-heartbeat", daemon=True).start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_s):
+        while True:
+            time.sleep(self.settings.heartbeat_s)
             try:
                 self.beat()
             except Exception:  # the database may be away for a while; the next beat tries again

@@ -144,8 +144,9 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
         log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
         with sessions() as session:
             job = store.get_job(session, job_id)
-            lost = job is not None and job.error_code == ErrorCode.worker_lost.value
-        if lost and _ended_with_webhook(sessions, job_id):
+            # this delivery may just have ended the job worker_lost: its webhook is due
+            due = job is not None and job.error_code == ErrorCode.worker_lost.value and job.webhook_status == "pending"
+        if due:
             notify(job_id)
         return "skipped"
     params = attempt.parameters
