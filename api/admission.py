@@ -22,7 +22,7 @@ def _family(model: str) -> str:
 
 
 def _predict_on(session: Session, worker: Worker, model: str, shape: Shape) -> Prediction:
-    known = fleet.profiles(session, model, worker.backend, worker.precision)
+    known = fleet.profiles(session, model, worker.backend, worker.precision, worker.memory_mode)
     return predict(shape, known, worker.resident_bytes)
 
 

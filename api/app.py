@@ -309,7 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ws = [w for w in live if w.model == name]
             out.append(ModelPublic(
                 name=name, workers=len(ws), largest_budget_bytes=max(w.budget_bytes for w in ws),
-                runtimes=sorted({f"{w.backend}/{w.precision}" for w in ws}),
+                runtimes=sorted({f"{w.backend}/{w.precision}/{w.memory_mode}" for w in ws}),
                 profiles=[ProfilePublic.model_validate(p, from_attributes=True) for p in profiles if p.model == name],
             ))
         return out

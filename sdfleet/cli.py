@@ -1,4 +1,4 @@
-"""`sdfleet`: up (the local stack), api, worker, ops, reconcile, keys, submit, status, model make-tiny,
+"""`sdfleet`: up (the local stack), api, worker, ops, reconcile, keys, submit, status, model make-tiny|export,
 db upgrade.
 
 This is the composition root: it may start the API and the worker, which never import each other.
@@ -130,6 +130,19 @@ def cmd_make_tiny(args) -> int:
     from worker.tiny import make_tiny
 
     print(make_tiny(args.dir, args.arch))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from worker.export import ExportError, export
+
+    try:
+        stamp = export(args.src, args.out, args.weight_format,
+                       on_step=lambda line: print(line, file=sys.stderr, flush=True))
+    except ExportError as exc:
+        print(f"sdfleet model export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {stamp['weight_format']} in {stamp['seconds']} s, largest step's peak {stamp['peak_mb']} MB")
     return 0
 
 
@@ -278,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", type=Path)
     m.add_argument("--arch", choices=("sd", "sdxl"), default="sd")
     m.set_defaults(func=cmd_make_tiny)
+    m = msub.add_parser("export", help="export a diffusers pipeline (or compress an IR folder) to OpenVINO IR, "
+                                       "one component per process")
+    m.add_argument("src", type=Path, help="a diffusers pipeline folder, or an OpenVINO IR folder to compress")
+    m.add_argument("out", type=Path, help="the new IR folder (must not exist)")
+    m.add_argument("--weight-format", choices=("fp16", "int8", "int4"), default="fp16")
+    m.set_defaults(func=cmd_export)
 
     p = sub.add_parser("db", help="database tools")
     dsub = p.add_subparsers(dest="db_command", required=True)

@@ -19,6 +19,7 @@ class Heartbeat:
     model: str
     backend: str
     precision: str
+    memory_mode: str
     budget_bytes: int
     cgroup_limit_bytes: int | None
     total_ram_bytes: int
@@ -55,20 +56,22 @@ def _profile(row: MemoryProfile) -> Profile:
                    row.base_bytes, row.samples)
 
 
-def profiles(session: Session, model: str, backend: str, precision: str) -> list[Profile]:
+def profiles(session: Session, model: str, backend: str, precision: str, memory_mode: str) -> list[Profile]:
     rows = session.scalars(select(MemoryProfile).where(
-        MemoryProfile.model == model, MemoryProfile.backend == backend, MemoryProfile.precision == precision))
+        MemoryProfile.model == model, MemoryProfile.backend == backend, MemoryProfile.precision == precision,
+        MemoryProfile.memory_mode == memory_mode))
     return [_profile(r) for r in rows]
 
 
 def all_profiles(session: Session) -> list[MemoryProfile]:
     return list(session.scalars(select(MemoryProfile).order_by(
-        MemoryProfile.model, MemoryProfile.width, MemoryProfile.height, MemoryProfile.guidance)))
+        MemoryProfile.model, MemoryProfile.memory_mode, MemoryProfile.width, MemoryProfile.height, MemoryProfile.guidance)))
 
 
-def record_profile(session: Session, model: str, backend: str, precision: str, shape: Shape,
+def record_profile(session: Session, model: str, backend: str, precision: str, memory_mode: str, shape: Shape,
                    peak_bytes: int, base_bytes: int) -> None:
-    key = dict(model=model, backend=backend, precision=precision, width=shape.width, height=shape.height,
+    key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode,
+               width=shape.width, height=shape.height,
                images_per_pass=shape.images_per_pass, guidance=shape.guidance)
     row = session.get(MemoryProfile, key, with_for_update=True)
     if row is None:

@@ -177,6 +177,7 @@ class WorkerPublic(BaseModel):
     model: str
     backend: str
     precision: str
+    memory_mode: str = Field(description="how the worker runs its pipeline: fast, balanced, low (+ levers set apart)")
     budget_bytes: int
     cgroup_limit_bytes: int | None
     total_ram_bytes: int
@@ -191,6 +192,7 @@ class WorkerPublic(BaseModel):
 class ProfilePublic(BaseModel):
     backend: str
     precision: str
+    memory_mode: str
     width: int
     height: int
     images_per_pass: int
@@ -205,5 +207,5 @@ class ModelPublic(BaseModel):
     name: str
     workers: int
     largest_budget_bytes: int
-    runtimes: list[str] = Field(description="backend/precision of the workers serving it")
+    runtimes: list[str] = Field(description="backend/precision/memory mode of the workers serving it")
     profiles: list[ProfilePublic]

@@ -117,6 +117,7 @@ class Worker(Base):
     model: Mapped[str] = mapped_column(String(200), index=True)
     backend: Mapped[str] = mapped_column(String(64))
     precision: Mapped[str] = mapped_column(String(16))
+    memory_mode: Mapped[str] = mapped_column(String(64), default="fast")
     budget_bytes: Mapped[int] = mapped_column(BigInteger)
     cgroup_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
     total_ram_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -128,13 +129,14 @@ class Worker(Base):
 
 
 class MemoryProfile(Base):
-    """The largest peak measured for one job shape on one model, backend and precision."""
+    """The largest peak measured for one job shape on one model, backend, precision and memory mode."""
 
     __tablename__ = "memory_profiles"
 
     model: Mapped[str] = mapped_column(String(200), primary_key=True)
     backend: Mapped[str] = mapped_column(String(64), primary_key=True)
     precision: Mapped[str] = mapped_column(String(16), primary_key=True)
+    memory_mode: Mapped[str] = mapped_column(String(64), primary_key=True)
     width: Mapped[int] = mapped_column(Integer, primary_key=True)
     height: Mapped[int] = mapped_column(Integer, primary_key=True)
     images_per_pass: Mapped[int] = mapped_column(Integer, primary_key=True)

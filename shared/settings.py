@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,6 +19,53 @@ def default_cache_dir() -> Path:
     """Where built models and compiled-model caches live: outside any checkout, shared by tests and the demo."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sdfleet"
+
+
+MEMORY_MODES = ("fast", "balanced", "low")
+
+
+@dataclass(frozen=True)
+class Levers:
+    """How a worker runs its pipeline, resolved from the memory mode and any explicit override.
+
+    - release_encoders: text encoders are compiled for the prompt encoding and released after it.
+    - release_all: every component is compiled for its phase only (encode, denoise, decode) and released
+      after it; recompiling imports the compiled blob from the cache, and the IR's weights are never read
+      into the process again.
+    - drop_file_pages: after a job, the IR's mmapped weight pages (file-backed; OpenVINO works from its own
+      repacked copy after the first inference) are dropped from the process with madvise.
+    - vae_tiles: decode the latents in overlapping 512x512-pixel tiles (an image's decoder activations are
+      the largest single allocation at 1024x1024).
+    """
+
+    mode: str
+    release_encoders: bool
+    release_all: bool
+    drop_file_pages: bool
+    vae_tiles: bool
+    static_shape: bool
+    precision: str  # "auto": the device's default (bf16 on CPUs with AMX or AVX512-BF16, else f32)
+    compile_threads: int | None
+    mmap: bool
+
+    @property
+    def key(self) -> str:
+        """What memory profiles are keyed by: the mode, and any lever set against it ("low-vae_tiles")."""
+        preset = _MODE_PRESETS[self.mode]
+        flips = [("+" if getattr(self, k) else "-") + k for k, v in preset.items() if getattr(self, k) != v]
+        return self.mode + "".join(flips) + ("+static" if self.static_shape else "")
+
+    def describe(self) -> str:
+        on = [name for name in ("release_encoders", "release_all", "drop_file_pages", "vae_tiles", "static_shape")
+              if getattr(self, name)]
+        return f"{self.mode} ({', '.join(on) or 'everything resident'}; precision {self.precision}, mmap {self.mmap})"
+
+
+_MODE_PRESETS = {
+    "fast": dict(release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False),
+    "balanced": dict(release_encoders=True, release_all=False, drop_file_pages=True, vae_tiles=False),
+    "low": dict(release_encoders=True, release_all=True, drop_file_pages=True, vae_tiles=True),
+}
 
 
 class Settings(BaseSettings):
@@ -55,6 +105,17 @@ class Settings(BaseSettings):
     visibility_timeout_s: int | None = None
     model_load_timeout_s: int = Field(default=1800, ge=10)
 
+    # How a worker trades speed for memory (see Levers); each lever can be set on its own, overriding the mode.
+    memory_mode: Literal["fast", "balanced", "low"] = "balanced"
+    release_encoders: bool | None = None
+    release_all: bool | None = None
+    drop_file_pages: bool | None = None
+    vae_tiles: bool | None = None
+    static_shape: bool = False  # compile for each job's exact shape (recompiled when the next one differs)
+    inference_precision: Literal["auto", "bf16", "f16", "f32"] = "auto"
+    compile_threads: int | None = Field(default=None, ge=1, le=1024)
+    enable_mmap: bool = True  # read IR weights by mmap (file-backed, reclaimable) rather than into memory
+
     memory_sample_interval_s: float = Field(default=0.02, gt=0, le=5)
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
@@ -88,6 +149,13 @@ class Settings(BaseSettings):
                 "still-running job to a second worker"
             )
         return self
+
+    @property
+    def levers(self) -> Levers:
+        preset = _MODE_PRESETS[self.memory_mode]
+        chosen = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
+        return Levers(mode=self.memory_mode, static_shape=self.static_shape, precision=self.inference_precision,
+                      compile_threads=self.compile_threads, mmap=self.enable_mmap, **chosen)
 
     @property
     def broker_visibility_timeout(self) -> int:

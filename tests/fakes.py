@@ -18,7 +18,7 @@ from worker.pipelines import OptimumPipeline
 
 class FaultyPipeline:
     def __init__(self, settings):
-        self._real = OptimumPipeline(settings.model, settings.device)
+        self._real = OptimumPipeline(settings.model, settings.device, levers=settings.levers)
         self.backend, self.precision = "fake-faulty", self._real.precision
 
     def generate(self, request, on_step=None):

@@ -108,7 +108,7 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
     from shared.models import utcnow
 
     with session_factory(sqlite_url).begin() as s:  # a live worker for "tiny", so admission passes
-        fleet.beat(s, fleet.Heartbeat("h:1", "h", "tiny", "optimum", "bf16", 8 << 30, None, 16 << 30,
+        fleet.beat(s, fleet.Heartbeat("h:1", "h", "tiny", "optimum", "bf16", "fast", 8 << 30, None, 16 << 30,
                                       12 << 30, 600 << 20, None), utcnow())
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", json={"prompt": "a cat"})

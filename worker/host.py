@@ -37,6 +37,8 @@ class Host:
         self.settings = settings
         self.pipeline = pipeline
         self.model = settings.served_model_name
+        # a custom pipeline that does not say how it runs is taken as keeping everything resident
+        self.memory_mode = getattr(pipeline, "memory_mode", "fast")
         # one name for the Celery worker, kept when its pool child is replaced
         self.name = f"{HOST}:{os.getppid()}"
         self.budget, self.cgroup_limit = read_host_budget(settings.memory_reserve, settings.memory_budget)
@@ -44,9 +46,9 @@ class Host:
         self.resident = rss_bytes()
         self.running: Running | None = None
         self._sessions = session_factory(settings.database_url)
-        log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s", self.name,
+        log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_gb(self.budget), fmt_gb(self.cgroup_limit) if self.cgroup_limit else "none",
-                 fmt_gb(self.resident), pipeline.precision)
+                 fmt_gb(self.resident), pipeline.precision, self.memory_mode)
 
     def start_heartbeat(self) -> None:
         self.beat()
@@ -67,7 +69,7 @@ class Host:
         ram = psutil.virtual_memory()
         hb = fleet.Heartbeat(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
-            precision=self.pipeline.precision, budget_bytes=self.budget, cgroup_limit_bytes=self.cgroup_limit,
+            precision=self.pipeline.precision, memory_mode=self.memory_mode, budget_bytes=self.budget, cgroup_limit_bytes=self.cgroup_limit,
             total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
         )

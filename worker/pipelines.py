@@ -7,16 +7,21 @@ the per-process cache that loads a model once per host.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import functools
 import gc
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 from PIL import Image
 
-from shared.settings import Settings
+from shared.settings import Levers, Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +42,123 @@ class ImageRequest:
 class Pipeline(Protocol):
     backend: str
     precision: str  # the inference precision OpenVINO runs the UNet at (bf16 on AMX CPUs, else f32)
+    memory_mode: str  # Levers.key: what memory profiles are kept apart by
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image: ...
 
 
+PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3": "encode",
+          "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
+
+
 class OptimumPipeline:
     """optimum-intel's OVDiffusionPipeline family: the class (SD 1.x/2.x, SDXL, LCM, ...) is read from the
-    folder's model_index.json, so one loader serves every architecture, from a local IR folder or a hub ID."""
+    folder's model_index.json, so one loader serves every architecture, from a local IR folder or a hub ID.
+
+    Components compile when a phase first needs them (encode: text encoders; denoise: UNet; decode: VAE
+    decoder). With `levers.release_all` (or `release_encoders`) a phase's components are released when the
+    next phase starts, and compiled again next time from the path, so that OpenVINO imports the cached blob
+    and never reads the IR's weights again; `static_shape` compiles the UNet and text encoders for each
+    job's exact shape, with the UNet's batch following guidance (1 without, 2 with)."""
 
     backend = "optimum"
 
-    def __init__(self, model: str, device: str = "CPU", ov_config: dict | None = None):
+    def __init__(self, model: str, device: str = "CPU", ov_config: dict | None = None,
+                 levers: Levers | None = None):
         from optimum.intel import OVDiffusionPipeline
+        from optimum.intel.openvino import modeling_base, modeling_diffusion
 
+        self.levers = levers or Settings().levers
+        self.memory_mode = self.levers.key
+        # optimum-intel reads models with one Core and compiles with another; ENABLE_MMAP is read_model's
+        # setting, so it goes on the Core (in a pipeline's ov_config it has no effect)
+        for core in {id(c): c for c in (modeling_base.core, modeling_diffusion.core)}.values():
+            core.set_property({"ENABLE_MMAP": self.levers.mmap})
+        self._core = core = modeling_diffusion.core
+        config = dict(ov_config or {})
+        if self.levers.precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = self.levers.precision
+        if self.levers.compile_threads:
+            config["COMPILATION_NUM_THREADS"] = self.levers.compile_threads
+        self._config, self._device = config, device
         t0 = time.perf_counter()
-        self._pipe = OVDiffusionPipeline.from_pretrained(model, device=device, ov_config=ov_config or {}, compile=True)
+        self._pipe = OVDiffusionPipeline.from_pretrained(model, device=device, ov_config=config, compile=False)
         self._pipe.set_progress_bar_config(disable=True)
-        self.precision = self._unet_precision()
-        log.info("loaded %s (%s, %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
-                 time.perf_counter() - t0)
+        self._parts = {name: part for name in PHASES if (part := getattr(self._pipe, name, None)) is not None}
+        self._transient = {n for n in self._parts if self.levers.release_all
+                           or (self.levers.release_encoders and PHASES[n] == "encode")}
+        self._phase: str | None = None
+        self._shape: tuple | None = None
+        for name, part in self._parts.items():
+            part.forward = self._phased(name, part.forward)
+        if self.levers.vae_tiles:
+            decoder = self._parts["vae_decoder"]
+            decoder.forward = functools.partial(tiled_decode, decoder.forward)
+        self.precision = self.levers.precision if self.levers.precision != "auto" else \
+            core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
+        log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
+                 self.levers.describe(), time.perf_counter() - t0)
 
-    def _unet_precision(self) -> str:
-        try:
-            return self._pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").to_string()
-        except Exception:  # not every OpenVINO device reports it
-            return "unknown"
+    def _phased(self, name: str, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            self._enter(PHASES[name])
+            if self._parts[name].request is None:
+                self._compile(name)
+            return forward(*args, **kwargs)
+
+        return run
+
+    def _enter(self, phase: str | None) -> None:
+        """Start a phase: release the transient components of the others."""
+        if phase == self._phase:
+            return
+        released = False
+        for name in self._transient:
+            part = self._parts[name]
+            if PHASES[name] != phase and part.request is not None:
+                part.request = None
+                released = True
+        if released:
+            gc.collect()  # the compiled model goes now, not at some later collection
+        self._phase = phase
+
+    def _compile(self, name: str) -> None:
+        part = self._parts[name]
+        xml = Path(part.model_save_dir) / "openvino_model.xml"
+        if name in self._transient and not self.levers.static_shape and xml.is_file():
+            # From the path: with CACHE_DIR, OpenVINO imports the compiled blob without reading the IR.
+            part.request = self._core.compile_model(str(xml), self._device, self._config)
+        else:
+            part.compile()
+
+    def prepare(self, request: ImageRequest) -> None:
+        """Static shapes: reshape the UNet and text encoders for this job (a no-op when the shape is the same)."""
+        if not self.levers.static_shape:
+            return
+        guidance = request.guidance_scale > 1.0
+        shape = (request.width, request.height, guidance)
+        if shape == self._shape:
+            return
+        pipe = self._pipe
+        max_len = getattr(pipe.tokenizer or pipe.tokenizer_2, "model_max_length", -1)
+        for name, part in self._parts.items():
+            part.request = None  # the old shape's compiled model goes before the new one is compiled
+            if name == "unet":
+                # optimum-intel doubles the batch for guidance unconditionally: set it from the job's guidance
+                model = pipe._reshape_unet(part.model, 1, request.height, request.width, 1, max_len)
+                batch = 2 if guidance and "timestep_cond" not in {i.get_any_name() for i in model.inputs} else 1
+                model.reshape({i: [batch, *list(i.get_partial_shape())[1:]] for i in model.inputs
+                               if i.get_partial_shape().rank.get_length() > 0 and i.get_any_name() != "timestep"})
+                part.model = model
+            elif PHASES[name] == "encode":
+                part.model = pipe._reshape_text_encoder(part.model, 1, max_len)
+        gc.collect()
+        self._shape = shape
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
         import torch
 
+        self.prepare(request)
         kwargs = {}
         if on_step is not None:
             def _callback(_pipe, i, _t, tensors):
@@ -73,19 +166,68 @@ class OptimumPipeline:
                 return tensors
 
             kwargs["callback_on_step_end"] = _callback
-        out = self._pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=1,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-            output_type="pil",
-            **kwargs,
-        )
+        try:
+            out = self._pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=1,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+                output_type="pil",
+                **kwargs,
+            )
+        finally:
+            self._enter(None)  # between images: only what is kept stays compiled
         return out.images[0]
+
+    def model_files(self) -> list[str]:
+        """Where this pipeline's weights are mapped from: the IR folders and the compiled-model cache."""
+        return sorted({str(Path(p.model_save_dir).parent) for p in self._parts.values()}) + \
+            ([self._config["CACHE_DIR"]] if self._config.get("CACHE_DIR") else [])
+
+
+def tiled_decode(decode: Callable, latent_sample, *args, tile: int = 64, overlap: int = 16, **kwargs):
+    """Decode latents in overlapping tiles of `tile` latent pixels (512 image pixels), blended linearly where
+    they overlap, so the decoder's activations are those of one tile whatever the image size. Latents that
+    fit one tile are decoded whole (the result is then identical)."""
+    import torch
+
+    _, _, h, w = latent_sample.shape
+    if h <= tile and w <= tile:
+        return decode(latent_sample, *args, **kwargs)
+
+    def starts(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        step = tile - overlap
+        return sorted(set(list(range(0, n - tile, step)) + [n - tile]))
+
+    out = weight = key = first = None
+    for y in starts(h):
+        for x in starts(w):
+            piece = decode(latent_sample[:, :, y:y + tile, x:x + tile], *args, **kwargs)
+            if first is None:
+                first, key = piece, next(iter(piece.keys()))
+            image = piece[key]
+            scale = image.shape[-1] // min(tile, w)
+            th, tw = image.shape[-2], image.shape[-1]
+            ramp = overlap * scale
+
+            def axis(n: int) -> torch.Tensor:
+                i = torch.arange(n, dtype=torch.float32)
+                return torch.clamp(torch.minimum(i + 1, n - i) / ramp, 1e-3, 1.0)
+
+            mask = axis(th)[:, None] * axis(tw)[None, :]
+            if out is None:
+                out = torch.zeros(image.shape[0], image.shape[1], h * scale, w * scale, dtype=torch.float32)
+                weight = torch.zeros(h * scale, w * scale, dtype=torch.float32)
+            ys, xs = y * scale, x * scale
+            out[:, :, ys:ys + th, xs:xs + tw] += image.float() * mask
+            weight[ys:ys + th, xs:xs + tw] += mask
+    return type(first)(**{key: out / weight})
 
 
 class GenaiPipeline:
@@ -94,16 +236,47 @@ class GenaiPipeline:
 
     backend = "genai"
 
-    def __init__(self, model: str, device: str = "CPU", properties: dict | None = None):
+    def __init__(self, model: str, device: str = "CPU", properties: dict | None = None,
+                 levers: Levers | None = None):
         import openvino as ov
         import openvino_genai
 
-        self._genai = openvino_genai
+        levers = levers or Settings().levers
+        # genai keeps its components compiled and decodes whole: only these levers apply
+        unsupported = [k for k in ("release_encoders", "release_all", "vae_tiles") if getattr(levers, k)]
+        if unsupported:
+            log.warning("openvino-genai backend: %s not applied (components stay resident)", ", ".join(unsupported))
+        self.levers = dataclasses.replace(levers, release_encoders=False, release_all=False, vae_tiles=False)
+        self.memory_mode = self.levers.key
+        props = dict(properties or {})
+        if levers.precision != "auto":
+            props["INFERENCE_PRECISION_HINT"] = levers.precision
+        if levers.compile_threads:
+            props["COMPILATION_NUM_THREADS"] = levers.compile_threads
+        self._genai, self._device, self._props, self._shape = openvino_genai, device, props, None
+        self._model = model
         t0 = time.perf_counter()
-        self._pipe = openvino_genai.Text2ImagePipeline(model, device, **(properties or {}))
-        hint = (properties or {}).get("INFERENCE_PRECISION_HINT")
+        if levers.static_shape:
+            self._pipe = openvino_genai.Text2ImagePipeline(model)  # compiled per shape, in prepare()
+        else:
+            self._pipe = openvino_genai.Text2ImagePipeline(model, device, **props)
+        hint = props.get("INFERENCE_PRECISION_HINT")
         self.precision = str(hint) if hint else ov.Core().get_property(device, "INFERENCE_PRECISION_HINT").to_string()
-        log.info("loaded %s with openvino-genai (%s) in %.1f s", model, self.precision, time.perf_counter() - t0)
+        log.info("loaded %s with openvino-genai (%s, %s) in %.1f s", model, self.precision, self.levers.describe(),
+                 time.perf_counter() - t0)
+
+    def prepare(self, request: ImageRequest) -> None:
+        if not self.levers.static_shape:
+            return
+        shape = (request.width, request.height, request.guidance_scale > 1.0)
+        if shape != self._shape:
+            # genai's reshape knows guidance (UNet batch 1 or 2); the old compiled models go with the new compile
+            self._pipe.reshape(1, request.height, request.width, request.guidance_scale)
+            self._pipe.compile(self._device, **self._props)
+            self._shape = shape
+
+    def model_files(self) -> list[str]:
+        return [self._model] + ([self._props["CACHE_DIR"]] if self._props.get("CACHE_DIR") else [])
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
         raised: list[BaseException] = []
@@ -118,6 +291,7 @@ class GenaiPipeline:
                 return True
             return False
 
+        self.prepare(request)
         kwargs = {"negative_prompt": request.negative_prompt} if request.negative_prompt else {}
         tensor = self._pipe.generate(
             request.prompt, width=request.width, height=request.height, num_inference_steps=request.steps,
@@ -127,6 +301,45 @@ class GenaiPipeline:
         if raised:
             raise raised[0]
         return Image.fromarray(tensor.data[0])
+
+
+MADV_DONTNEED = 4
+
+
+def drop_file_pages(roots: list[str]) -> int:
+    """Drop this process's resident pages of read-only file mappings under `roots` (the IR's weights, mmapped
+    by read_model): after the first inference OpenVINO works from its own repacked copy and does not touch
+    them again, yet they count in RSS. The mapping stays; a page that is touched again is read back from the
+    page cache. Only never-writable mappings are dropped, so nothing of the process's own is lost.
+    Returns the bytes dropped (resident before the call)."""
+    roots = [os.path.realpath(r) + os.sep for r in roots]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    with open("/proc/self/smaps") as f:
+        current = None
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                current = None
+                path = head[5] if len(head) > 5 else ""
+                if head[1].startswith("r-") and any(path.startswith(r) for r in roots):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    current = (lo, hi)
+            elif current and head[0] == "Rss:" and int(head[1]) > 0:
+                lo, hi = current
+                if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                    dropped += int(head[1]) * 1024
+                current = None
+    return dropped
+
+
+def settle(pipeline: Pipeline) -> int:
+    """Between jobs: drop the weights' file pages if the pipeline's levers say so; returns the bytes dropped."""
+    levers = getattr(pipeline, "levers", None)
+    if levers is None or not levers.drop_file_pages or not hasattr(pipeline, "model_files"):
+        return 0
+    return drop_file_pages(pipeline.model_files())
 
 
 def _load_factory(spec: str) -> Callable[[Settings], Pipeline]:
@@ -142,9 +355,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
     # Compiled blobs are cached per model, so a restarted worker (or a replaced pool child) skips compiling.
     cache = str(settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--"))
     if settings.backend == "optimum":
-        return OptimumPipeline(settings.model, settings.device, {"CACHE_DIR": cache})
+        return OptimumPipeline(settings.model, settings.device, {"CACHE_DIR": cache}, settings.levers)
     if settings.backend == "genai":
-        return GenaiPipeline(settings.model, settings.device, {"CACHE_DIR": cache})
+        return GenaiPipeline(settings.model, settings.device, {"CACHE_DIR": cache}, settings.levers)
     return _load_factory(settings.backend)(settings)
 
 
@@ -162,6 +375,9 @@ def get_pipeline(settings: Settings) -> Pipeline:
             t0 = time.perf_counter()
             _loaded.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
             log.info("warm-up in %.1f s", time.perf_counter() - t0)
+        dropped = settle(_loaded)
+        if dropped:
+            log.info("dropped %d MB of the IR's file pages from the resident set", dropped >> 20)
         # The model stack's objects live as long as the process: move them out of the collector's sight.
         # A full collection then costs ~0 ms instead of ~325 ms (torch + transformers + diffusers graphs),
         # which the worker would otherwise pay after every job (measured: bench/overhead.py).

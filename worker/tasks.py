@@ -22,7 +22,7 @@ from shared.jobs import JobParameters, JobStatus
 from shared.memory import Shape, fmt_gb, guidance_on, predict
 from worker.host import HOST, Host, Running
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
-from worker.pipelines import ImageRequest
+from worker.pipelines import ImageRequest, settle
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[
         host.running = None
         gc.collect()
         release_free_memory()
+        settle(host.pipeline)
 
 
 def _ended_with_webhook(sessions, job_id: str) -> bool:
@@ -163,7 +164,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
     shape = shape_of(params)
     pipeline = host.pipeline
     with sessions() as session:
-        known = fleet.profiles(session, host.model, pipeline.backend, pipeline.precision)
+        known = fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
     expected = predict(shape, known, host.resident)
     if expected.bytes > host.budget:
         return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_gb(expected.bytes)} ({expected.source}) "
@@ -200,7 +201,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
                 if code is None:
                     # Only complete runs teach the profile: an aborted job's peak is a lower bound, and
                     # scaled to other sizes it would refuse jobs that fit.
-                    fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, shape,
+                    fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode, shape,
                                          reading.peak_rss_bytes, reading.rss_before_bytes)
             return ok
 

@@ -1,0 +1,235 @@
+"""`sdfleet model export SRC OUT --weight-format fp16|int8|int4`: a diffusers pipeline to OpenVINO IR, one
+component per process, so that the export's peak is the largest component's, not the whole pipeline's.
+
+optimum-cli exports every component in one process: on a 24 GB machine an SDXL export is killed once the
+UNet has been written (the allocator keeps what the UNet's conversion used, and the VAE comes on top). Here
+each component (text encoders and tokenizers, UNet, VAE decoder, VAE encoder) is converted by optimum-intel's
+own export code in a fresh child process, which returns everything to the OS when it exits. int8 and int4
+are NNCF weight compression of the fp16 IR, again one component per process. SRC may also be an OpenVINO IR
+folder (from optimum-cli or an earlier export): then only the compression runs.
+
+The result is written beside OUT and moved into place whole, with a stamp (sdfleet_export.json) recording the
+weight format and what each step measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("fp16", "int8", "int4")
+STAMP_FILE = "sdfleet_export.json"
+IR_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def is_ir_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() and (path / "unet" / "openvino_model.xml").is_file()
+
+
+def _source_components(src: Path) -> list[str]:
+    try:
+        index = json.loads((src / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{src} is not a diffusers pipeline folder (model_index.json: {exc})") from None
+    have = [k for k in ("text_encoder", "text_encoder_2") if (index.get(k) or [None])[0]]
+    if not (index.get("unet") or [None])[0] or not (index.get("vae") or [None])[0]:
+        raise ExportError(f"{src}: only UNet pipelines (SD 1.x/2.x, SDXL, LCM) are exported component by component")
+    return have + ["unet", "vae_decoder", "vae_encoder"]
+
+
+def _is_16bit(src: Path) -> bool:
+    """Whether the UNet's safetensors hold fp16/bf16 weights (then it is loaded as such, not upcast to fp32)."""
+    for f in sorted((src / "unet").glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        return bool(dtypes) and dtypes <= {"F16", "BF16"}
+    return False
+
+
+def _maxrss_mb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _empty_module(src: Path, name: str, entry: list):
+    """A pipeline component with its real configuration and no weights (parameters on the meta device)."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    library, cls_name = entry
+    cls = getattr(importlib.import_module(library), cls_name)
+    with init_empty_weights():
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(src / name))
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(src / name))
+
+
+def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool) -> None:
+    """Child process: convert `parts` of the pipeline at `src` to fp16 IR in `out` with optimum-intel."""
+    import gc
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from optimum.exporters.openvino.__main__ import maybe_convert_tokenizers
+    from optimum.exporters.openvino.convert import (
+        _set_runtime_options, export_models, get_diffusion_models_for_export_ext)
+    from optimum.intel import OVConfig
+
+    half = _is_16bit(src)
+    index = json.loads((src / "model_index.json").read_text())
+    # What this process does not convert is not even loaded: it is built on the meta device (optimum's
+    # export configs read every component's config, and the VAE is deep-copied for its two halves).
+    wanted = {"text_encoder": with_tokenizers, "text_encoder_2": with_tokenizers, "unet": "unet" in parts,
+              "vae": "vae_decoder" in parts or "vae_encoder" in parts}
+    empty = {name: _empty_module(src, name, index[name]) for name, want in wanted.items()
+             if not want and (index.get(name) or [None])[0]}
+    pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch.float16 if half else torch.float32,
+                                             local_files_only=True, **empty)
+    _, models = get_diffusion_models_for_export_ext(pipe, exporter="openvino")
+    models = {k: v for k, v in models.items() if k in parts}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (sub, _) in models.items():
+        if hasattr(sub, "save_config"):
+            sub.save_config(out / name)
+        elif hasattr(getattr(sub, "config", None), "save_pretrained"):
+            sub.config.save_pretrained(out / name)
+    if with_tokenizers:
+        pipe.scheduler.save_pretrained(out / "scheduler")
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).save_pretrained(out / name)
+        pipe.save_config(out)
+        maybe_convert_tokenizers("diffusers", out, pipe)  # openvino_tokenizer.xml, which openvino-genai needs
+    keep = [m for m, _ in models.values()]
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if not any(m is getattr(pipe, name, None) for m in keep):
+            setattr(pipe, name, None)
+    del pipe, keep
+    gc.collect()
+    _set_runtime_options(models, "text-to-image", "diffusers", False)
+    export_models(models_and_export_configs=models, output_dir=out,
+                  output_names=[os.path.join(n, "openvino_model.xml") for n in models],
+                  ov_config=OVConfig(dtype="fp16"), stateful=False, patch_16bit_model=half,
+                  library_name="diffusers")
+
+
+def compress(xml: Path, dest: Path, weight_format: str) -> None:
+    """Child process: NNCF weight compression of one IR component, written to `dest`."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(xml)
+    if weight_format == "int8":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:
+        # int4 for the linear layers (group-wise), int8 for the rest (embeddings, convolutions)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, dest, compress_to_fp16=False)
+
+
+def _child(step: list[str]) -> dict:
+    """Run one step in a fresh interpreter; returns its wall time and peak RSS."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "worker.export", *step]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise ExportError(f"step {' '.join(step[:1] + step[3:])} failed (exit {proc.returncode}):\n{tail}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
+    return figures
+
+
+def _copy_non_weights(src: Path, dest: Path) -> None:
+    """Everything of an IR folder but the components' weights (configs, tokenizers, scheduler)."""
+    for path in src.rglob("*"):
+        rel = path.relative_to(src)
+        if path.is_dir() or rel.parts[0] in IR_COMPONENTS and path.suffix in (".xml", ".bin"):
+            continue
+        if rel.name == STAMP_FILE:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / rel)
+
+
+def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_step=print) -> dict:
+    """Export `src` (a diffusers folder, or an IR folder to compress) to `out`; returns the stamp."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ExportError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, not {weight_format!r}")
+    src, out = Path(src).absolute(), Path(out).absolute()
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a folder (a diffusers pipeline or an OpenVINO IR)")
+    if out.exists():
+        raise ExportError(f"{out} exists: remove it or choose another folder")
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    stamp: dict = {"source": str(src), "weight_format": weight_format, "steps": {}}
+    t0 = time.perf_counter()
+    try:
+        if is_ir_folder(src):
+            if weight_format == "fp16":
+                raise ExportError(f"{src} is already OpenVINO IR: ask for int8 or int4 to compress it")
+            ir = src
+            staging.mkdir(parents=True)
+            _copy_non_weights(src, staging)
+        else:
+            parts = _source_components(src)
+            groups = [[p for p in parts if p.startswith("text_encoder")], ["unet"], ["vae_decoder"], ["vae_encoder"]]
+            for i, group in enumerate(groups):
+                step = ["convert", str(src), str(staging), ",".join(group)] + (["--tokenizers"] if i == 0 else [])
+                stamp["steps"][f"convert {'+'.join(group)}"] = figures = _child(step)
+                on_step(f"converted {'+'.join(group)}: {figures['seconds']} s, peak {figures['peak_mb']} MB")
+            ir = staging
+        if weight_format != "fp16":
+            for comp in IR_COMPONENTS:
+                xml = ir / comp / "openvino_model.xml"
+                if not xml.is_file():
+                    continue
+                dest = staging / comp / f"openvino_model.{weight_format}.xml"
+                stamp["steps"][f"compress {comp}"] = figures = _child(["compress", str(xml), str(dest), weight_format])
+                final = staging / comp / "openvino_model.xml"
+                for suffix in (".xml", ".bin"):
+                    os.replace(dest.with_suffix(suffix), final.with_suffix(suffix))
+                on_step(f"compressed {comp} to {weight_format}: {figures['seconds']} s, peak {figures['peak_mb']} MB")
+        stamp["seconds"] = round(time.perf_counter() - t0, 1)
+        stamp["peak_mb"] = max((s["peak_mb"] for s in stamp["steps"].values()), default=0)
+        (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stamp
+
+
+def _main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    cmd, args = argv[0], argv[1:]
+    if cmd == "convert":
+        convert(Path(args[0]), Path(args[1]), args[2].split(","), "--tokenizers" in args)
+    elif cmd == "compress":
+        compress(Path(args[0]), Path(args[1]), args[2])
+    else:
+        raise SystemExit(f"unknown step {cmd!r}")
+    print(json.dumps({"peak_mb": _maxrss_mb()}), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
