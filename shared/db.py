@@ -60,8 +60,8 @@ def wait_for_database(engine: Engine, timeout_s: float = 30.0) -> None:
             time.sleep(1)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (a no-op when it is there already)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest revision (a no-op when it is there already), or to `revision`."""
     from alembic import command
     from alembic.config import Config
 
@@ -71,7 +71,7 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def schema_revision(engine: Engine) -> str | None:

@@ -140,8 +140,14 @@ def compress(xml: Path, dest: Path, weight_format: str) -> None:
     if weight_format == "int8":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     else:
-        # int4 for the linear layers (group-wise), int8 for the rest (embeddings, convolutions)
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0)
+        # int4 for the linear layers (group-wise), int8 for the rest (embeddings, convolutions); a layer whose
+        # width the group does not divide gets a smaller group, or stays int8
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
+
+        model = nncf.compress_weights(
+            model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
+            advanced_parameters=AdvancedCompressionParameters(
+                group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16))
     dest.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, dest, compress_to_fp16=False)
 

@@ -270,7 +270,12 @@ class GenaiPipeline:
             return
         shape = (request.width, request.height, request.guidance_scale > 1.0)
         if shape != self._shape:
-            # genai's reshape knows guidance (UNet batch 1 or 2); the old compiled models go with the new compile
+            # genai's reshape knows guidance (UNet batch 1 or 2) but refuses a compiled model: a new shape
+            # takes a fresh pipeline, and the old one's compiled models go before the new compile
+            if self._shape is not None:
+                self._pipe = None
+                gc.collect()
+                self._pipe = self._genai.Text2ImagePipeline(self._model)
             self._pipe.reshape(1, request.height, request.width, request.guidance_scale)
             self._pipe.compile(self._device, **self._props)
             self._shape = shape

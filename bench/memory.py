@@ -1,0 +1,231 @@
+"""Memory matrix: the same job, each row in a fresh process under the memory watchdog, the fastsdcpu way
+(OVStableDiffusion[XL]Pipeline.from_pretrained(IR, ov_config={"CACHE_DIR": ""}), dynamic shapes, every
+component resident, N images in one batch) beside sdfleet's worker code (worker.pipelines.get_pipeline: load,
+warm-up, levers; N images as N passes) in each memory mode and with each lever.
+
+    .venv/bin/python bench/memory.py [--arch sd15,sdxl] [--rows NAME,...] [--limit-gb 21]
+
+Needs the IR folders that bench/export_bench.py leaves in ~/.cache/sdfleet/bench. Appends every row to
+bench/results/memory.jsonl and prints a markdown table. Columns: peak RSS of the process (the kernel's VmHWM,
+load included), the anonymous / file-backed split at the sampled peak, time from process start to the first
+image, seconds per denoising step (median, first step of each image excluded), and the ratio to the fastsdcpu
+way's peak for the same job in the same run. sdfleet rows whose components are compiled per phase read the
+compile cache: a row of that kind is run once unmeasured first to fill it, as a worker's first start does
+(the "cold cache" row shows that first start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = Path(os.environ.get("SDFLEET_BENCH_DIR", Path.home() / ".cache" / "sdfleet" / "bench"))
+RESULTS = HERE / "results" / "memory.jsonl"
+PROMPT = "a lighthouse on a cliff in a storm, oil painting"
+JOBS = {"sd15": dict(size=512, steps=3), "sdxl": dict(size=1024, steps=2)}
+
+# name: (way, overrides). way "fastsdcpu" or "sdfleet"; overrides: weights, precision, guidance, images,
+# mode, backend, static, cold
+ROWS = {
+    "fastsdcpu": ("fastsdcpu", {}),
+    "fastsdcpu g7.5": ("fastsdcpu", {"guidance": 7.5}),
+    "fastsdcpu g7.5 x4": ("fastsdcpu", {"guidance": 7.5, "images": 4}),
+    "fastsdcpu int8": ("fastsdcpu", {"weights": "int8"}),
+    "fastsdcpu f32": ("fastsdcpu", {"precision": "f32"}),
+    "fast": ("sdfleet", {"mode": "fast"}),
+    "balanced": ("sdfleet", {"mode": "balanced"}),
+    "low cold cache": ("sdfleet", {"mode": "low", "cold": True}),
+    "low": ("sdfleet", {"mode": "low"}),
+    "low g7.5": ("sdfleet", {"mode": "low", "guidance": 7.5}),
+    "low g7.5 x4": ("sdfleet", {"mode": "low", "guidance": 7.5, "images": 4}),
+    "low static": ("sdfleet", {"mode": "low", "static": True}),
+    "low int8": ("sdfleet", {"mode": "low", "weights": "int8"}),
+    "low f32": ("sdfleet", {"mode": "low", "precision": "f32"}),
+    "genai balanced": ("sdfleet", {"mode": "balanced", "backend": "genai"}),
+}
+DEFAULT_ROWS = {
+    "sd15": ["fastsdcpu g7.5", "fastsdcpu g7.5 x4", "fastsdcpu", "fast", "balanced", "low g7.5", "low g7.5 x4",
+             "low", "low static", "low int8", "fastsdcpu int8", "low f32", "fastsdcpu f32", "genai balanced"],
+    "sdxl": ["fastsdcpu", "fastsdcpu g7.5", "fast", "balanced", "low cold cache", "low", "low g7.5", "low int8",
+             "fastsdcpu int8", "low f32", "fastsdcpu f32", "genai balanced"],
+}
+
+
+class Sampler:
+    """RssAnon and RssFile every 20 ms; the split at the largest sampled total."""
+
+    def __init__(self):
+        self.best = (0, 0, 0)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @staticmethod
+    def read() -> dict:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+
+    def _run(self):
+        while True:
+            s = self.read()
+            if s["VmRSS"] > self.best[0]:
+                self.best = (s["VmRSS"], s["RssAnon"], s["RssFile"])
+            time.sleep(0.02)
+
+
+def child(spec: dict) -> dict:
+    """One row, in this (fresh) process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sampler = Sampler()
+    size, steps, n = spec["size"], spec["steps"], spec["images"]
+    step_times: list[float] = []
+    last = [0.0]
+
+    def on_step(i, _total):
+        now = time.perf_counter()
+        if i > 1:  # the first step of an image includes compiling or importing the UNet in some modes
+            step_times.append(now - last[0])
+        last[0] = now
+
+    first_image = None
+    if spec["way"] == "fastsdcpu":
+        import torch
+        from optimum.intel import OVDiffusionPipeline
+
+        config = {"CACHE_DIR": ""}
+        if spec["precision"] != "auto":
+            config["INFERENCE_PRECISION_HINT"] = spec["precision"]
+        pipe = OVDiffusionPipeline.from_pretrained(spec["model"], ov_config=config)
+        precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").to_string() if pipe.unet.request \
+            else spec["precision"]
+
+        def cb(_p, i, _t, tensors):
+            on_step(i + 1, steps)
+            return tensors
+
+        last[0] = time.perf_counter()
+        images = pipe(prompt=PROMPT, width=size, height=size, num_inference_steps=steps,
+                      guidance_scale=spec["guidance"], num_images_per_prompt=n,
+                      generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=cb).images
+        first_image = time.perf_counter() - T_START
+        precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").to_string()
+        assert len(images) == n and images[0].size == (size, size)
+    else:
+        sys.path.insert(0, str(ROOT))
+        from shared.settings import Settings
+        from worker.pipelines import ImageRequest, get_pipeline, settle
+
+        settings = Settings(model=spec["model"], backend=spec["backend"], memory_mode=spec["mode"],
+                            static_shape=spec["static"], inference_precision=spec["precision"],
+                            cache_dir=spec["cache_dir"])
+        pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, settle
+        precision = pipeline.precision
+        for i in range(n):
+            last[0] = time.perf_counter()
+            image = pipeline.generate(ImageRequest(PROMPT, None, size, size, steps, spec["guidance"], i), on_step)
+            settle(pipeline)
+            first_image = first_image or time.perf_counter() - T_START
+            assert image.size == (size, size)
+    status = Sampler.read()
+    peak, anon, file_ = sampler.best
+    return {"peak_mb": max(status["VmHWM"], peak) >> 20, "anon_mb": anon >> 20, "file_mb": file_ >> 20,
+            "end_anon_mb": status["RssAnon"] >> 20, "end_file_mb": status["RssFile"] >> 20,
+            "first_image_s": round(first_image, 1),
+            "s_per_step": round(statistics.median(step_times), 2) if step_times else None,
+            "precision": precision}
+
+
+def spec_for(arch: str, name: str) -> dict:
+    way, over = ROWS[name]
+    spec = {"arch": arch, "row": name, "way": way, "weights": "fp16", "precision": "auto", "guidance": 1.0,
+            "images": 1, "mode": None, "backend": "optimum", "static": False, "cold": False, **JOBS[arch], **over}
+    spec["model"] = str(CACHE / f"{arch}-{spec['weights']}")
+    spec["cache_dir"] = str(CACHE / ("ov-cache-cold" if spec["cold"] else "ov-cache"))
+    return spec
+
+
+def run_row(spec: dict, limit_gb: float) -> dict:
+    log = CACHE / "logs" / f"memory-{spec['arch']}-{spec['row'].replace(' ', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, str(HERE / "watchdog.py"), "--limit-gb", str(limit_gb), "--timeout", "2400",
+                        "--", sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                       stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    text = log.read_text().splitlines()
+    verdict = next(json.loads(x[9:]) for x in reversed(text) if x.startswith("WATCHDOG "))
+    result = next((json.loads(x[7:]) for x in reversed(text) if x.startswith("RESULT ")), None)
+    row = {**spec, "killed": verdict["killed"], "rc": verdict["rc"], "at": time.strftime("%Y-%m-%d %H:%M")}
+    if result:
+        row.update(result)
+    else:
+        row.update(peak_mb=verdict["peak_process_mb"], error="\n".join(text[-5:]))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | row | weights | precision | guidance | images | peak RSS | anon / file at peak | "
+           "first image | s/step | vs fastsdcpu |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["way"] == "fastsdcpu" and b["arch"] == r["arch"] and not b.get("killed")
+                     and b["weights"] == "fp16" and b["precision"] == "auto" and b["guidance"] == r["guidance"]
+                     and b["images"] == r["images"]), None)
+        peak = r.get("peak_mb")
+        if r.get("killed"):
+            shown = f"killed past {peak / 1024:.1f} GB"
+        elif r.get("error"):
+            shown = "failed"
+        else:
+            shown = f"{peak / 1024:.1f} GB"
+        split = f"{r['anon_mb'] / 1024:.1f} / {r['file_mb'] / 1024:.1f} GB" if "anon_mb" in r else ""
+        ratio = f"{peak / base['peak_mb']:.2f}x" if base and peak and not r.get("error") else ""
+        out.append(f"| {r['arch']} {JOBS[r['arch']]['size']}px | {r['row']} | {r['weights']} | "
+                   f"{r.get('precision', r['precision'])} | {r['guidance']} | {r['images']} | {shown} | {split} | "
+                   f"{r.get('first_image_s', '')} s | {r.get('s_per_step') or ''} | {ratio} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sd15,sdxl")
+    ap.add_argument("--rows", help="comma-separated row names (default: the arch's matrix)")
+    ap.add_argument("--limit-gb", type=float, default=21.0)
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    RESULTS.parent.mkdir(exist_ok=True)
+    rows, primed = [], set()
+    for arch in args.arch.split(","):
+        shutil.rmtree(CACHE / "ov-cache-cold", ignore_errors=True)
+        for name in (args.rows.split(",") if args.rows else DEFAULT_ROWS[arch]):
+            spec = spec_for(arch, name)
+            if not Path(spec["model"]).is_dir():
+                print(f"skipping {arch} {name}: no {spec['model']} (run bench/export_bench.py)", flush=True)
+                continue
+            key = (spec["model"], spec["precision"], spec["backend"], spec["static"])
+            if spec["way"] == "sdfleet" and not spec["cold"] and key not in primed:
+                run_row({**spec, "images": 1, "guidance": 1.0}, args.limit_gb)  # fills the compile cache
+                primed.add(key)
+            row = run_row(spec, args.limit_gb)
+            rows.append(row)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row.get(k) for k in ("arch", "row", "peak_mb", "anon_mb", "file_mb", "first_image_s",
+                                                      "s_per_step", "precision", "killed", "error")}), flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

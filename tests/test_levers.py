@@ -1,0 +1,177 @@
+"""Memory modes and levers: what each mode switches on, that every lever still makes the right image on the
+tiny models (release and recompile, file pages dropped, tiled decode, static shapes that know guidance), and
+that the fleet keeps profiles apart by memory mode. What each lever is worth in bytes is measured in
+bench/memory.py on full-size models, not asserted here."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from sqlalchemy import text
+
+from tests.conftest import POSTGRES_URL, _postgres_database, wait_for
+from shared.db import engine_for, migrate
+from shared.settings import Settings
+from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, drop_file_pages, tiled_decode
+
+
+def test_modes_pick_their_levers_and_a_lever_set_apart_shows_in_the_profile_key():
+    fast, balanced, low = (Settings(memory_mode=m).levers for m in ("fast", "balanced", "low"))
+    assert not (fast.release_encoders or fast.release_all or fast.drop_file_pages or fast.vae_tiles)
+    assert balanced.release_encoders and balanced.drop_file_pages and not balanced.release_all
+    assert low.release_all and low.vae_tiles and low.drop_file_pages
+    assert [fast.key, balanced.key, low.key] == ["fast", "balanced", "low"]
+    custom = Settings(memory_mode="low", vae_tiles=False, static_shape=True).levers
+    assert not custom.vae_tiles and custom.release_all
+    assert custom.key == "low-vae_tiles+static"
+    assert Settings(memory_mode="fast", inference_precision="f32").levers.precision == "f32"
+
+
+@pytest.mark.parametrize("field,value", [("memory_mode", "tiny"), ("inference_precision", "int8"),
+                                         ("compile_threads", 0)])
+def test_a_bad_lever_value_is_refused_with_its_name(field, value):
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def model(request, tiny_model, tiny_sdxl_model):
+    return str(tiny_model if request.param == "sd" else tiny_sdxl_model)
+
+
+def _load(model, tmp_path_factory, **levers) -> OptimumPipeline:
+    settings = Settings(**levers)
+    cache = tmp_path_factory.mktemp("ov-cache")
+    return OptimumPipeline(model, "CPU", {"CACHE_DIR": str(cache)}, settings.levers)
+
+
+JOBS = [ImageRequest("a cat", None, 64, 64, 2, 1.0, 3), ImageRequest("a dog", "blurry", 96, 64, 2, 7.5, 4),
+        ImageRequest("a cat", None, 64, 64, 2, 1.0, 3)]
+
+
+def test_every_mode_makes_the_same_images_job_after_job(model, tmp_path_factory):
+    # releasing and recompiling components (balanced, low) changes when things are compiled, not what they
+    # compute: images up to 512x512 (one VAE tile) are identical to the all-resident mode's
+    images = {}
+    for mode in ("fast", "balanced", "low"):
+        pipe = _load(model, tmp_path_factory, memory_mode=mode)
+        images[mode] = [np.asarray(pipe.generate(job)) for job in JOBS]
+        assert pipe.memory_mode == mode and pipe.precision in ("bf16", "f32", "f16")
+    for mode in ("balanced", "low"):
+        assert all(np.array_equal(a, b) for a, b in zip(images["fast"], images[mode])), mode
+    assert np.array_equal(images["low"][0], images["low"][2])
+
+
+def test_static_shapes_follow_guidance_and_size_from_job_to_job(model, tmp_path_factory):
+    # optimum-intel's own reshape fixes the UNet batch at 2, and a guidance-1 job then fails; here each
+    # job's shape (guidance included) is compiled for, and a different next job recompiles
+    pipe = _load(model, tmp_path_factory, memory_mode="low", static_shape=True)
+    assert pipe.memory_mode == "low+static"
+    for w, h, g in [(64, 64, 1.0), (64, 64, 7.5), (128, 64, 1.0), (64, 64, 1.0)]:
+        assert pipe.generate(ImageRequest("a tree", None, w, h, 2, g, 0)).size == (w, h)
+    a = np.asarray(pipe.generate(JOBS[0]))
+    b = np.asarray(pipe.generate(JOBS[0]))
+    assert np.array_equal(a, b)
+
+
+def test_genai_static_shapes_follow_guidance_too(tiny_model, tmp_path):
+    pipe = GenaiPipeline(str(tiny_model), "CPU", {"CACHE_DIR": str(tmp_path)},
+                         Settings(memory_mode="fast", static_shape=True).levers)
+    for w, h, g in [(64, 64, 1.0), (64, 64, 7.5), (96, 64, 1.0)]:
+        assert pipe.generate(ImageRequest("a tree", None, w, h, 2, g, 0)).size == (w, h)
+
+
+def test_a_tiled_decode_stitches_tiles_back_exactly():
+    # a decoder that upsamples 8x is position-wise: blending overlapping tiles must give back the whole
+    calls = []
+
+    def decode(latent_sample):
+        calls.append(tuple(latent_sample.shape))
+        return {"sample": latent_sample.repeat_interleave(8, -1).repeat_interleave(8, -2)[:, :3]}
+
+    latents = torch.randn(1, 4, 128, 96)
+    whole = decode(latents)["sample"]
+    calls.clear()
+    tiled = tiled_decode(decode, latents)["sample"]
+    assert tiled.shape == whole.shape == (1, 3, 1024, 768)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    assert len(calls) > 1 and all(c[-2] <= 64 and c[-1] <= 64 for c in calls)
+    calls.clear()
+    small = torch.randn(1, 4, 64, 48)
+    assert torch.equal(tiled_decode(decode, small)["sample"], decode(small)["sample"])
+
+
+def test_tiled_vae_decode_of_a_large_image_matches_the_whole_decode_closely(tiny_sdxl_model, tmp_path_factory):
+    job = ImageRequest("a castle", None, 1024, 768, 1, 1.0, 5)
+    whole = np.asarray(_load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast").generate(job), float)
+    tiled = np.asarray(_load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast", vae_tiles=True)
+                       .generate(job), float)
+    assert tiled.shape == whole.shape == (768, 1024, 3)
+    assert np.abs(tiled - whole).mean() < 3  # of 255: group norms see a tile, not the image
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile"))
+
+
+def test_dropping_the_weights_file_pages_lowers_rss_and_the_next_image_is_the_same(tiny_sdxl_model, tmp_path_factory):
+    pipe = _load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast")
+    before_image = np.asarray(pipe.generate(JOBS[1]))
+    before = _rss_file()
+    dropped = drop_file_pages(pipe.model_files())
+    assert dropped > 1 << 20 and _rss_file() <= before - dropped // 2
+    assert np.array_equal(np.asarray(pipe.generate(JOBS[1])), before_image)
+
+
+def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_profile(stack, spawn_worker):
+    model, _ = spawn_worker("low", SDFLEET_MEMORY_MODE="low")
+    (w,) = [w for w in stack.api.workers() if w["model"] == model]
+    assert w["memory_mode"] == "low"
+    job = stack.api.submit(prompt="a red car", model=model, width=128, height=96, steps=2, seed=1)
+    done = wait_for(stack, job["id"], "status", "succeeded")
+    assert done["peak_rss_bytes"] > 0
+    (m,) = [m for m in stack.api.models() if m["name"] == model]
+    assert [p["memory_mode"] for p in m["profiles"]] == ["low"]
+    assert m["runtimes"] == [f"optimum/{w['precision']}/low"]
+
+
+@contextlib.contextmanager
+def _fresh_database(kind: str, tmp_path):
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set")
+    gen = _postgres_database()
+    try:
+        yield next(gen)
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_profiles_stored_before_memory_modes_are_kept_as_the_fast_mode_s(kind, tmp_path):
+    with _fresh_database(kind, tmp_path) as url:
+        engine = engine_for(url)
+        migrate(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO memory_profiles (model, backend, precision, width, height, images_per_pass, guidance,"
+                " peak_bytes, base_bytes, samples, updated_at) VALUES ('m', 'optimum', 'bf16', 512, 512, 1, true,"
+                " 123, 45, 3, CURRENT_TIMESTAMP)"))
+        migrate(engine)
+        with engine.begin() as conn:
+            rows = conn.execute(text("SELECT model, memory_mode, peak_bytes, samples FROM memory_profiles")).all()
+            assert [tuple(r) for r in rows] == [("m", "fast", 123, 3)]
+            # the same shape measured in another mode is a row of its own
+            conn.execute(text(
+                "INSERT INTO memory_profiles (model, backend, precision, memory_mode, width, height, images_per_pass,"
+                " guidance, peak_bytes, base_bytes, samples, updated_at) VALUES ('m', 'optimum', 'bf16', 'low', 512,"
+                " 512, 1, true, 99, 40, 1, CURRENT_TIMESTAMP)"))
+            assert conn.execute(text("SELECT count(*) FROM memory_profiles")).scalar() == 2
+        engine.dispose()
