@@ -182,7 +182,8 @@ class WorkerPublic(BaseModel):
     cgroup_limit_bytes: int | None
     total_ram_bytes: int
     available_bytes: int
-    resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs")
+    resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs; for a pipeline that "
+                                "releases components between jobs, its warm-up peak (what each job loads again)")
     current_job_id: str | None
     started_at: datetime
     last_seen: datetime

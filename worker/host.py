@@ -43,12 +43,20 @@ class Host:
         self.name = f"{HOST}:{os.getppid()}"
         self.budget, self.cgroup_limit = read_host_budget(settings.memory_reserve, settings.memory_budget)
         self.started_at = utcnow()
-        self.resident = rss_bytes()
+        # A pipeline that releases components between jobs loads them again in every job: its base for
+        # predictions is what it held at the peak of its warm-up, not the little it holds between jobs.
+        levers = getattr(pipeline, "levers", None)
+        self.floor = getattr(pipeline, "warm_peak", 0) if levers and (levers.release_all or levers.release_encoders) \
+            else 0
+        self.resident = self._resident()
         self.running: Running | None = None
         self._sessions = session_factory(settings.database_url)
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_gb(self.budget), fmt_gb(self.cgroup_limit) if self.cgroup_limit else "none",
                  fmt_gb(self.resident), pipeline.precision, self.memory_mode)
+
+    def _resident(self) -> int:
+        return max(rss_bytes(), self.floor)
 
     def start_heartbeat(self) -> None:
         self.beat()
@@ -65,7 +73,7 @@ class Host:
     def beat(self) -> None:
         running = self.running
         if running is None:
-            self.resident = rss_bytes()
+            self.resident = self._resident()
         ram = psutil.virtual_memory()
         hb = fleet.Heartbeat(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,

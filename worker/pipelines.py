@@ -14,6 +14,7 @@ import gc
 import importlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,14 @@ class OptimumPipeline:
     def _phased(self, name: str, forward: Callable) -> Callable:
         def run(*args, **kwargs):
             self._enter(PHASES[name])
-            if self._parts[name].request is None:
+            if self._parts[name].request is not None:
+                return forward(*args, **kwargs)
+            # Compiling and the first inference read the weights from mmapped files (the IR, or the cached
+            # blob) while OpenVINO builds its own copy: both would be resident at once. With drop_file_pages
+            # the pages already read are dropped as it goes (they stay in the page cache for a re-read).
+            with FilePageTrimmer(self.model_files() if self.levers.drop_file_pages else []):
                 self._compile(name)
-            return forward(*args, **kwargs)
+                return forward(*args, **kwargs)
 
         return run
 
@@ -125,8 +131,9 @@ class OptimumPipeline:
     def _compile(self, name: str) -> None:
         part = self._parts[name]
         xml = Path(part.model_save_dir) / "openvino_model.xml"
-        if name in self._transient and not self.levers.static_shape and xml.is_file():
-            # From the path: with CACHE_DIR, OpenVINO imports the compiled blob without reading the IR.
+        if not self.levers.static_shape and xml.is_file():
+            # From the path: with CACHE_DIR, OpenVINO imports the compiled blob without reading the IR (from an
+            # ov.Model it would hash every weight to find the blob, touching the whole IR).
             part.request = self._core.compile_model(str(xml), self._device, self._config)
         else:
             part.compile()
@@ -309,19 +316,20 @@ class GenaiPipeline:
 
 
 MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def drop_file_pages(roots: list[str]) -> int:
+def drop_file_pages(roots: list[str], check_rss: bool = True) -> int:
     """Drop this process's resident pages of read-only file mappings under `roots` (the IR's weights, mmapped
-    by read_model): after the first inference OpenVINO works from its own repacked copy and does not touch
-    them again, yet they count in RSS. The mapping stays; a page that is touched again is read back from the
-    page cache. Only never-writable mappings are dropped, so nothing of the process's own is lost.
-    Returns the bytes dropped (resident before the call)."""
+    by read_model, and the compiled blobs): after the first inference OpenVINO works from its own repacked
+    copy and does not touch them again, yet they count in RSS. The mapping stays; a page that is touched
+    again is read back from the page cache. Only never-writable mappings are dropped, so nothing of the
+    process's own is lost. Returns the bytes dropped (resident before the call), or 0 without `check_rss`
+    (then /proc/self/maps is read, which is much cheaper than smaps)."""
     roots = [os.path.realpath(r) + os.sep for r in roots]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
-    with open("/proc/self/smaps") as f:
+    with open("/proc/self/smaps" if check_rss else "/proc/self/maps") as f:
         current = None
         for line in f:
             head = line.split()
@@ -330,13 +338,42 @@ def drop_file_pages(roots: list[str]) -> int:
                 path = head[5] if len(head) > 5 else ""
                 if head[1].startswith("r-") and any(path.startswith(r) for r in roots):
                     lo, hi = (int(x, 16) for x in head[0].split("-"))
-                    current = (lo, hi)
+                    if not check_rss:
+                        _LIBC.madvise(lo, hi - lo, MADV_DONTNEED)
+                    else:
+                        current = (lo, hi)
             elif current and head[0] == "Rss:" and int(head[1]) > 0:
                 lo, hi = current
-                if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                if _LIBC.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
                     dropped += int(head[1]) * 1024
                 current = None
     return dropped
+
+
+class FilePageTrimmer:
+    """While in use, drop the resident pages of the weight files under `roots` every `interval_s` (a thread):
+    memory that OpenVINO reads once while it repacks weights does not stay resident beside the copy."""
+
+    def __init__(self, roots: list[str], interval_s: float = 0.05):
+        self.roots, self.interval_s = roots, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "FilePageTrimmer":
+        if self.roots:
+            self._thread = threading.Thread(target=self._run, name="sdfleet-trim", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            drop_file_pages(self.roots, check_rss=False)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            drop_file_pages(self.roots, check_rss=False)
 
 
 def settle(pipeline: Pipeline) -> int:
@@ -377,9 +414,13 @@ def get_pipeline(settings: Settings) -> Pipeline:
         if settings.warmup:
             # OpenVINO materialises (repacks) weights at the first inference, not at compile: warm up once
             # so that the first job's measured peak is the job's, not the model's arrival.
+            from worker.meter import high_water_mark_bytes, reset_high_water_mark
+
+            reset_high_water_mark()
             t0 = time.perf_counter()
             _loaded.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
-            log.info("warm-up in %.1f s", time.perf_counter() - t0)
+            _loaded.warm_peak = high_water_mark_bytes() or 0
+            log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, _loaded.warm_peak >> 20)
         dropped = settle(_loaded)
         if dropped:
             log.info("dropped %d MB of the IR's file pages from the resident set", dropped >> 20)
