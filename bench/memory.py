@@ -54,6 +54,7 @@ ROWS = {
     "low f32": ("sdfleet", {"mode": "low", "precision": "f32"}),
     "genai balanced": ("sdfleet", {"mode": "balanced", "backend": "genai"}),
 }
+BASELINES = ("fastsdcpu", "fastsdcpu g7.5", "fastsdcpu g7.5 x4")
 DEFAULT_ROWS = {
     "sd15": ["fastsdcpu g7.5", "fastsdcpu g7.5 x4", "fastsdcpu", "fast", "balanced", "low g7.5", "low g7.5 x4",
              "low", "low static", "low int8", "fastsdcpu int8", "low f32", "fastsdcpu f32", "genai balanced"],
@@ -176,17 +177,17 @@ def table(rows: list[dict]) -> str:
     out = ["| model | row | weights | precision | guidance | images | peak RSS | anon / file at peak | "
            "first image | s/step | vs fastsdcpu |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next((b for b in rows if b["way"] == "fastsdcpu" and b["arch"] == r["arch"] and not b.get("killed")
-                     and b["weights"] == "fp16" and b["precision"] == "auto" and b["guidance"] == r["guidance"]
-                     and b["images"] == r["images"]), None)
+        # the fastsdcpu way's default (fp16 IR, the CPU's precision) for the same guidance and image count
+        base = next((b for b in rows if b["row"] in BASELINES and b["arch"] == r["arch"] and not b.get("killed")
+                     and b["guidance"] == r["guidance"] and b["images"] == r["images"]), None)
         peak = r.get("peak_mb")
         if r.get("killed"):
-            shown = f"killed past {peak / 1024:.1f} GB"
+            shown = f"killed past {peak / 1024:.1f} GiB"
         elif r.get("error"):
             shown = "failed"
         else:
-            shown = f"{peak / 1024:.1f} GB"
-        split = f"{r['anon_mb'] / 1024:.1f} / {r['file_mb'] / 1024:.1f} GB" if "anon_mb" in r else ""
+            shown = f"{peak / 1024:.1f} GiB"
+        split = f"{r['anon_mb'] / 1024:.1f} / {r['file_mb'] / 1024:.1f} GiB" if "anon_mb" in r else ""
         ratio = f"{peak / base['peak_mb']:.2f}x" if base and peak and not r.get("error") else ""
         out.append(f"| {r['arch']} {JOBS[r['arch']]['size']}px | {r['row']} | {r['weights']} | "
                    f"{r.get('precision', r['precision'])} | {r['guidance']} | {r['images']} | {shown} | {split} | "
@@ -200,7 +201,11 @@ def main() -> int:
     ap.add_argument("--rows", help="comma-separated row names (default: the arch's matrix)")
     ap.add_argument("--limit-gb", type=float, default=21.0)
     ap.add_argument("--child")
+    ap.add_argument("--table", action="store_true", help="print the table of the rows in results/memory.jsonl")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in RESULTS.read_text().splitlines()]))
+        return 0
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return 0

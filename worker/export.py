@@ -90,7 +90,10 @@ def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool) -> No
     from diffusers import DiffusionPipeline
     from optimum.exporters.openvino.__main__ import maybe_convert_tokenizers
     from optimum.exporters.openvino.convert import (
-        _set_runtime_options, export_models, get_diffusion_models_for_export_ext)
+        _set_runtime_options,
+        export_models,
+        get_diffusion_models_for_export_ext,
+    )
     from optimum.intel import OVConfig
 
     half = _is_16bit(src)

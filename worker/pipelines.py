@@ -196,6 +196,14 @@ class OptimumPipeline:
             ([self._config["CACHE_DIR"]] if self._config.get("CACHE_DIR") else [])
 
 
+def _ramp(n: int, width: int):
+    """Blend weights along one side of a tile: rising over `width` pixels from each edge, 1 inside."""
+    import torch
+
+    i = torch.arange(n, dtype=torch.float32)
+    return torch.clamp(torch.minimum(i + 1, n - i) / width, 1e-3, 1.0)
+
+
 def tiled_decode(decode: Callable, latent_sample, *args, tile: int = 64, overlap: int = 16, **kwargs):
     """Decode latents in overlapping tiles of `tile` latent pixels (512 image pixels), blended linearly where
     they overlap, so the decoder's activations are those of one tile whatever the image size. Latents that
@@ -221,13 +229,7 @@ def tiled_decode(decode: Callable, latent_sample, *args, tile: int = 64, overlap
             image = piece[key]
             scale = image.shape[-1] // min(tile, w)
             th, tw = image.shape[-2], image.shape[-1]
-            ramp = overlap * scale
-
-            def axis(n: int) -> torch.Tensor:
-                i = torch.arange(n, dtype=torch.float32)
-                return torch.clamp(torch.minimum(i + 1, n - i) / ramp, 1e-3, 1.0)
-
-            mask = axis(th)[:, None] * axis(tw)[None, :]
+            mask = _ramp(th, overlap * scale)[:, None] * _ramp(tw, overlap * scale)[None, :]
             if out is None:
                 out = torch.zeros(image.shape[0], image.shape[1], h * scale, w * scale, dtype=torch.float32)
                 weight = torch.zeros(h * scale, w * scale, dtype=torch.float32)
@@ -410,17 +412,13 @@ def get_pipeline(settings: Settings) -> Pipeline:
     """The host's pipeline, loaded once per worker process and reused job after job."""
     global _loaded
     if _loaded is None:
-        _loaded = load_pipeline(settings)
-        if settings.warmup:
-            # OpenVINO materialises (repacks) weights at the first inference, not at compile: warm up once
-            # so that the first job's measured peak is the job's, not the model's arrival.
-            from worker.meter import high_water_mark_bytes, reset_high_water_mark
-
-            reset_high_water_mark()
-            t0 = time.perf_counter()
-            _loaded.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
-            _loaded.warm_peak = high_water_mark_bytes() or 0
-            log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, _loaded.warm_peak >> 20)
+        # Loading and the warm-up read the weights through mmap while OpenVINO makes its own copy: with
+        # drop_file_pages, the pages already read do not stay resident beside it (genai loads all at once).
+        roots = [settings.model, str(settings.cache_dir / "ov-cache")] \
+            if settings.levers.drop_file_pages and settings.model and os.path.isdir(settings.model) else []
+        with FilePageTrimmer(roots):
+            _loaded = load_pipeline(settings)
+            _warm_up(_loaded, settings)
         dropped = settle(_loaded)
         if dropped:
             log.info("dropped %d MB of the IR's file pages from the resident set", dropped >> 20)
@@ -430,3 +428,18 @@ def get_pipeline(settings: Settings) -> Pipeline:
         gc.collect()
         gc.freeze()
     return _loaded
+
+
+def _warm_up(pipeline: Pipeline, settings: Settings) -> None:
+    """OpenVINO materialises (repacks) weights at the first inference, not at compile: one tiny generation
+    at load, so that the first job's measured peak is the job's, not the model's arrival. Its peak is kept:
+    a pipeline that releases components between jobs loads them again in each job."""
+    if not settings.warmup:
+        return
+    from worker.meter import high_water_mark_bytes, reset_high_water_mark
+
+    reset_high_water_mark()
+    t0 = time.perf_counter()
+    pipeline.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
+    pipeline.warm_peak = high_water_mark_bytes() or 0
+    log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, pipeline.warm_peak >> 20)
