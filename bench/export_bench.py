@@ -51,7 +51,8 @@ def main() -> int:
     ap.add_argument("--arch", default="sd15,sdxl")
     ap.add_argument("--limit-gb", type=float, default=21.0)
     ap.add_argument("--skip-cli", action="store_true", help="only sdfleet model export")
-    ap.add_argument("--formats", default="fp16,int8", help="weight formats for sdfleet (int8/int4 compress the fp16 IR)")
+    ap.add_argument("--formats", default="fp16,int8",
+                    help="weight formats for sdfleet (int8/int4 compress the fp16 IR)")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     RESULTS.parent.mkdir(exist_ok=True)
@@ -74,7 +75,7 @@ def main() -> int:
                          [str(BIN / "sdfleet"), "model", "export", str(source), str(out), "--weight-format", fmt]))
         for how, fmt, out, cmd in runs:
             t0 = time.time()
-            r = guarded(cmd, args.limit_gb, CACHE / f"export-{arch}-{fmt}-{how.split()[0]}.log")
+            r = guarded(cmd, args.limit_gb, CACHE / f"export-{arch}-{fmt}-{how.split()[0].strip(',')}.log")
             disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
             row = {"arch": arch, "how": how, "weight_format": fmt, "peak_mb": r["peak_process_mb"],
                    "killed": r["killed"], "rc": r["rc"], "seconds": r["elapsed_s"], "disk_mb": disk >> 20,

@@ -65,14 +65,14 @@ def profiles(session: Session, model: str, backend: str, precision: str, memory_
 
 def all_profiles(session: Session) -> list[MemoryProfile]:
     return list(session.scalars(select(MemoryProfile).order_by(
-        MemoryProfile.model, MemoryProfile.memory_mode, MemoryProfile.width, MemoryProfile.height, MemoryProfile.guidance)))
+        MemoryProfile.model, MemoryProfile.memory_mode, MemoryProfile.width, MemoryProfile.height,
+        MemoryProfile.guidance)))
 
 
 def record_profile(session: Session, model: str, backend: str, precision: str, memory_mode: str, shape: Shape,
                    peak_bytes: int, base_bytes: int) -> None:
-    key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode,
-               width=shape.width, height=shape.height,
-               images_per_pass=shape.images_per_pass, guidance=shape.guidance)
+    key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
+               height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance)
     row = session.get(MemoryProfile, key, with_for_update=True)
     if row is None:
         session.add(MemoryProfile(**key, peak_bytes=peak_bytes, base_bytes=base_bytes, samples=1,

@@ -159,7 +159,8 @@ def _child(step: list[str]) -> dict:
     """Run one step in a fresh interpreter; returns its wall time and peak RSS."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "worker.export", *step]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise ExportError(f"step {' '.join(step[:1] + step[3:])} failed (exit {proc.returncode}):\n{tail}")

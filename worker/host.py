@@ -77,7 +77,8 @@ class Host:
         ram = psutil.virtual_memory()
         hb = fleet.Heartbeat(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
-            precision=self.pipeline.precision, memory_mode=self.memory_mode, budget_bytes=self.budget, cgroup_limit_bytes=self.cgroup_limit,
+            precision=self.pipeline.precision, memory_mode=self.memory_mode, budget_bytes=self.budget,
+            cgroup_limit_bytes=self.cgroup_limit,
             total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
         )

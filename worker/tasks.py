@@ -201,8 +201,8 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
                 if code is None:
                     # Only complete runs teach the profile: an aborted job's peak is a lower bound, and
                     # scaled to other sizes it would refuse jobs that fit.
-                    fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode, shape,
-                                         reading.peak_rss_bytes, reading.rss_before_bytes)
+                    fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision,
+                                         host.memory_mode, shape, reading.peak_rss_bytes, reading.rss_before_bytes)
             return ok
 
     ok = _retrying(finish, f"storing job {job_id}")
