@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,8 @@ BIN = Path(sys.executable).parent
 CACHE = Path(os.environ.get("SDFLEET_BENCH_DIR", Path.home() / ".cache" / "sdfleet" / "bench"))
 RESULTS = HERE / "results" / "export.jsonl"
 
-
-def guarded(cmd: list[str], limit_gb: float, log: Path) -> dict:
-    """Run `cmd` under bench/watchdog.py; its log goes to `log`, its verdict is returned."""
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, str(HERE / "watchdog.py"), "--limit-gb", str(limit_gb), "--timeout", "3600",
-                        "--", *cmd], stdout=f, stderr=subprocess.STDOUT)
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith("WATCHDOG "):
-            return json.loads(line[len("WATCHDOG "):])
-    raise RuntimeError(f"no verdict in {log}")
+sys.path.insert(0, str(HERE))
+from watchdog import guarded  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 
 def ensure_source(arch: str, limit_gb: float) -> Path:
@@ -64,8 +55,8 @@ def main() -> int:
             out = CACHE / f"{arch}-cli-fp16"
             shutil.rmtree(out, ignore_errors=True)
             runs.append(("optimum-cli, one process", "fp16", out,
-                         [str(BIN / "optimum-cli"), "export", "openvino", "--model", str(src), "--task", "text-to-image",
-                          "--weight-format", "fp16", str(out)]))
+                         [str(BIN / "optimum-cli"), "export", "openvino", "--model", str(src),
+                          "--task", "text-to-image", "--weight-format", "fp16", str(out)]))
         for fmt in args.formats.split(","):
             out = CACHE / f"{arch}-{fmt}"
             shutil.rmtree(out, ignore_errors=True)

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("SDFLEET_BENCH_DIR", Path.home() / ".cache" / "sdfleet" / "bench"))
 RESULTS = HERE / "results" / "memory.jsonl"
+
+sys.path.insert(0, str(HERE))
+from watchdog import guarded  # noqa: E402  (bench/ is a folder of scripts, not a package)
 PROMPT = "a lighthouse on a cliff in a storm, oil painting"
 JOBS = {"sd15": dict(size=512, steps=3), "sdxl": dict(size=1024, steps=2)}
 
@@ -158,12 +160,9 @@ def spec_for(arch: str, name: str) -> dict:
 def run_row(spec: dict, limit_gb: float) -> dict:
     log = CACHE / "logs" / f"memory-{spec['arch']}-{spec['row'].replace(' ', '_')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, str(HERE / "watchdog.py"), "--limit-gb", str(limit_gb), "--timeout", "2400",
-                        "--", sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                       stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    verdict = guarded([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], limit_gb, log,
+                      timeout_s=2400, cwd=ROOT)
     text = log.read_text().splitlines()
-    verdict = next(json.loads(x[9:]) for x in reversed(text) if x.startswith("WATCHDOG "))
     result = next((json.loads(x[7:]) for x in reversed(text) if x.startswith("RESULT ")), None)
     row = {**spec, "killed": verdict["killed"], "rc": verdict["rc"], "at": time.strftime("%Y-%m-%d %H:%M")}
     if result:

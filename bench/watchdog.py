@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -66,6 +67,17 @@ def run(cmd: list[str], limit_bytes: int, timeout_s: float, interval_s: float = 
     return {"rc": rc, "killed": killed, "elapsed_s": round(time.monotonic() - t0, 1),
             "peak_process_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
             "peak_tree_sampled_mb": round(tree_peak / MB)}
+
+
+def guarded(cmd: list[str], limit_gb: float, log: Path, timeout_s: float = 3600, cwd: Path | None = None) -> dict:
+    """Run `cmd` under this watchdog in a child process, its output to `log`; returns the verdict."""
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, __file__, "--limit-gb", str(limit_gb), "--timeout", str(timeout_s), "--",
+                        *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, check=False)
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("WATCHDOG "):
+            return json.loads(line[len("WATCHDOG "):])
+    raise RuntimeError(f"no verdict in {log}")
 
 
 def main() -> int:

@@ -16,13 +16,8 @@ from sqlalchemy import text
 from shared.db import engine_for, migrate
 from shared.settings import Settings
 from tests.conftest import POSTGRES_URL, _postgres_database, wait_for
-from worker.pipelines import (
-    GenaiPipeline,
-    ImageRequest,
-    OptimumPipeline,
-    drop_file_pages,
-    tiled_decode,
-)
+from worker.meter import drop_file_pages
+from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, tiled_decode
 
 
 def test_modes_pick_their_levers_and_a_lever_set_apart_shows_in_the_profile_key():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 
@@ -72,6 +73,69 @@ def release_free_memory() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+MADV_DONTNEED = 4
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def drop_file_pages(roots: list[str], check_rss: bool = True) -> int:
+    """Drop this process's resident pages of read-only file mappings under `roots` (the IR's weights, mmapped
+    by read_model, and the compiled blobs): after the first inference OpenVINO works from its own repacked
+    copy and does not touch them again, yet they count in RSS. The mapping stays; a page that is touched
+    again is read back from the page cache. Only never-writable mappings are dropped, so nothing of the
+    process's own is lost. Returns the bytes dropped (resident before the call), or 0 without `check_rss`
+    (then /proc/self/maps is read, which is much cheaper than smaps)."""
+    if _LIBC is None:
+        return 0
+    roots = [os.path.realpath(r) + os.sep for r in roots]
+    dropped = 0
+    with open("/proc/self/smaps" if check_rss else "/proc/self/maps") as f:
+        current = None
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                current = None
+                path = head[5] if len(head) > 5 else ""
+                if head[1].startswith("r-") and any(path.startswith(r) for r in roots):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    if not check_rss:
+                        _LIBC.madvise(lo, hi - lo, MADV_DONTNEED)
+                    else:
+                        current = (lo, hi)
+            elif current and head[0] == "Rss:" and int(head[1]) > 0:
+                lo, hi = current
+                if _LIBC.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                    dropped += int(head[1]) * 1024
+                current = None
+    return dropped
+
+
+class FilePageTrimmer:
+    """While in use, drop the resident pages of the weight files under `roots` every `interval_s` (a thread):
+    memory that OpenVINO reads once while it repacks weights does not stay resident beside the copy."""
+
+    def __init__(self, roots: list[str], interval_s: float = 0.05):
+        self.roots, self.interval_s = roots, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "FilePageTrimmer":
+        if self.roots:
+            self._thread = threading.Thread(target=self._run, name="sdfleet-trim", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            drop_file_pages(self.roots, check_rss=False)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            drop_file_pages(self.roots, check_rss=False)
 
 
 def rss_bytes() -> int:
