@@ -21,9 +21,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "sdfleet"
 
 
-MEMORY_MODES = ("fast", "balanced", "low")
-
-
 @dataclass(frozen=True)
 class Levers:
     """How a worker runs its pipeline, resolved from the memory mode and any explicit override.
@@ -32,8 +29,9 @@ class Levers:
     - release_all: every component is compiled for its phase only (encode, denoise, decode) and released
       after it; recompiling imports the compiled blob from the cache, and the IR's weights are never read
       into the process again.
-    - drop_file_pages: after a job, the IR's mmapped weight pages (file-backed; OpenVINO works from its own
-      repacked copy after the first inference) are dropped from the process with madvise.
+    - drop_file_pages: the weights' mmapped file pages (the IR's and the compiled blobs'; OpenVINO works from
+      its own repacked copy) are dropped from the process with madvise while a component loads and runs its
+      first inference, and after each job.
     - vae_tiles: decode the latents in overlapping 512x512-pixel tiles (an image's decoder activations are
       the largest single allocation at 1024x1024).
     """
