@@ -134,7 +134,7 @@ def run_submissions(env: dict, workdir: Path, seconds: float, clients: int, api_
     migrate(engine_for(url))
     model = "bench-nobody"
     with session_factory(url).begin() as s:  # a live worker's heartbeat for admission; nobody consumes
-        fleet.beat(s, fleet.Heartbeat("bench:1", "bench", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
+        fleet.beat(s, fleet.heartbeat("bench:1", "bench", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
                                       20 * GB, GB, None), utcnow())
     port = free_port()
     api = spawn(["api", "--port", str(port), "--workers", str(api_processes), "--quiet"],

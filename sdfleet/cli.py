@@ -18,7 +18,14 @@ from pathlib import Path
 
 from sdfleet.client import ApiError, Client
 
-DEFAULT_API = os.environ.get("SDFLEET_API_URL", "http://127.0.0.1:8000")
+
+
+def _client(api: str | None) -> Client:
+    """The API client, with SDFLEET_API_URL and SDFLEET_API_KEY from the environment (the one settings class)."""
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    return Client(api or settings.api_url, api_key=settings.api_key)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -61,17 +68,23 @@ def _submit_and_report(client: Client, params: dict, wait: bool, out: Path | Non
 
 
 def cmd_submit(args) -> int:
-    return _submit_and_report(Client(args.api), _job_params(args, args.prompt), args.wait, args.out, args.timeout)
+    return _submit_and_report(_client(args.api), _job_params(args, args.prompt), args.wait, args.out, args.timeout)
 
 
 def cmd_status(args) -> int:
-    print(json.dumps(Client(args.api).job(args.job_id), indent=2))
+    print(json.dumps(_client(args.api).job(args.job_id), indent=2))
     return 0
 
 
 def cmd_api(args) -> int:
     import uvicorn
 
+    from shared.settings import get_settings
+
+    # the factory (in each uvicorn worker process) learns where it listens from the environment
+    os.environ["SDFLEET_API_HOST"] = args.host
+    get_settings.cache_clear()
+    get_settings()  # refuse bad or unknown settings here, before uvicorn starts
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level="warning" if args.quiet else "info")
     return 0
@@ -190,7 +203,7 @@ def cmd_up(args) -> int:
         ops = spawn(["ops"], env, str(args.log_dir / "ops.log"))
         api = spawn(["api", "--port", str(args.port)], env, str(args.log_dir / "api.log"))
         procs[:0] = [worker, ops, api]  # stopped first, Redis last
-        client = Client(f"http://127.0.0.1:{args.port}")
+        client = _client(f"http://127.0.0.1:{args.port}")
         deadline = time.monotonic() + 60
         while not client.healthy():
             if api.poll() is not None or time.monotonic() > deadline:
@@ -276,13 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a prompt")
     p.add_argument("prompt")
     p.add_argument("--wait", action="store_true")
-    p.add_argument("--api", default=DEFAULT_API)
+    p.add_argument("--api", help="the API's URL (default SDFLEET_API_URL, else http://127.0.0.1:8000)")
     _job_args(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="print a job's record")
     p.add_argument("job_id")
-    p.add_argument("--api", default=DEFAULT_API)
+    p.add_argument("--api", help="the API's URL (default SDFLEET_API_URL, else http://127.0.0.1:8000)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("model", help="model tools")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
-import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from shared.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +50,29 @@ def session_factory(url: str) -> sessionmaker[Session]:
 
 
 def wait_for_database(engine: Engine, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def ping() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        retrying(ping, patience_s=timeout_s, max_wait_s=1.0)
+    except OperationalError as exc:
+        raise RuntimeError(f"database {engine.url.render_as_string(hide_password=True)} unreachable: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine):
+    """Processes starting together on one SQLite file migrate one at a time (PostgreSQL: an advisory lock)."""
+    path = engine.url.database
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            return
-        except OperationalError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"database {engine.url.render_as_string()} unreachable: {exc}") from exc
-            log.warning("waiting for the database: %s", exc.__class__.__name__)
-            time.sleep(1)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
@@ -67,7 +82,8 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    with lock, engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
         cfg.attributes["connection"] = conn

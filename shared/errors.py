@@ -21,6 +21,9 @@ class ErrorCode(str, enum.Enum):
     service_unavailable = "service_unavailable"
     timeout = "timeout"
     cancelled = "cancelled"
+    gone = "gone"
+    method_not_allowed = "method_not_allowed"
+    payload_too_large = "payload_too_large"
     internal = "internal"
 
 
@@ -42,6 +45,16 @@ class InvalidRequest(SdfleetError):
 
 class NotFound(SdfleetError):
     code, http_status = ErrorCode.not_found, 404
+
+
+class Gone(SdfleetError):
+    """The job existed and was deleted by retention."""
+
+    code, http_status = ErrorCode.gone, 410
+
+
+class PayloadTooLarge(SdfleetError):
+    code, http_status = ErrorCode.payload_too_large, 413
 
 
 class ServiceUnavailable(SdfleetError):

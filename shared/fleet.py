@@ -2,42 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import case, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from shared.jobs import WorkerPublic, WorkerState
 from shared.memory import Profile, Shape
 from shared.models import JobMemory, MemoryProfile, Worker, utcnow
 
 
-@dataclass(frozen=True)
-class Heartbeat:
-    name: str
-    host: str
-    model: str
-    backend: str
-    precision: str
-    memory_mode: str
-    budget_bytes: int
-    cgroup_limit_bytes: int | None
-    total_ram_bytes: int
-    available_bytes: int
-    resident_bytes: int
-    current_job_id: str | None
+Heartbeat = WorkerState
+
+
+def heartbeat(*values) -> WorkerState:
+    """A heartbeat from values in the schema's field order (tests and benchmarks that stand in for a worker)."""
+    return WorkerState(**dict(zip(WorkerState.model_fields, values, strict=True)))
 
 
 def beat(session: Session, hb: Heartbeat, started_at: datetime) -> None:
     """Upsert this worker's row (only this worker writes it)."""
     now = utcnow()
-    values = {**asdict(hb), "last_seen": now}
+    values = {**hb.model_dump(), "last_seen": now}
     if session.execute(update(Worker).where(Worker.name == hb.name).values(**values)).rowcount == 0:
         session.add(Worker(**values, started_at=started_at))
 
 
 def is_alive(worker: Worker, stale_s: float, now: datetime | None = None) -> bool:
     return (now or utcnow()) - worker.last_seen <= timedelta(seconds=stale_s)
+
+
+def public(worker: Worker, stale_s: float) -> WorkerPublic:
+    return WorkerPublic.model_validate({**{name: getattr(worker, name) for name in WorkerPublic.model_fields
+                                           if name != "alive"}, "alive": is_alive(worker, stale_s)})
 
 
 def workers(session: Session) -> list[Worker]:
@@ -70,18 +69,30 @@ def all_profiles(session: Session) -> list[MemoryProfile]:
 
 
 def record_profile(session: Session, model: str, backend: str, precision: str, memory_mode: str, shape: Shape,
-                   peak_bytes: int, base_bytes: int) -> None:
+                   peak_bytes: int, base_bytes: int, max_step_s: float | None = None) -> None:
+    """Fold one measured job into its shape's profile: one upsert (INSERT ... ON CONFLICT), so two workers
+    finishing the first job of a new shape at once both count, and neither fails. Keeps the worst peak,
+    with the base it was measured above, and the slowest step."""
     key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
                height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance)
-    row = session.get(MemoryProfile, key, with_for_update=True)
-    if row is None:
-        session.add(MemoryProfile(**key, peak_bytes=peak_bytes, base_bytes=base_bytes, samples=1,
-                                  updated_at=utcnow()))
-        return
-    row.samples += 1
-    row.updated_at = utcnow()
-    if peak_bytes > row.peak_bytes:  # keep the worst case, with the base it was measured above
-        row.peak_bytes, row.base_bytes = peak_bytes, base_bytes
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(MemoryProfile).values(**key, peak_bytes=peak_bytes, base_bytes=base_bytes, samples=1,
+                                        updated_at=utcnow(), max_step_s=max_step_s)
+    old, new = MemoryProfile.__table__.c, stmt.excluded
+    worse = new.peak_bytes > old.peak_bytes
+    session.execute(stmt.on_conflict_do_update(index_elements=list(key), set_={
+        "samples": old.samples + 1,
+        "updated_at": new.updated_at,
+        "peak_bytes": case((worse, new.peak_bytes), else_=old.peak_bytes),
+        "base_bytes": case((worse, new.base_bytes), else_=old.base_bytes),
+        "max_step_s": case((old.max_step_s.is_(None), new.max_step_s), (new.max_step_s > old.max_step_s,
+                                                                       new.max_step_s), else_=old.max_step_s),
+    }))
+
+
+def slowest_step_s(session: Session, model: str) -> float | None:
+    """The slowest denoising step any worker measured on this model (what a hard time limit must allow)."""
+    return session.scalar(select(func.max(MemoryProfile.max_step_s)).where(MemoryProfile.model == model))
 
 
 def save_timeline(session: Session, job_id: str, attempt: int, interval_s: float, timeline: list[dict]) -> None:

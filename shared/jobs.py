@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import enum
+import re
+import unicodedata
 from datetime import datetime
 from typing import Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import InvalidTransition
 from shared.settings import MODEL_NAME_RE
+from shared.webhooks import WebhookRefused, check_syntax
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 MAX_URL_CHARS = 2000
+
+# Job IDs are UUIDs: anything else is no job, answered 404 without asking the database
+JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TEXT_CONTROLS_OK = frozenset("\t\n\r")
 
 Priority = Literal["low", "normal", "high"]
 PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
@@ -34,9 +40,10 @@ class JobStatus(str, enum.Enum):
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
+# The state machine README's "Job states" table documents (tests check the code against that table).
 ALLOWED = {
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
-    # running -> queued: redelivery after the worker running it was lost
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled}),
+    # running -> queued: taken back after the worker running it was lost
     JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.queued}),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),
@@ -47,6 +54,42 @@ ALLOWED = {
 def check_transition(old: JobStatus, new: JobStatus) -> None:
     if new not in ALLOWED[old]:
         raise InvalidTransition(f"a job cannot go from {old.value} to {new.value}")
+
+
+class WebhookStatus(str, enum.Enum):
+    """A webhook's delivery: pending until the receiver answered 2xx (delivered) or the attempts ran out."""
+
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+WEBHOOK_ALLOWED = {
+    None: frozenset({WebhookStatus.pending}),  # the job ended
+    WebhookStatus.pending: frozenset({WebhookStatus.delivered, WebhookStatus.failed}),
+    WebhookStatus.delivered: frozenset(),
+    WebhookStatus.failed: frozenset(),
+}
+
+
+def check_webhook_transition(old: WebhookStatus | None, new: WebhookStatus) -> None:
+    if new not in WEBHOOK_ALLOWED[old]:
+        raise InvalidTransition(f"a webhook cannot go from {old.value if old else 'none'} to {new.value}")
+
+
+def is_job_id(value: str) -> bool:
+    return bool(JOB_ID_RE.match(value))
+
+
+def check_text(v: str) -> str:
+    """Text the database can store and a person meant: no NUL or other control characters (tab and line
+    breaks are fine), no lone UTF-16 surrogates (PostgreSQL refuses both)."""
+    for i, c in enumerate(v):
+        cat = unicodedata.category(c)
+        if (cat == "Cc" and c not in _TEXT_CONTROLS_OK) or cat == "Cs":
+            raise ValueError(f"must not contain control characters or lone surrogates "
+                             f"(U+{ord(c):04X} at position {i})")
+    return v
 
 
 class JobCreate(BaseModel):
@@ -64,17 +107,26 @@ class JobCreate(BaseModel):
     num_images: int = Field(default=1, ge=1, le=8)
     model: str | None = Field(default=None, max_length=200, pattern=MODEL_NAME_RE.pattern)
     priority: Priority = "normal"
-    webhook_url: str | None = Field(default=None, max_length=MAX_URL_CHARS,
-                                    description="POSTed the job record (signed) when the job ends")
+    webhook_url: str | None = Field(
+        default=None, max_length=MAX_URL_CHARS,
+        description="POSTed the job record (signed) when the job ends. An http(s) URL without credentials, "
+        "whitespace or control characters, whose host resolves only to public addresses (loopback, private, "
+        "link-local, multicast and reserved ones are refused unless the operator allowed their network)")
 
     @field_validator("webhook_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None:
-            u = urlparse(v)
-            if u.scheme not in ("http", "https") or not u.hostname:
-                raise ValueError("must be an http:// or https:// URL with a host")
+            try:
+                check_syntax(v)
+            except WebhookRefused as exc:
+                raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _clean_text(cls, v: str | None) -> str | None:
+        return v if v is None else check_text(v)
 
     @field_validator("prompt")
     @classmethod
@@ -125,6 +177,17 @@ class JobError(BaseModel):
     message: str
 
 
+class AttemptRecord(BaseModel):
+    """An earlier attempt of a job that was taken back (its worker lost) and queued again."""
+
+    attempt: int
+    worker_host: str | None
+    started_at: datetime | None
+    ended_at: datetime
+    error: JobError
+    peak_rss_bytes: int | None = Field(description="the last memory reading of that attempt")
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -150,6 +213,7 @@ class JobPublic(BaseModel):
     webhook_status: str | None = Field(description="pending, delivered or failed, for a job with a webhook_url")
     worker_host: str | None
     attempts: int
+    history: list[AttemptRecord] = Field(description="earlier attempts taken back, oldest first")
     error: JobError | None
     images: list[ImageLink]
 
@@ -171,7 +235,10 @@ class JobMemoryPublic(BaseModel):
     samples: list[MemorySample]
 
 
-class WorkerPublic(BaseModel):
+class WorkerState(BaseModel):
+    """What a worker says of itself in every heartbeat: the one schema of a worker's row, its public record
+    (plus the times and `alive`) and its heartbeat. A new field goes here and in the table."""
+
     name: str
     host: str
     model: str
@@ -185,6 +252,9 @@ class WorkerPublic(BaseModel):
     resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs; for a pipeline that "
                                 "releases components between jobs, its warm-up peak (what each job loads again)")
     current_job_id: str | None
+
+
+class WorkerPublic(WorkerState):
     started_at: datetime
     last_seen: datetime
     alive: bool

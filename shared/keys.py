@@ -39,8 +39,10 @@ def create_key(session: Session, name: str, rate_limit_per_min: int | None = Non
     return NewKey(key.id, name, token, key.webhook_secret)
 
 
-def any_keys(session: Session) -> bool:
-    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+def any_key_ever(session: Session) -> bool:
+    """Whether a key was ever created here, revoked ones included: once keys exist, revoking them all never
+    opens the API again (SDFLEET_AUTH=auto)."""
+    return session.scalar(select(ApiKey.id).limit(1)) is not None
 
 
 def lookup(session: Session, token: str) -> ApiKey | None:

@@ -80,6 +80,11 @@ class Job(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_status: Mapped[str | None] = mapped_column(String(16))  # pending, delivered, failed
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Each hand-out of a webhook gets a delivery ID, like a job's: a re-send by the reconciler replaces it
+    # (compare-and-set), and a message of an older hand-out finds it changed and sends nothing.
+    webhook_delivery_id: Mapped[str | None] = mapped_column(String(36))
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the last delivery attempt began
+    history: Mapped[list | None] = mapped_column(JSON)  # earlier attempts taken back (AttemptRecord dicts)
 
     worker_host: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -145,6 +150,22 @@ class MemoryProfile(Base):
     base_bytes: Mapped[int] = mapped_column(BigInteger)
     samples: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    max_step_s: Mapped[float | None] = mapped_column(Float)  # the slowest denoising step measured
+
+
+class JobTombstone(Base):
+    """What is left of a job that retention deleted: GET answers 410 with when and why."""
+
+    __tablename__ = "job_tombstones"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    image_bytes: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 class JobMemory(Base):

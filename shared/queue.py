@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 
 from celery import Celery
@@ -15,15 +16,15 @@ log = logging.getLogger(__name__)
 
 GENERATE_TASK = "sdfleet.generate"
 WEBHOOK_TASK = "sdfleet.webhook"
-RECONCILE_TASK = "sdfleet.reconcile"
 QUEUE_PREFIX = "sdfleet.model."
-OPS_QUEUE = "sdfleet.ops"  # webhooks and the reconciler: never behind an image generation
+WEBHOOK_QUEUE = "sdfleet.webhooks"  # consumed by the ops workers: never behind an image generation
 
 # The Redis transport emulates priorities with one list per step, consumed lowest number first.
 PRIORITIES = {"high": 0, "normal": 3, "low": 6}
 _PRIORITY_SEP = ":"
 _UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
-RATE_LIMIT_KEY = "sdfleet:ratelimit:{key_id}:{window}"
+RATE_LIMIT_PREFIX = "sdfleet:ratelimit"  # the `limits` library's moving windows, one per API key
+RECONCILE_LOCK_KEY = "sdfleet:lock:reconcile"  # one reconciler pass at a time in the whole fleet
 
 
 def queue_name(model: str) -> str:
@@ -66,10 +67,12 @@ def new_delivery_id() -> str:
     return str(uuid.uuid4())
 
 
-def send_webhook(celery: Celery, job_id: str) -> bool:
-    """Hand a finished job's webhook to the ops workers; if Redis is away, the reconciler re-sends it."""
+def send_webhook(celery: Celery, job_id: str, delivery_id: str | None, attempts_done: int = 0) -> bool:
+    """Hand a finished job's webhook to the ops workers; if Redis is away, the reconciler re-sends it.
+    The delivery ID and the attempt count fence the message: one from an older hand-out, or a duplicate of
+    one whose attempt was taken, finds them changed and sends nothing."""
     try:
-        celery.send_task(WEBHOOK_TASK, args=[job_id], queue=OPS_QUEUE)
+        celery.send_task(WEBHOOK_TASK, args=[job_id, delivery_id, attempts_done], queue=WEBHOOK_QUEUE)
         return True
     except Exception:
         log.warning("could not enqueue the webhook of job %s; the reconciler will", job_id)
@@ -80,6 +83,14 @@ def send_generate(celery: Celery, job_id: str, delivery_id: str, model: str, pri
     """The message is the job ID and this enqueue's delivery ID (also the Celery task ID)."""
     celery.send_task(GENERATE_TASK, args=[job_id, delivery_id], task_id=delivery_id, queue=queue_name(model),
                      priority=PRIORITIES[priority])
+
+
+def hard_time_limit(job_timeout_s: int, slowest_step_s: float | None) -> int:
+    """When Celery kills a pool child: the soft limit (the job timeout) only takes effect when the current
+    step returns to Python, and one SDXL step at f32 with guidance takes over a minute here. So the hard
+    limit leaves three of the slowest steps measured on the model (a step and the decode after it), and at
+    least five minutes."""
+    return job_timeout_s + max(300, math.ceil(3 * (slowest_step_s or 0.0)))
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -103,8 +114,10 @@ def make_celery(settings: Settings) -> Celery:
             "sep": _PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
+        # The soft limit ends a job as `timeout` when its current step returns; a worker raises the hard
+        # limit (which kills the child) above its slowest measured step at start (worker.app).
         task_soft_time_limit=settings.job_timeout_s,
-        task_time_limit=settings.job_timeout_s + 60,
+        task_time_limit=hard_time_limit(settings.job_timeout_s, None),
         # The pool child loads the pipeline in worker_process_init; Celery's default wait is 4 s.
         worker_proc_alive_timeout=settings.model_load_timeout_s,
         broker_connection_retry_on_startup=True,

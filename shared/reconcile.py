@@ -10,24 +10,26 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from shared import fleet, store
-from shared.jobs import JobStatus
+from shared.jobs import JobStatus, WebhookStatus
 from shared.models import Job, utcnow
 from shared.queue import message_ids_in_broker, send_generate, send_webhook
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_RESEND_AFTER = timedelta(minutes=10)  # longer than a webhook's whole retry schedule
+# A pending webhook untouched this long has lost its hand-out (Redis restarted, an ops worker died): far
+# longer than the gap between two attempts of one delivery (backoff up to 2^5 s plus the send deadline).
+WEBHOOK_RESEND_AFTER = timedelta(minutes=10)
 
 
 @dataclass
 class Report:
     requeued_lost_messages: list[str] = field(default_factory=list)
     requeued_from_lost_workers: list[str] = field(default_factory=list)
-    failed_worker_lost: list[str] = field(default_factory=list)
+    ended_lost: list[str] = field(default_factory=list)  # out of attempts (worker_lost) or past the timeout
     webhooks_resent: list[str] = field(default_factory=list)
 
 
@@ -41,7 +43,8 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
                                                           Job.started_at < old)))
         workers = {w.name: w for w in fleet.workers(session)}
         hooks = list(session.scalars(select(Job.id).where(
-            Job.webhook_status == "pending", Job.finished_at < now - WEBHOOK_RESEND_AFTER)))
+            Job.webhook_status == WebhookStatus.pending.value,
+            func.coalesce(Job.webhook_sent_at, Job.finished_at) < now - WEBHOOK_RESEND_AFTER)))
     # read after the rows: a message sent since is either found here or belongs to a younger job
     present = message_ids_in_broker(broker, sorted({j.model for j in queued + running}))
 
@@ -49,7 +52,7 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         if job.delivery_id in present:
             continue
         with sessions.begin() as session:
-            delivery = store.requeue(session, job, JobStatus.queued)
+            delivery = store.requeue_lost_message(session, job)
         if delivery:
             send_generate(celery, job.id, delivery, job.model, job.priority)
             report.requeued_lost_messages.append(job.id)
@@ -59,19 +62,37 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         alive = worker is not None and fleet.is_alive(worker, settings.worker_stale_s)
         if alive and (worker.current_job_id == job.id or job.delivery_id in present):
             continue  # running there, or redelivered to it after its pool child died
+        where = f"on {job.worker_host}" if job.worker_host else ""
+        lost = (f"the worker running attempt {job.attempts} {where} "
+                + ("stopped sending heartbeats" if not alive else "moved on without finishing it"))
         with sessions.begin() as session:
-            if job.attempts >= settings.max_attempts:
-                if store.fail_worker_lost(session, job):
-                    report.failed_worker_lost.append(job.id)
-                continue
-            delivery = store.requeue(session, job, JobStatus.running)
+            delivery = store.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s)
         if delivery:
             send_generate(celery, job.id, delivery, job.model, job.priority)
             report.requeued_from_lost_workers.append(job.id)
+        elif delivery == "":
+            report.ended_lost.append(job.id)
 
-    for job_id in hooks + report.failed_worker_lost:
-        if send_webhook(celery, job_id):
+    stale_before = now - WEBHOOK_RESEND_AFTER
+    for job_id in hooks + report.ended_lost:
+        with sessions.begin() as session:
+            handout = (store.resend_webhook(session, job_id, stale_before) if job_id in hooks
+                       else store.webhook_handout(session, job_id))
+        if handout and send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done):
             report.webhooks_resent.append(job_id)
     if any(vars(report).values()):
         log.info("reconciled: %s", report)
     return report
+
+
+def enforce_retention(sessions, settings: Settings) -> list[str]:
+    """Delete what the retention settings say is past keeping; each deletion leaves a tombstone."""
+    if not settings.retention_days and not settings.retention_max_image_bytes:
+        return []
+    older_than = utcnow() - timedelta(days=settings.retention_days) if settings.retention_days else None
+    with sessions.begin() as session:
+        stones = store.delete_expired(session, older_than, settings.retention_max_image_bytes or None)
+    if stones:
+        log.info("retention deleted %d job(s), %d image bytes: %s", len(stones),
+                 sum(s.image_bytes for s in stones), sorted({s.reason for s in stones}))
+    return [s.job_id for s in stones]

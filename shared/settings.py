@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -66,8 +68,14 @@ _MODE_PRESETS = {
 }
 
 
+ENV_PREFIX = "SDFLEET_"
+# Variables of the prefix that are not settings: the test suite's and the benchmarks' own.
+_NOT_SETTINGS = re.compile(r"^SDFLEET_(TEST|BENCH)_")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDFLEET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     database_url: str = "sqlite:///sdfleet.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -82,6 +90,26 @@ class Settings(BaseSettings):
 
     # The model a job gets when it names none (the API side).
     default_model: str | None = None
+
+    # API authentication. "required": every route but /healthz needs a bearer key (with no key created,
+    # every request is 401: revoking keys never opens the API). "off": open, for local use. "auto": off only
+    # while the API listens on loopback and no key was ever created in this database, else required.
+    auth: Literal["auto", "required", "off"] = "auto"
+    # The address the API listens on (`sdfleet api --host` sets it); unknown counts as beyond loopback.
+    api_host: str | None = None
+    api_key: str | None = None  # the key the command-line client sends (sdfleet submit/status/up)
+    api_url: str = "http://127.0.0.1:8000"  # the API the command-line client talks to
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
+    # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").
+    webhook_allow_networks: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)  # one delivery, from connect to last byte
+
+    # Retention, enforced by the ops worker: finished jobs older than this many days are deleted, and the
+    # oldest finished jobs go first while their PNGs add up to more than the byte cap. 0 keeps everything.
+    retention_days: float = Field(default=0, ge=0)
+    retention_max_image_bytes: int = Field(default=0, ge=0)
 
     # A worker's memory budget: explicit, else min(cgroup limit, RAM) minus the reserve.
     memory_budget: int | None = Field(default=None, gt=0)
@@ -134,6 +162,47 @@ class Settings(BaseSettings):
             # psycopg 3 is the driver we install; the bare scheme would ask SQLAlchemy for psycopg2
             v = "postgresql+psycopg:" + v[len("postgresql:") :]
         return v
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, v: str) -> str:
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"SDFLEET_WEBHOOK_ALLOW_NETWORKS: {part!r} is not a network ({exc})") from exc
+        return v
+
+    @property
+    def webhook_allowed(self) -> tuple:
+        return tuple(ipaddress.ip_network(p.strip(), strict=False)
+                     for p in self.webhook_allow_networks.split(",") if p.strip())
+
+    @property
+    def api_on_loopback(self) -> bool:
+        return self.api_host in LOOPBACK_HOSTS
+
+    def auth_required(self, any_key_ever: bool) -> bool:
+        """Whether the API demands a key (see `auth`)."""
+        if self.auth != "auto":
+            return self.auth == "required"
+        return any_key_ever or not self.api_on_loopback
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, data):
+        # A typo'd setting (SDFLEET_AUTHH=required) must not be silently ignored
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+                         and not _NOT_SETTINGS.match(k.upper()))
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name.upper(), known, n=1)
+                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            raise ValueError("unknown setting(s) in the environment: " + ", ".join(hints)
+                             + "; see README's Settings table")
+        return data
 
     @model_validator(mode="after")
     def _safe_combinations(self) -> "Settings":

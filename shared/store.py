@@ -4,18 +4,19 @@ processes (an API and a worker, or two workers after a redelivery) can never bot
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 
-from dataclasses import asdict
-
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
-    PRIORITY_ORDER, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress, check_transition,
+    PRIORITY_ORDER, TERMINAL, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
+    WebhookStatus, check_transition, check_webhook_transition,
 )
-from shared.models import Job, JobImage, utcnow
+from shared.memory import fmt_gb
+from shared.models import Job, JobImage, JobMemory, JobTombstone, utcnow
 from shared.queue import new_delivery_id
 
 
@@ -56,18 +57,24 @@ class Attempt:
 
 
 def transition(
-    session: Session, job_id: str, expect: JobStatus, new: JobStatus, *, attempt: int | None = None, **values
+    session: Session, job_id: str, expect: JobStatus, new: JobStatus, *, attempt: int | None = None,
+    expect_delivery: str | None = None, **values
 ) -> bool:
-    """Move a job from `expect` to `new`, setting `values`; False if the row was not in `expect` any more
-    (or, given `attempt`, if another attempt has claimed it since). A job that ends with a webhook gets
-    its delivery marked pending in the same statement."""
+    """The one way a job's status changes: from `expect` to `new`, setting `values`, as a compare-and-set.
+    False if the row was not in `expect` any more (or, given `attempt` or `delivery_id`, if another attempt
+    or another enqueue has claimed it since). A job that ends with a webhook gets its delivery marked
+    pending, with a fresh webhook delivery ID, in the same statement."""
     check_transition(expect, new)
     stmt = update(Job).where(Job.id == job_id, Job.status == expect.value)
     if attempt is not None:
         stmt = stmt.where(Job.attempts == attempt)
+    if expect_delivery is not None:
+        stmt = stmt.where(Job.delivery_id == expect_delivery)
     if new.is_terminal:
+        check_webhook_transition(None, WebhookStatus.pending)
         values.setdefault("finished_at", utcnow())
-        values["webhook_status"] = case((Job.webhook_url.is_not(None), "pending"), else_=None)
+        values["webhook_status"] = case((Job.webhook_url.is_not(None), WebhookStatus.pending.value), else_=None)
+        values["webhook_delivery_id"] = case((Job.webhook_url.is_not(None), new_delivery_id()), else_=None)
         values.update(progress_step=None, progress_steps=None, progress_image=None)
     return session.execute(stmt.values(status=new.value, **values)).rowcount == 1
 
@@ -124,12 +131,12 @@ def parameters_of(job: Job) -> JobParameters:
 
 
 def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: str, worker_name: str,
-                  max_attempts: int) -> Attempt | None:
+                  max_attempts: int, job_timeout_s: float | None = None) -> Attempt | None:
     """Claim a delivered job for this worker, or None when it must not run.
 
     A message from an older enqueue (the reconciler has re-sent the job since) is stale: dropped. A job
-    found `running` was delivered again because the worker running it died (the broker counts nothing, so
-    the database does): it runs again until `max_attempts`, then fails `worker_lost`.
+    found `running` was delivered again because the worker running it died before anyone took the job
+    back: it is taken back here (or ends worker_lost / timeout), then runs again.
     """
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or (delivery_id is not None and job.delivery_id != delivery_id):
@@ -138,64 +145,97 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
     if status.is_terminal:
         return None
     if status is JobStatus.running:
-        if job.attempts >= max_attempts:
-            fail_worker_lost(session, job)
+        lost = f"the worker running attempt {job.attempts} (on {job.worker_host}) was lost"
+        if not take_back(session, job, lost, max_attempts, job_timeout_s, keep_delivery=True):
             return None
-        if not transition(session, job_id, JobStatus.running, JobStatus.queued):
+        session.refresh(job)
+        if JobStatus(job.status).is_terminal:
             return None
     number = job.attempts + 1
     if not transition(
         session, job_id, JobStatus.queued, JobStatus.running,
         attempts=number, started_at=utcnow(), worker_host=host, worker_name=worker_name,
         error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
+        peak_rss_anon_bytes=None, peak_rss_file_bytes=None, rss_before_bytes=None,
         progress_image=None, progress_step=None, progress_steps=None,
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))
 
 
-def fail_worker_lost(session: Session, job: Job) -> bool:
-    return transition(
-        session, job.id, JobStatus.running, JobStatus.failed, error_code=ErrorCode.worker_lost.value,
-        error_message=(
-            f"the worker running this job was lost {job.attempts} time(s) (last on {job.worker_host}"
-            + (f", at {job.peak_rss_bytes / 2**30:.2f} GB resident when last seen" if job.peak_rss_bytes else "")
-            + "); it will not be run again"
-        ),
+def _history(job: Job, code: ErrorCode, message: str) -> list[dict]:
+    entry = AttemptRecord(attempt=job.attempts, worker_host=job.worker_host, started_at=job.started_at,
+                          ended_at=utcnow(), error=JobError(code=code.value, message=message),
+                          peak_rss_bytes=job.peak_rss_bytes)
+    return [*(job.history or []), entry.model_dump(mode="json")]
+
+
+def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_timeout_s: float | None = None,
+              keep_delivery: bool = False) -> str | None:
+    """A running job whose worker was lost: back to queued (its attempt in the history, its attempt count
+    kept) with a new delivery ID, or, once past its timeout or out of attempts, ended timeout /
+    worker_lost. Returns the delivery ID to send (the old one with `keep_delivery`: its message is already
+    back in the queue), "" when the job ended, None when another process changed the job first."""
+    reading = (f", at {fmt_gb(job.peak_rss_bytes)} resident when last seen" if job.peak_rss_bytes else "")
+    if job_timeout_s and job.started_at and utcnow() - job.started_at > timedelta(seconds=job_timeout_s):
+        ended = transition(
+            session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
+            expect_delivery=job.delivery_id, error_code=ErrorCode.timeout.value,
+            error_message=f"the job ran past SDFLEET_JOB_TIMEOUT_S={job_timeout_s:g} ({lost}{reading})")
+        return "" if ended else None
+    if job.attempts >= max_attempts:
+        ended = transition(
+            session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
+            expect_delivery=job.delivery_id, error_code=ErrorCode.worker_lost.value,
+            error_message=(f"{lost}{reading}; that was attempt {job.attempts} of {max_attempts}: "
+                           "it will not be run again"))
+        return "" if ended else None
+    delivery = job.delivery_id if keep_delivery else new_delivery_id()
+    moved = transition(
+        session, job.id, JobStatus.running, JobStatus.queued, attempt=job.attempts,
+        expect_delivery=job.delivery_id, history=_history(job, ErrorCode.worker_lost, lost + reading),
+        delivery_id=delivery, progress_image=None, progress_step=None, progress_steps=None,
     )
+    return delivery if moved else None
 
 
-def requeue(session: Session, job: Job, from_status: JobStatus) -> str | None:
-    """Give the job a new delivery ID (the old message, wherever it is, becomes stale); the caller sends it.
-    None if another process changed the job first."""
-    delivery_id = new_delivery_id()
-    stmt = update(Job).where(Job.id == job.id, Job.status == from_status.value, Job.delivery_id == job.delivery_id)
-    if from_status is JobStatus.running:
-        check_transition(JobStatus.running, JobStatus.queued)
-    changed = session.execute(stmt.values(status=JobStatus.queued.value, delivery_id=delivery_id,
-                                          enqueued_at=utcnow())).rowcount
-    return delivery_id if changed == 1 else None
+def running_on(session: Session, worker_name: str) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
+                                                  Job.worker_name == worker_name).with_for_update()))
+
+
+def requeue_lost_message(session: Session, job: Job) -> str | None:
+    """A queued job whose message Redis lost: a new delivery ID (the old message, should it turn up, is
+    stale); the caller sends it. None if another process changed the job first."""
+    changed = session.execute(update(Job).where(
+        Job.id == job.id, Job.status == JobStatus.queued.value, Job.delivery_id == job.delivery_id,
+    ).values(delivery_id=(delivery := new_delivery_id()), enqueued_at=utcnow())).rowcount
+    return delivery if changed == 1 else None
 
 
 def cancel(session: Session, job_id: str, owner_key_id: str | None) -> Job | None:
     """Cancel a queued job (it will never run) or ask a running one to stop at its next step.
-    None if there is no such job for this owner; Conflict if it has finished."""
+    None if there is no such job for this owner; Conflict if it has finished (also when it finished a
+    moment ago, between our read and our write: the cancel request is itself a compare-and-set)."""
     job = get_job(session, job_id, owner_key_id)
     if job is None:
         return None
     status = JobStatus(job.status)
-    if status.is_terminal:
-        raise Conflict(f"job {job_id} has already {status.value}; there is nothing to cancel",
-                       {"status": status.value})
-    cancelled = status is JobStatus.queued and transition(
+    if status is JobStatus.queued and transition(
         session, job_id, JobStatus.queued, JobStatus.cancelled, error_code=ErrorCode.cancelled.value,
         error_message="cancelled before it ran",
-    )
-    if not cancelled and job.cancel_requested_at is None:
-        # running (or claimed by a worker a moment ago): it stops at its next denoising step
-        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested_at=utcnow()))
-    session.flush()
+    ):
+        session.expire(job)
+        return job
+    # running (or claimed by a worker a moment ago): it stops at its next denoising step
+    asked = session.execute(update(Job).where(
+        Job.id == job_id, Job.status.in_([JobStatus.queued.value, JobStatus.running.value]),
+    ).values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, utcnow()))).rowcount
     session.expire(job)
+    if not asked:
+        status = JobStatus(job.status)
+        raise Conflict(f"job {job_id} has already {status.value}; there is nothing to cancel",
+                       {"status": status.value})
     return job
 
 
@@ -257,6 +297,118 @@ def finish_failed(
     )
 
 
+@dataclass(frozen=True)
+class WebhookSend:
+    url: str
+    body: bytes
+    owner_key_id: str | None
+    attempt: int
+
+
+def claim_webhook(session: Session, job_id: str, delivery_id: str | None, attempts_done: int) -> WebhookSend | None:
+    """Take attempt `attempts_done + 1` of a job's webhook: a compare-and-set on its delivery ID and attempt
+    count, both carried by the message. None when there is nothing to send: delivered, failed, a message
+    from an older hand-out, or a duplicate of a message whose attempt another ops worker already took."""
+    job = get_job(session, job_id)
+    if job is None or job.webhook_status != WebhookStatus.pending.value:
+        return None
+    claimed = session.execute(update(Job).where(
+        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value,
+        Job.webhook_attempts == attempts_done, Job.webhook_delivery_id.is_not_distinct_from(delivery_id),
+    ).values(webhook_attempts=attempts_done + 1, webhook_sent_at=utcnow())).rowcount
+    if not claimed:
+        return None
+    return WebhookSend(job.webhook_url, to_public(job).model_dump_json().encode(), job.owner_key_id,
+                       attempts_done + 1)
+
+
+def end_webhook(session: Session, job_id: str, delivery_id: str | None, new: WebhookStatus) -> bool:
+    """pending -> delivered or failed, for the hand-out that holds `delivery_id`."""
+    check_webhook_transition(WebhookStatus.pending, new)
+    stmt = update(Job).where(Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value)
+    if delivery_id is not None:
+        stmt = stmt.where(Job.webhook_delivery_id == delivery_id)
+    return session.execute(stmt.values(webhook_status=new.value)).rowcount == 1
+
+
+@dataclass(frozen=True)
+class WebhookHandout:
+    """What a webhook message carries: the hand-out's delivery ID and the attempts already made."""
+
+    delivery_id: str | None
+    attempts_done: int
+
+
+def resend_webhook(session: Session, job_id: str, stale_before: datetime) -> WebhookHandout | None:
+    """A pending webhook whose last attempt (or the job's end) is older than `stale_before`: its hand-out is
+    taken to be lost, and a new one replaces it (compare-and-set: of several reconcilers, one wins)."""
+    job = get_job(session, job_id)
+    if job is None or job.webhook_status != WebhookStatus.pending.value:
+        return None
+    last = job.webhook_sent_at or job.finished_at
+    if last is not None and last >= stale_before:
+        return None
+    delivery = new_delivery_id()
+    changed = session.execute(update(Job).where(
+        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value,
+        Job.webhook_delivery_id.is_not_distinct_from(job.webhook_delivery_id),
+    ).values(webhook_delivery_id=delivery, webhook_sent_at=utcnow())).rowcount
+    return WebhookHandout(delivery, job.webhook_attempts) if changed else None
+
+
+def webhook_handout(session: Session, job_id: str) -> WebhookHandout | None:
+    """The current hand-out of a pending webhook (what the process that just ended the job sends)."""
+    row = session.execute(select(Job.webhook_delivery_id, Job.webhook_attempts).where(
+        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value)).first()
+    return WebhookHandout(row[0], row[1]) if row else None
+
+
+def delete_expired(session: Session, older_than: datetime | None, max_image_bytes: int | None,
+                   limit: int = 500) -> list[JobTombstone]:
+    """Retention: finished jobs that ended before `older_than`, then the oldest finished jobs while all
+    PNGs add up to more than `max_image_bytes`. Each deletion leaves a tombstone (GET answers 410)."""
+    sizes = (select(JobImage.job_id, func.sum(func.length(JobImage.png)).label("bytes"))
+             .group_by(JobImage.job_id).subquery())
+    finished = (select(Job, func.coalesce(sizes.c.bytes, 0))
+                .outerjoin(sizes, sizes.c.job_id == Job.id)
+                .where(Job.status.in_([s.value for s in TERMINAL]))
+                .order_by(Job.finished_at, Job.id))
+    doomed: list[tuple[Job, int, str]] = []
+    if older_than is not None:
+        for job, size in session.execute(finished.where(Job.finished_at < older_than).limit(limit)):
+            doomed.append((job, int(size), f"retention: finished before {older_than.isoformat()}"))
+    if max_image_bytes:
+        total = int(session.scalar(select(func.coalesce(func.sum(func.length(JobImage.png)), 0))))
+        total -= sum(size for _, size, _ in doomed)
+        taken = {job.id for job, _, _ in doomed}
+        if total > max_image_bytes:
+            for job, size in session.execute(finished.where(sizes.c.bytes > 0).limit(limit * 4)):
+                if total <= max_image_bytes or len(doomed) >= limit:
+                    break
+                if job.id in taken:
+                    continue
+                doomed.append((job, int(size), f"retention: the stored images exceeded {fmt_gb(max_image_bytes)}"))
+                total -= int(size)
+    now = utcnow()
+    stones = [JobTombstone(job_id=job.id, owner_key_id=job.owner_key_id, status=job.status,
+                           created_at=job.created_at, finished_at=job.finished_at, deleted_at=now, image_bytes=size,
+                           reason=reason) for job, size, reason in doomed]
+    if doomed:
+        ids = [job.id for job, _, _ in doomed]
+        session.add_all(stones)
+        session.execute(delete(JobImage).where(JobImage.job_id.in_(ids)))
+        session.execute(delete(JobMemory).where(JobMemory.job_id.in_(ids)))
+        session.execute(delete(Job).where(Job.id.in_(ids)))
+    return stones
+
+
+def tombstone(session: Session, job_id: str, owner_key_id: str | None = None) -> JobTombstone | None:
+    stone = session.get(JobTombstone, job_id)
+    if stone is not None and owner_key_id is not None and stone.owner_key_id != owner_key_id:
+        return None
+    return stone
+
+
 def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
     """The public record of a job (what GET answers and what a webhook carries)."""
     wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
@@ -285,6 +437,7 @@ def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
         webhook_status=job.webhook_status,
         worker_host=job.worker_host,
         attempts=job.attempts,
+        history=[AttemptRecord.model_validate(h) for h in (job.history or [])],
         error=error,
         images=[
             ImageLink(index=i.index, seed=i.seed, width=i.width, height=i.height,

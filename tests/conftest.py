@@ -29,6 +29,14 @@ POSTGRES_URL = os.environ.get("SDFLEET_TEST_POSTGRES_URL")
 WEBHOOK_SECRET = "stack-webhook-secret"  # signs the stack's webhooks (its API is open: no keys)
 
 
+def offline_resolver(host, port, *args, **kwargs):
+    """getaddrinfo for tests: numeric addresses and localhost only. A test never asks a DNS server (that
+    would send a packet off this machine)."""
+    if host == "localhost":
+        host = "127.0.0.1"
+    return socket.getaddrinfo(host, port, *args, **{**kwargs, "flags": socket.AI_NUMERICHOST})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +75,7 @@ def tiny_sdxl_model() -> Path:
     return path
 
 
-def _postgres_database():
+def postgres_database():
     """A fresh database on the PostgreSQL server for this session, dropped afterwards."""
     admin_url = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
     name = f"sdfleet_test_{uuid.uuid4().hex[:10]}"
@@ -93,7 +101,7 @@ def database_url(request, tmp_path_factory):
         return
     if not POSTGRES_URL:
         pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set (CI sets it to the local server)")
-    yield from _postgres_database()
+    yield from postgres_database()
 
 
 @pytest.fixture
@@ -144,8 +152,9 @@ def wait_worker_ready(worker: subprocess.Popen, log: Path, database_url: str, mo
 
 
 def stack_env(database_url: str, redis_url: str, **extra) -> dict:
+    # webhooks of the tests go to listeners on loopback, which is refused unless allowed
     return {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": database_url,
-            "SDFLEET_REDIS_URL": redis_url, **extra}
+            "SDFLEET_REDIS_URL": redis_url, "SDFLEET_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8", **extra}
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,20 @@ BAD_BODIES = [
     ({"prompt": "a cat", "steps": True}, "steps"),
     ({"prompt": "a cat", "guidance_scale": "7.5"}, "guidance_scale"),
     ({"prompt": "a cat", "num_images": None}, "num_images"),
+    # text PostgreSQL cannot store (a 500 there once) and control characters nobody types
+    ({"prompt": "a\u0000b"}, "prompt"),
+    ({"prompt": "a cat", "negative_prompt": "blurry\u0000"}, "negative_prompt"),
+    ({"prompt": "a \u001b[31mcat"}, "prompt"),
+    ({"prompt": "a \ud800 cat"}, "prompt"),
+    # webhook URLs: control characters, header injection, credentials, addresses inside the fleet's network
+    ({"prompt": "a cat", "webhook_url": "http://example.com/\u0000"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://example.com/a\r\nX-Injected: 1"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://user:pass@example.com/hook"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://10.1.2.3/hook"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://169.254.169.254/latest/meta-data/"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://[fe80::1]/hook"}, "webhook_url"),
+    ({"prompt": "a cat", "webhook_url": "http://0/hook"}, "webhook_url"),
 ]
 
 
@@ -77,6 +91,9 @@ def test_bad_body_is_422_with_field_and_reason(stack, unchanged, body, field):
     (b'"a cat"', "application/json"),
     (b"prompt=a+cat", "application/x-www-form-urlencoded"),
     (b"", "application/json"),
+    (b'{"prompt": "a \xff\xfe cat"}', "application/json"),  # not UTF-8
+    (b"[" * 1000 + b"]" * 1000, "application/json"),  # deeper than the parser recurses
+    (b'{"prompt": "a cat", "seed": ' + b"9" * 5000 + b"}", "application/json"),  # past int's digit limit
 ])
 def test_body_that_is_not_a_json_object_is_422(stack, unchanged, content, ctype):
     r = stack.api.http.post("/v1/jobs", content=content, headers={"content-type": ctype})
@@ -102,13 +119,13 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
     from tests.conftest import free_port
 
     settings = Settings(database_url=sqlite_url, redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                        default_model="tiny")
+                        default_model="tiny", auth="off")
     from shared import fleet
     from shared.db import session_factory
     from shared.models import utcnow
 
     with session_factory(sqlite_url).begin() as s:  # a live worker for "tiny", so admission passes
-        fleet.beat(s, fleet.Heartbeat("h:1", "h", "tiny", "optimum", "bf16", "fast", 8 << 30, None, 16 << 30,
+        fleet.beat(s, fleet.heartbeat("h:1", "h", "tiny", "optimum", "bf16", "fast", 8 << 30, None, 16 << 30,
                                       12 << 30, 600 << 20, None), utcnow())
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", json={"prompt": "a cat"})
@@ -120,6 +137,6 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
 def test_no_model_and_no_default_is_422(sqlite_url, redis_url):
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(Settings(database_url=sqlite_url, redis_url=redis_url))) as client:
+    with TestClient(create_app(Settings(database_url=sqlite_url, redis_url=redis_url, auth="off"))) as client:
         error = assert_error_shape(client.post("/v1/jobs", json={"prompt": "a cat"}), 422, "invalid_request")
     assert error["details"][0]["field"] == "model"

@@ -26,7 +26,7 @@ def test_workers_heartbeat_and_a_silent_worker_is_gone_and_not_capacity(stack):
 
     long_ago = utcnow() - timedelta(minutes=10)
     with stack.sessions.begin() as s:
-        fleet.beat(s, fleet.Heartbeat("gone-host:1", "gone-host", "ghost-model", "optimum", "bf16", "fast", 64 * GB,
+        fleet.beat(s, fleet.heartbeat("gone-host:1", "gone-host", "ghost-model", "optimum", "bf16", "fast", 64 * GB,
                                       None, 128 * GB, 100 * GB, GB, None), long_ago)
         s.get(fleet.Worker, "gone-host:1").last_seen = long_ago
     (ghost,) = [w for w in stack.api.workers() if w["name"] == "gone-host:1"]

@@ -27,7 +27,7 @@ def fuzz_schema(tmp_path_factory, redis_url):
     migrate(engine_for(url))
     model = f"fuzz-{uuid.uuid4().hex[:6]}"  # a live worker for the default model, so valid jobs are admitted
     with session_factory(url).begin() as s:
-        fleet.beat(s, fleet.Heartbeat("fuzz:1", "fuzz", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
+        fleet.beat(s, fleet.heartbeat("fuzz:1", "fuzz", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
                                       20 * GB, GB, None), utcnow())
     app = create_app(Settings(database_url=url, redis_url=redis_url, default_model=model, worker_stale_s=3600,
                               heartbeat_s=5))

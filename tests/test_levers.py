@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from shared.db import engine_for, migrate
 from shared.settings import Settings
-from tests.conftest import POSTGRES_URL, _postgres_database, wait_for
+from tests.conftest import POSTGRES_URL, postgres_database, wait_for
 from worker.meter import drop_file_pages
 from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, tiled_decode
 
@@ -148,7 +148,7 @@ def _fresh_database(kind: str, tmp_path):
         return
     if not POSTGRES_URL:
         pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set")
-    gen = _postgres_database()
+    gen = postgres_database()
     try:
         yield next(gen)
     finally:

@@ -25,7 +25,7 @@ def secured(sqlite_url, redis_url):
     model = f"sec-{uuid.uuid4().hex[:6]}"  # a queue no worker consumes: jobs stay queued
     sessions = session_factory(sqlite_url)
     with sessions.begin() as s:
-        fleet.beat(s, fleet.Heartbeat("h:1", "h", model, "optimum", "bf16", "fast", 8 * GB, None, 16 * GB, 12 * GB,
+        fleet.beat(s, fleet.heartbeat("h:1", "h", model, "optimum", "bf16", "fast", 8 * GB, None, 16 * GB, 12 * GB,
                                       GB, None), utcnow())
         alice = keys.create_key(s, "alice")
         bob = keys.create_key(s, "bob", rate_limit_per_min=3)

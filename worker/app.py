@@ -9,10 +9,12 @@ import os
 
 from celery.signals import worker_process_init
 
-from shared.db import engine_for, migrate, wait_for_database
-from shared.queue import GENERATE_TASK, make_celery, queue_name, send_webhook
+from shared import fleet
+from shared.db import engine_for, migrate, session_factory, wait_for_database
+from shared.queue import GENERATE_TASK, hard_time_limit, make_celery, queue_name, send_webhook
 from shared.settings import get_settings
-from worker.host import Host
+from shared.retry import retrying
+from worker.host import Host, take_back_orphans
 from worker.pipelines import get_pipeline
 from worker.tasks import run_job
 
@@ -26,7 +28,8 @@ _host: Host | None = None
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
     # webhooks go to the ops workers: this worker goes on to its next job at once
-    return run_job(job_id, delivery_id, _host, lambda finished: send_webhook(app, finished))
+    return run_job(job_id, delivery_id, _host,
+                   lambda finished, hook: send_webhook(app, finished, hook.delivery_id, hook.attempts_done))
 
 
 @worker_process_init.connect
@@ -35,6 +38,10 @@ def _load_pipeline(**_kwargs) -> None:
     global _host
     # connections opened by the parent (its migration) must not be shared across the fork
     engine_for(settings.database_url).dispose(close=False)
+    try:
+        retrying(lambda: take_back_orphans(settings), patience_s=30)
+    except Exception:
+        log.exception("could not take back the job of a dead pool child; the reconciler will")
     _host = Host(settings, get_pipeline(settings))
     _host.start_heartbeat()
 
@@ -56,6 +63,9 @@ def preflight() -> str:
 
 def main(extra_args: list[str] | None = None) -> None:
     name = preflight()
+    with session_factory(settings.database_url)() as session:
+        generate.time_limit = hard_time_limit(settings.job_timeout_s, fleet.slowest_step_s(session, name))
+    log.info("job timeout %s s, hard limit %s s", settings.job_timeout_s, generate.time_limit)
     log.info("serving %s from %s on queue %s", name, settings.model, queue_name(name))
     app.worker_main([
         "worker", "--queues", queue_name(name), "--concurrency", "1", "--prefetch-multiplier", "1",

@@ -26,6 +26,25 @@ log = logging.getLogger(__name__)
 HOST = socket.gethostname()
 
 
+def worker_name() -> str:
+    """One name for the Celery worker (host and the main process's pid), kept when its pool child is replaced."""
+    return f"{HOST}:{os.getppid()}"
+
+
+def take_back_orphans(settings: Settings) -> None:
+    """Run by a pool child as it starts, before loading its model: if it replaces one that died (SIGKILL, the
+    OOM killer), the job that one was running goes back to queued at once, its attempt in the history (or
+    ends timeout / worker_lost), instead of showing `running` on a dead process until its message comes round
+    again. Celery has already put the message back (late ack, reject on worker lost): its delivery ID is kept."""
+    with session_factory(settings.database_url).begin() as session:
+        for job in store.running_on(session, worker_name()):
+            lost = f"the worker process running attempt {job.attempts} on {job.worker_host} died"
+            outcome = store.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s,
+                                      keep_delivery=True)
+            log.warning("job %s: %s; %s", job.id, lost,
+                        "ended" if outcome == "" else "queued again" if outcome else "it had moved on")
+
+
 @dataclass
 class Running:
     attempt: store.Attempt
@@ -39,8 +58,7 @@ class Host:
         self.model = settings.served_model_name
         # a custom pipeline that does not say how it runs is taken as keeping everything resident
         self.memory_mode = getattr(pipeline, "memory_mode", "fast")
-        # one name for the Celery worker, kept when its pool child is replaced
-        self.name = f"{HOST}:{os.getppid()}"
+        self.name = worker_name()
         self.budget, self.cgroup_limit = read_host_budget(settings.memory_reserve, settings.memory_budget)
         self.started_at = utcnow()
         # A pipeline that releases components between jobs loads them again in every job: its base for
@@ -69,6 +87,12 @@ class Host:
                 self.beat()
             except Exception:  # the database may be away for a while; the next beat tries again
                 log.exception("heartbeat failed")
+
+    def try_beat(self) -> None:
+        try:
+            self.beat()
+        except Exception:  # the database may be away for a moment; the heartbeat thread tries again
+            log.warning("heartbeat not written", exc_info=True)
 
     def beat(self) -> None:
         running = self.running

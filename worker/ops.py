@@ -1,86 +1,104 @@
-"""The ops worker: webhook deliveries (retried with backoff, never in a model worker's way) and the periodic
-reconciler (Celery beat). It imports no model stack; run several, on any hosts: both are idempotent."""
+"""The ops worker: webhook deliveries (retried with backoff, never in a model worker's way) and, in a thread of
+its own, the periodic reconciler and retention. It imports no model stack; run several, on any hosts: a
+webhook hand-out is sent by one of them (compare-and-set), and the reconciler runs one pass per interval in the
+whole fleet (a Redis key that expires), so webhook deliveries can never starve it."""
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import threading
+import time
+import uuid
 
 import httpx
 import redis
 
-from shared import keys, store
+from shared import keys, store, webhooks
 from shared.db import session_factory
+from shared.jobs import WebhookStatus
 from shared.models import ApiKey
-from shared.queue import OPS_QUEUE, RECONCILE_TASK, WEBHOOK_TASK, make_celery
-from shared.reconcile import reconcile
+from shared.queue import RECONCILE_LOCK_KEY, WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
+from shared.reconcile import enforce_retention, reconcile
+from shared.retry import retrying
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings)
-app.conf.beat_schedule = {
-    "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s, "options": {"queue": OPS_QUEUE}},
-}
 sessions = session_factory(settings.database_url)
-WEBHOOK_TIMEOUT_S = 10.0
 
 
-def _set_webhook(job_id: str, status: str | None, attempts: int) -> None:
-    from sqlalchemy import update
+def _end(job_id: str, delivery_id: str | None, status: WebhookStatus) -> None:
+    def write():
+        with sessions.begin() as session:
+            store.end_webhook(session, job_id, delivery_id, status)
 
-    from shared.models import Job
-
-    with sessions.begin() as session:
-        values = {"webhook_attempts": attempts}
-        if status:
-            values["webhook_status"] = status
-        session.execute(update(Job).where(Job.id == job_id, Job.webhook_status == "pending").values(**values))
+    retrying(write)
 
 
-@app.task(name=WEBHOOK_TASK, bind=True, max_retries=settings.webhook_max_attempts - 1, acks_late=True)
-def deliver_webhook(self, job_id: str) -> str:
+@app.task(name=WEBHOOK_TASK, bind=True, max_retries=None, acks_late=True)
+def deliver_webhook(self, job_id: str, delivery_id: str | None = None, attempts_done: int = 0) -> str:
     """POST the finished job's record to its webhook_url, signed with its key's secret (HMAC-SHA256 of the
     body in X-Sdfleet-Signature); retried with exponential backoff; at-least-once (X-Sdfleet-Job dedups)."""
-    with sessions() as session:
-        job = store.get_job(session, job_id)
-        if job is None or job.webhook_status != "pending":
-            return "nothing to send"
-        url, attempts = job.webhook_url, job.webhook_attempts + 1
-        body = store.to_public(job).model_dump_json().encode()
-        owner = session.get(ApiKey, job.owner_key_id) if job.owner_key_id else None
-        secret = owner.webhook_secret if owner else settings.webhook_secret
+    def claim():
+        with sessions.begin() as session:
+            send = store.claim_webhook(session, job_id, delivery_id, attempts_done)
+            owner = session.get(ApiKey, send.owner_key_id) if send and send.owner_key_id else None
+            return send, (owner.webhook_secret if owner else settings.webhook_secret)
+
+    send, secret = retrying(claim)
+    if send is None:
+        return "nothing to send"
+    try:
+        dest = webhooks.resolve(send.url, settings.webhook_allowed)  # again: DNS may have changed since submit
+    except webhooks.WebhookRefused as exc:
+        log.warning("webhook of job %s not sent: %s", job_id, exc)
+        _end(job_id, delivery_id, WebhookStatus.failed)
+        return "refused"
     headers = {"Content-Type": "application/json", "X-Sdfleet-Job": job_id, "X-Sdfleet-Event": "job.finished"}
     if secret:
-        headers[keys.SIGNATURE_HEADER] = keys.sign(secret, body)
+        headers[keys.SIGNATURE_HEADER] = keys.sign(secret, send.body)
     try:
-        ok = httpx.post(url, content=body, headers=headers, timeout=WEBHOOK_TIMEOUT_S).is_success
-    except httpx.HTTPError as exc:
-        log.info("webhook of job %s to %s: %s", job_id, url, exc)
+        ok = 200 <= webhooks.post(dest, send.body, headers, settings.webhook_timeout_s) < 300
+    except (httpx.HTTPError, TimeoutError, OSError) as exc:
+        log.info("webhook of job %s to %s: %s", job_id, send.url, type(exc).__name__)
         ok = False
     if ok:
-        _set_webhook(job_id, "delivered", attempts)
+        _end(job_id, delivery_id, WebhookStatus.delivered)
         return "delivered"
-    if self.request.retries >= self.max_retries:
-        _set_webhook(job_id, "failed", attempts)
+    if send.attempt >= settings.webhook_max_attempts:
+        _end(job_id, delivery_id, WebhookStatus.failed)
         return "failed"
-    _set_webhook(job_id, None, attempts)
-    raise self.retry(countdown=2 ** self.request.retries)
+    raise self.retry(args=[job_id, delivery_id, send.attempt], countdown=2 ** (send.attempt - 1))
 
 
-@app.task(name=RECONCILE_TASK)
-def reconcile_task() -> dict:
-    broker = redis.Redis.from_url(settings.redis_url)
-    report = reconcile(sessions, broker, app, settings)
-    return {k: len(v) for k, v in vars(report).items()}
+def periodic_pass(broker: redis.Redis, me: str) -> bool:
+    """One reconciler + retention pass, if no ops worker in the fleet ran one in the last interval."""
+    interval_ms = int(settings.reconcile_interval_s * 1000)
+    if not broker.set(RECONCILE_LOCK_KEY, me, nx=True, px=interval_ms):
+        return False
+    reconcile(sessions, broker, app, settings)
+    enforce_retention(sessions, settings)
+    return True
+
+
+def _periodic_loop() -> None:
+    broker = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    me = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    while True:
+        try:
+            periodic_pass(broker, me)
+        except Exception:  # Redis or the database away: the next interval tries again
+            log.exception("reconciler pass failed")
+        time.sleep(settings.reconcile_interval_s)
 
 
 def main(extra_args: list[str] | None = None) -> None:
-    schedule = tempfile.mkdtemp(prefix="sdfleet-beat-") + "/schedule"
+    threading.Thread(target=_periodic_loop, name="sdfleet-reconciler", daemon=True).start()
     app.worker_main([
-        "worker", "--queues", OPS_QUEUE, "--pool", "threads", "--concurrency", "4", "--beat",
-        "--schedule", schedule, "--hostname", f"sdfleet-ops@%h.{os.getpid()}", "--loglevel", "INFO",
+        "worker", "--queues", WEBHOOK_QUEUE, "--pool", "threads", "--concurrency", "4",
+        "--hostname", f"sdfleet-ops@%h.{os.getpid()}", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle", *(extra_args or []),
     ])

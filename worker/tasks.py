@@ -12,14 +12,14 @@ import threading
 import time
 from typing import Callable
 
-from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import fleet, store
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
 from shared.memory import Shape, fmt_gb, guidance_on, predict
+from shared.retry import is_transient, retrying
 from worker.host import HOST, Host, Running
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
 from worker.pipelines import ImageRequest, settle
@@ -59,15 +59,20 @@ class Monitor:
                 self.cancelled.set()
         self._written = position
 
+    def _try_sync(self) -> None:
+        try:
+            self.sync()
+        except Exception as exc:  # progress is best effort; the job's result is what must be stored
+            if not is_transient(exc):
+                raise
+            log.warning("progress of job %s not written: database unreachable", self.attempt.job_id)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.sync()
-            except OperationalError:
-                log.warning("progress of job %s not written: database unreachable", self.attempt.job_id)
+            self._try_sync()
 
     def __enter__(self) -> "Monitor":
-        self.sync()  # a cancel asked for before the job started is seen before its first step
+        self._try_sync()  # a cancel asked for before the job started is seen before its first step
         self._thread = threading.Thread(target=self._run, name="sdfleet-monitor", daemon=True)
         self._thread.start()
         return self
@@ -77,10 +82,28 @@ class Monitor:
         self._thread.join()
 
 
-def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: Monitor) -> list[store.GeneratedImage]:
+class StepClock:
+    """The slowest denoising step: what the hard time limit must leave room for."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.slowest = 0.0
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.slowest = max(self.slowest, now - self.last)
+        self.last = now
+
+
+def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: Monitor,
+                  clock: StepClock) -> list[store.GeneratedImage]:
     image_index = 0
 
     def on_step(step: int, total: int) -> None:
+        clock.tick()
         monitor.position = (image_index, step, total)
         if monitor.cancelled.is_set():
             raise JobCancelled()
@@ -94,6 +117,7 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
         if monitor.cancelled.is_set():
             raise JobCancelled()
         meter.mark("encode", i)
+        clock.restart()
         image = host.pipeline.generate(ImageRequest(
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
@@ -102,21 +126,6 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
         images.append(store.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
                                            png=_png(image)))
     return images
-
-
-def _retrying(fn: Callable, what: str, patience_s: float = 60.0):
-    """A finished job's result is worth waiting for a database that is away for a moment."""
-    deadline = time.monotonic() + patience_s
-    delay = 0.5
-    while True:
-        try:
-            return fn()
-        except OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("database unreachable while %s; retrying in %.1f s", what, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5)
 
 
 def run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[str], None]) -> str:
@@ -130,54 +139,78 @@ def run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[
         settle(host.pipeline)
 
 
-def _ended_with_webhook(sessions, job_id: str) -> bool:
-    with sessions() as session:
-        job = store.get_job(session, job_id)
-        return job is not None and job.webhook_status == "pending"
+def _notify_if_due(sessions, job_id: str, notify: Callable[[str, store.WebhookHandout], None]) -> None:
+    """A job that just ended with a webhook: hand its delivery to the ops workers."""
+    def read():
+        with sessions() as session:
+            return store.webhook_handout(session, job_id)
+
+    handout = retrying(read, patience_s=10)
+    if handout:
+        notify(job_id, handout)
 
 
-def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[str], None]) -> str:
+def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> store.Attempt | None:
+    settings = host.settings
+
+    def claim():
+        with sessions.begin() as session:
+            return store.start_attempt(session, job_id, delivery_id, HOST, host.name, settings.max_attempts,
+                                       settings.job_timeout_s)
+
+    try:
+        return retrying(claim, patience_s=30)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # The database stayed away: the job is not this worker's fault. Its message goes back to the queue
+        # (late ack) and the job is tried again; the reconciler covers the case where Redis loses it.
+        log.warning("job %s: database unreachable at start (%s); handing the message back", job_id, exc)
+        raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
+
+
+def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[str, store.WebhookHandout], None]) -> str:
     settings = host.settings
     sessions = session_factory(settings.database_url)
-    with sessions.begin() as session:
-        attempt = store.start_attempt(session, job_id, delivery_id, HOST, host.name, settings.max_attempts)
+    attempt = _claim(sessions, job_id, delivery_id, host)
     if attempt is None:
         log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
-        with sessions() as session:
-            job = store.get_job(session, job_id)
-            # this delivery may just have ended the job worker_lost: its webhook is due
-            due = job is not None and job.error_code == ErrorCode.worker_lost.value and job.webhook_status == "pending"
-        if due:
-            notify(job_id)
+        _notify_if_due(sessions, job_id, notify)  # this delivery may just have ended it worker_lost / timeout
         return "skipped"
     params = attempt.parameters
 
     def end(code: ErrorCode, message: str, reading=None, elapsed=None) -> str:
-        with sessions.begin() as session:
-            store.finish_failed(session, attempt, code, message, reading, elapsed)
-        if _ended_with_webhook(sessions, job_id):
-            notify(job_id)
+        def write():
+            with sessions.begin() as session:
+                store.finish_failed(session, attempt, code, message, reading, elapsed)
+
+        retrying(write)
+        _notify_if_due(sessions, job_id, notify)
         return JobStatus.cancelled.value if code is ErrorCode.cancelled else JobStatus.failed.value
 
     if params.model != host.model:
         return end(ErrorCode.model_unavailable, f"this worker serves {host.model!r}, not {params.model!r}")
     shape = shape_of(params)
     pipeline = host.pipeline
-    with sessions() as session:
-        known = fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
+    def read_profiles():
+        with sessions() as session:
+            return fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
+
+    known = retrying(read_profiles)
     expected = predict(shape, known, host.resident)
     if expected.bytes > host.budget:
         return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_gb(expected.bytes)} ({expected.source}) "
                    f"exceeds this worker's budget of {fmt_gb(host.budget)}")
 
     meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=host.budget)
+    clock = StepClock()
     code = message = None
     t0 = time.perf_counter()
     try:
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
             host.running = Running(attempt, meter)
-            host.beat()  # at once, not at the next beat: a worker killed now still leaves a reading
-            images = _generate_all(host, params, meter, monitor)
+            host.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
+            images = _generate_all(host, params, meter, monitor, clock)
     except JobCancelled:
         code, message = ErrorCode.cancelled, "cancelled while running"
     except MemoryBudgetExceeded as exc:
@@ -198,17 +231,24 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
                 ok = store.finish_failed(session, attempt, code, message, reading, elapsed)
             if ok:
                 fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
-                if code is None:
-                    # Only complete runs teach the profile: an aborted job's peak is a lower bound, and
-                    # scaled to other sizes it would refuse jobs that fit.
-                    fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision,
-                                         host.memory_mode, shape, reading.peak_rss_bytes, reading.rss_before_bytes)
             return ok
 
-    ok = _retrying(finish, f"storing job {job_id}")
+    def learn() -> None:
+        # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
+        # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result.
+        with sessions.begin() as session:
+            fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode,
+                                 shape, reading.peak_rss_bytes, reading.rss_before_bytes, clock.slowest or None)
+
+    ok = retrying(finish)
     status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
-    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s)", job_id, status, elapsed,
-             fmt_gb(reading.peak_rss_bytes), fmt_gb(expected.bytes), expected.source)
-    if ok and _ended_with_webhook(sessions, job_id):
-        notify(job_id)
+    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", job_id, status, elapsed,
+             fmt_gb(reading.peak_rss_bytes), fmt_gb(expected.bytes), expected.source, clock.slowest)
+    if ok and code is None:
+        try:
+            retrying(learn)
+        except Exception:
+            log.exception("job %s: its memory profile was not recorded", job_id)
+    if ok:
+        _notify_if_due(sessions, job_id, notify)
     return status if ok else "superseded"

@@ -1,0 +1,125 @@
+"""The one error shape, the handlers that map every failure to it at the API's edge, and the OpenAPI
+description of each status a route can answer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ErrorCode, RateLimited, SdfleetError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_DESCRIBED = {
+    401: "unauthorized: authentication is required (SDFLEET_AUTH) and the bearer key is missing, unknown or "
+         "revoked",
+    404: "not_found: no such job or image (or it belongs to another key); a job ID that is not a UUID is "
+         "no job",
+    405: "method_not_allowed: the path exists, the method does not; `Allow` lists the methods",
+    409: "conflict (the job has finished) or idempotency_conflict (the key was used with another body)",
+    410: "gone: the job was deleted by retention (when and why are in details)",
+    413: "payload_too_large: the body is larger than SDFLEET_MAX_BODY_BYTES",
+    422: "invalid_request (the field and the reason are in details: a value out of range or of the wrong "
+         "type, an unknown field, control characters in text, a body that is not a JSON object or not "
+         "valid JSON / UTF-8, a webhook_url that is not allowed) or insufficient_memory (the predicted "
+         "peak, the largest budget, and hints that would fit)",
+    429: "rate_limited: this key's submissions in the last minute are used up; see Retry-After",
+    503: "model_unavailable (no live worker serves the model) or service_unavailable (the database "
+         "or the broker is unreachable; nothing was stored)",
+}
+
+
+def responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses (every route also answers 401 when auth is on)."""
+    return {s: {"model": ErrorBody, "description": _DESCRIBED[s]} for s in sorted({401, *statuses})}
+
+
+def error_response(status: int, code: ErrorCode, message: str, details: Any = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc[:1] in (["body"], ["header"], ["path"], ["query"]):
+            loc = loc[1:]
+        if err.get("type") == "json_invalid":
+            out.append({"field": "body", "reason": f"not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"})
+            continue
+        if loc == [] and err.get("type") in ("model_attributes_type", "dict_type"):
+            out.append({"field": "body", "reason": "must be a JSON object"})
+            continue
+        reason = err.get("msg", "invalid").removeprefix("Value error, ")
+        out.append({"field": ".".join(loc) or "body", "reason": reason})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    def sdfleet_error(exc: SdfleetError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(SdfleetError)
+    async def _sdfleet_error(_req: Request, exc: SdfleetError):
+        return sdfleet_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError):
+        details = _field_errors(exc)
+        first = details[0] if details else {"field": "body", "reason": "invalid"}
+        return error_response(422, ErrorCode.invalid_request, f"{first['field']}: {first['reason']}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:
+            # FastAPI's body parser gave up: invalid UTF-8, nesting deeper than the parser's recursion
+            # limit, an integer of more digits than Python converts. All are a body that is not valid JSON.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, SdfleetError):  # the body limit, hit while FastAPI read the body
+                return sdfleet_error(cause)
+            reason = f"not valid JSON ({type(cause).__name__})" if cause else "not valid JSON"
+            return error_response(422, ErrorCode.invalid_request, f"body: {reason}",
+                                  [{"field": "body", "reason": reason}])
+        code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code,
+                                                                                 ErrorCode.invalid_request)
+        message = {404: "no such route", 405: "method not allowed on this path"}.get(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_req: Request, exc: OperationalError):
+        log.warning("database error: %s", exc)
+        return error_response(503, ErrorCode.service_unavailable, "the database is unreachable; retry shortly")
+
+    @app.exception_handler(redis.RedisError)
+    async def _broker_down(_req: Request, exc: redis.RedisError):
+        log.warning("redis error: %s", exc)
+        return error_response(503, ErrorCode.service_unavailable, "the job queue is unreachable; retry shortly")
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, ErrorCode.internal, f"internal error ({type(exc).__name__})")

@@ -1,0 +1,153 @@
+"""/v1/jobs: submit (validate, admit against memory, store, enqueue), read, cancel, images, memory timeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from sqlalchemy.exc import IntegrityError
+
+from api.admission import admit
+from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
+from api.errors import responses
+from shared import fleet, store, webhooks
+from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound, ServiceUnavailable
+from shared.jobs import MAX_SEED, JobCreate, JobMemoryPublic, JobParameters, JobPublic, JobStatus
+from shared.models import Job
+from shared.queue import send_generate, send_webhook
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def request_hash(job: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _check_webhook(ctx, url: str | None) -> None:
+    if url is None:
+        return
+    try:
+        webhooks.resolve(url, ctx.settings.webhook_allowed, ctx.resolver)
+    except webhooks.WebhookRefused as exc:
+        raise InvalidRequest(f"webhook_url: {exc}", [{"field": "webhook_url", "reason": str(exc)}]) from None
+
+
+@router.post("", status_code=202, response_model=JobPublic,
+             responses={200: {"model": JobPublic, "description": "an Idempotency-Key replay: the same job"},
+                        **responses(409, 413, 422, 429, 503)})
+def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
+               key: Annotated[str | None, Depends(idempotency_key)]) -> JobPublic:
+    """Queue a text-to-image job; answers at once with its ID (poll GET /v1/jobs/{id})."""
+    digest = request_hash(job)
+    if key is not None:
+        with ctx.sessions() as session:
+            earlier = store.find_idempotent(session, owner_id(caller), key)
+            if earlier is not None:
+                if earlier.request_hash != digest:
+                    raise IdempotencyConflict("this Idempotency-Key was used with a different body",
+                                              {"job_id": earlier.id})
+                response.status_code = 200
+                response.headers["Location"] = f"/v1/jobs/{earlier.id}"
+                return store.to_public(earlier)
+    enforce_rate_limit(ctx, caller)
+    model = job.model or ctx.settings.default_model
+    if model is None:
+        raise InvalidRequest(
+            "model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
+            [{"field": "model", "reason": "required when the API has no default model"}],
+        )
+    _check_webhook(ctx, job.webhook_url)
+    params = JobParameters(
+        **job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
+        model=model,
+        seed=job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1),
+    )
+    try:
+        with ctx.sessions.begin() as session:
+            prediction = admit(session, params, ctx.settings.worker_stale_s)
+            row = store.create_job(session, store.NewJob(
+                params=params, priority=job.priority, owner_key_id=owner_id(caller),
+                idempotency_key=key, request_hash=digest, webhook_url=job.webhook_url,
+                predicted_peak_bytes=prediction.bytes, prediction_source=prediction.source,
+            ))
+    except IntegrityError:  # the same key submitted concurrently: the other request won
+        if key is None:
+            raise
+        return submit_job(job, response, caller, ctx, key)
+    try:
+        send_generate(ctx.celery, row.id, row.delivery_id, model, job.priority)
+    except Exception as exc:  # the broker is down: keep nothing the client was not told about
+        with ctx.sessions.begin() as session:
+            session.delete(session.get(Job, row.id))
+        raise ServiceUnavailable(f"the job queue is unreachable ({type(exc).__name__}); nothing was stored") from exc
+    response.headers["Location"] = f"/v1/jobs/{row.id}"
+    return store.to_public(row, queue_position=None)
+
+
+def owned_job(session, job_id: str, caller) -> Job:
+    job = store.get_job(session, job_id, owner_id(caller))
+    if job is None:
+        stone = store.tombstone(session, job_id, owner_id(caller))
+        if stone is not None:
+            raise Gone(f"job {job_id} was deleted at {stone.deleted_at.isoformat()} ({stone.reason})",
+                       {"deleted_at": stone.deleted_at.isoformat(), "reason": stone.reason,
+                        "status": stone.status})
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=responses(404, 410))
+def get_job(job_id: JobId, caller: Caller, ctx: Ctx) -> JobPublic:
+    with ctx.sessions() as session:
+        job = owned_job(session, job_id, caller)
+        position = store.queue_position(session, job) if job.status == JobStatus.queued.value else None
+        return store.to_public(job, position)
+
+
+@router.delete("/{job_id}", response_model=JobPublic, status_code=200,
+               responses={202: {"model": JobPublic, "description": "running: cancel_requested is true; the job "
+                                "stops at its next denoising step and ends cancelled"},
+                          **responses(404, 409, 410)})
+def cancel_job(job_id: JobId, caller: Caller, ctx: Ctx, response: Response) -> JobPublic:
+    """Cancel: a queued job never runs (200, cancelled); a running one stops at its next denoising
+    step (202, cancel_requested); a finished one is 409."""
+    with ctx.sessions.begin() as session:
+        job = store.cancel(session, job_id, owner_id(caller))
+        if job is None:
+            owned_job(session, job_id, caller)  # 410 for a deleted job, else 404
+        record = store.to_public(job)
+        hook = store.webhook_handout(session, job_id) if record.status is JobStatus.cancelled else None
+    if record.status is JobStatus.cancelled:
+        if hook:
+            send_webhook(ctx.celery, job_id, hook.delivery_id, hook.attempts_done)
+    else:
+        response.status_code = 202
+    return record
+
+
+@router.get("/{job_id}/images/{index}.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, **responses(404, 410)})
+def get_image(job_id: JobId, index: int, caller: Caller, ctx: Ctx) -> Response:
+    if not 0 <= index < 2**31:  # no such image; and past the database's integers
+        raise NotFound(f"job {job_id} has no image {index}")
+    with ctx.sessions() as session:
+        png = store.image_png(session, job_id, index, owner_id(caller))
+        if png is None:
+            owned_job(session, job_id, caller)
+            raise NotFound(f"job {job_id} has no image {index}")
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/memory", response_model=JobMemoryPublic, responses=responses(404, 410))
+def get_job_memory(job_id: JobId, caller: Caller, ctx: Ctx) -> JobMemoryPublic:
+    """The job's memory timeline (its last attempt): RSS samples with phase marks."""
+    with ctx.sessions() as session:
+        job = owned_job(session, job_id, caller)
+        row = fleet.timeline(session, job_id)
+        if row is None:
+            raise NotFound(f"no memory timeline for job {job_id} yet")
+        return JobMemoryPublic(job_id=job_id, attempt=row.attempt, interval_s=row.interval_s,
+                               peak_rss_bytes=job.peak_rss_bytes, samples=row.timeline)

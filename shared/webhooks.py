@@ -1,0 +1,102 @@
+"""Which webhook URLs a job may name. The ops worker POSTs to them, so an address inside the fleet's network
+(loopback under any alias, private ranges, link-local metadata endpoints, the Redis port) would make it a
+tool for server-side request forgery: the host is resolved and every address it names must be public, unless
+it falls in a network the operator allowed. Checked at submit and again at send time (DNS can change), and
+the send connects to the address that was checked."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class WebhookRefused(ValueError):
+    """The URL or the address it resolves to is not one the ops worker may send to; the message says why."""
+
+
+def check_syntax(url: str) -> str:
+    """Syntax only (no DNS): an http(s) URL with a host, no credentials, no whitespace or control characters."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise WebhookRefused("must not contain whitespace or control characters (CR, LF, NUL, ...)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookRefused(f"is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused("must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise WebhookRefused("must not carry credentials (user:password@); sign-in is the signature's job")
+    if port == 0:
+        raise WebhookRefused("port 0 is not a port")
+    return url
+
+
+def _why_refused(ip: IPAddress) -> str | None:
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    for attr, what in (("is_loopback", "loopback"), ("is_unspecified", "unspecified"),
+                       ("is_link_local", "link-local"), ("is_multicast", "multicast"),
+                       ("is_reserved", "reserved"), ("is_private", "private")):
+        if getattr(ip, attr):
+            return what
+    return None if ip.is_global else "non-public"
+
+
+@dataclass(frozen=True)
+class Destination:
+    url: str
+    host: str
+    port: int
+    address: IPAddress  # the checked address to connect to
+
+
+def resolve(url: str, allowed: tuple = (), resolver=socket.getaddrinfo) -> Destination:
+    """The address to send to; WebhookRefused if the host does not resolve or any address it resolves to is
+    refused (one refused address among public ones still refuses: the client picks which to use)."""
+    check_syntax(url)
+    parts = urlsplit(url)
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = resolver(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        raise WebhookRefused(f"host {host!r} does not resolve ({exc})") from exc
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
+    if not addresses:
+        raise WebhookRefused(f"host {host!r} does not resolve")
+    for ip in addresses:
+        if any(ip in net for net in allowed):
+            continue
+        why = _why_refused(ip)
+        if why:
+            raise WebhookRefused(
+                f"host {host!r} resolves to {ip}, a {why} address; webhooks go only to public addresses "
+                "(an operator can allow networks with SDFLEET_WEBHOOK_ALLOW_NETWORKS)")
+    return Destination(url=url, host=host, port=port, address=addresses[0])
+
+
+async def _post(dest: Destination, body: bytes, headers: dict, deadline_s: float) -> int:
+    parts = urlsplit(dest.url)
+    ip = f"[{dest.address}]" if dest.address.version == 6 else str(dest.address)
+    target = urlunsplit((parts.scheme, f"{ip}:{dest.port}", parts.path or "/", parts.query, ""))
+    extensions = {"sni_hostname": dest.host} if parts.scheme == "https" else {}
+    # trust_env=False: no proxy from the environment (it would resolve the name again, unchecked)
+    async with httpx.AsyncClient(timeout=deadline_s, follow_redirects=False, trust_env=False) as client:
+        async with asyncio.timeout(deadline_s):
+            response = await client.post(target, content=body, headers={**headers, "Host": parts.netloc},
+                                         extensions=extensions)
+            return response.status_code
+
+
+def post(dest: Destination, body: bytes, headers: dict, deadline_s: float) -> int:
+    """POST to the checked address (no second DNS lookup; TLS still verifies the host's name), within one
+    deadline for the whole exchange: a receiver that trickles a byte every few seconds is cut off, not
+    waited for. Returns the status; raises httpx.HTTPError, TimeoutError or OSError."""
+    return asyncio.run(_post(dest, body, headers, deadline_s))
