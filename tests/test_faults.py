@@ -291,6 +291,35 @@ def test_database_unreachable_gives_clear_503s_then_recovers(stack, tmp_path):
         proxy.pause()
 
 
+def test_a_database_outage_as_a_job_starts_is_waited_out_not_a_failure(stack, tiny_model, tmp_path):
+    """#9: the worker reaches the database through a relay that is cut when the job arrives: the job is
+    claimed once the database is back (the one retry policy), runs once, and does not fail."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import start_worker, wait_worker_ready
+
+    url = make_url(stack.database_url)
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a SQLite file cannot be made unreachable; this runs against PostgreSQL")
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    model = f"outage-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(stack_env(proxied, stack.redis_url, SDFLEET_MODEL=str(tiny_model),
+                                    SDFLEET_MODEL_NAME=model), tmp_path / "worker.log")
+    try:
+        wait_worker_ready(worker, tmp_path / "worker.log", stack.database_url, model)
+        proxy.pause()
+        job = stack.api.submit(prompt="during the outage", model=model, **SHORT)
+        time.sleep(4)  # the worker has the message and cannot reach the database
+        assert stack.api.job(job["id"])["status"] == "queued"
+        proxy.resume()
+        done = stack.api.wait(job["id"], timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1 and done["error"] is None, done
+    finally:
+        stop([worker])
+        proxy.pause()
+
+
 def test_sigterm_finishes_the_current_job_and_hands_back_the_rest(stack, spawn_worker):
     model, proc = spawn_worker("graceful")
     current = stack.api.submit(prompt="a long job", model=model, **LONG)
