@@ -41,12 +41,13 @@ class _Collector:
             finished = session.execute(select(Job.model, Job.generation_s, Job.created_at, Job.started_at,
                                               Job.peak_rss_bytes).where(Job.status == JobStatus.succeeded.value)).all()
             workers = fleet.workers(session)
+            now = fleet.db_now(session)
         jobs = GaugeMetricFamily("sdfleet_jobs", "Jobs by state", labels=["state"])
         for state in JobStatus:
             jobs.add_metric([state.value], by_state.get(state.value, 0))
         yield jobs
 
-        live = [w for w in workers if fleet.is_alive(w, self.settings.worker_stale_s)]
+        live = [w for w in workers if fleet.is_alive(w, self.settings.worker_stale_s, now)]
         depth = GaugeMetricFamily("sdfleet_queue_depth", "Messages waiting in Redis per model", labels=["model"])
         for model in sorted(queued_models | {w.model for w in live}):
             depth.add_metric([model], queue_depth(self.broker, model))
@@ -68,7 +69,7 @@ class _Collector:
         count = GaugeMetricFamily("sdfleet_workers", "Workers by model and liveness", labels=["model", "alive"])
         tally = defaultdict(int)
         for w in workers:
-            tally[(w.model, str(fleet.is_alive(w, self.settings.worker_stale_s)).lower())] += 1
+            tally[(w.model, str(fleet.is_alive(w, self.settings.worker_stale_s, now)).lower())] += 1
         for labels, n in sorted(tally.items()):
             count.add_metric(list(labels), n)
         yield count

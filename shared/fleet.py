@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -22,21 +22,31 @@ def heartbeat(*values) -> WorkerState:
     return WorkerState(**dict(zip(WorkerState.model_fields, values, strict=True)))
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock: the one clock heartbeats are written and judged by, so a host whose own clock is
+    off by minutes is neither dead nor immortal."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(text("SELECT now()"))
+    raw = session.scalar(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))  # SQLite: UTC
+    return datetime.fromisoformat(raw).replace(tzinfo=timezone.utc)
+
+
 def beat(session: Session, hb: Heartbeat, started_at: datetime) -> None:
-    """Upsert this worker's row (only this worker writes it)."""
-    now = utcnow()
+    """Upsert this worker's row (only this worker writes it), stamped with the database's clock."""
+    now = db_now(session)
     values = {**hb.model_dump(), "last_seen": now}
     if session.execute(update(Worker).where(Worker.name == hb.name).values(**values)).rowcount == 0:
         session.add(Worker(**values, started_at=started_at))
 
 
-def is_alive(worker: Worker, stale_s: float, now: datetime | None = None) -> bool:
-    return (now or utcnow()) - worker.last_seen <= timedelta(seconds=stale_s)
+def is_alive(worker: Worker, stale_s: float, now: datetime) -> bool:
+    """`now` is the database's (db_now), like the heartbeat's stamp."""
+    return now - worker.last_seen <= timedelta(seconds=stale_s)
 
 
-def public(worker: Worker, stale_s: float) -> WorkerPublic:
+def public(worker: Worker, stale_s: float, now: datetime) -> WorkerPublic:
     return WorkerPublic.model_validate({**{name: getattr(worker, name) for name in WorkerPublic.model_fields
-                                           if name != "alive"}, "alive": is_alive(worker, stale_s)})
+                                           if name != "alive"}, "alive": is_alive(worker, stale_s, now)})
 
 
 def workers(session: Session) -> list[Worker]:
@@ -44,7 +54,7 @@ def workers(session: Session) -> list[Worker]:
 
 
 def live_workers(session: Session, stale_s: float, model: str | None = None) -> list[Worker]:
-    stmt = select(Worker).where(Worker.last_seen >= utcnow() - timedelta(seconds=stale_s))
+    stmt = select(Worker).where(Worker.last_seen >= db_now(session) - timedelta(seconds=stale_s))
     if model is not None:
         stmt = stmt.where(Worker.model == model)
     return list(session.scalars(stmt.order_by(Worker.budget_bytes.desc())))

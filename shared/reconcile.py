@@ -42,6 +42,7 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         running = list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
                                                           Job.started_at < old)))
         workers = {w.name: w for w in fleet.workers(session)}
+        db_now = fleet.db_now(session)
         hooks = list(session.scalars(select(Job.id).where(
             Job.webhook_status == WebhookStatus.pending.value,
             func.coalesce(Job.webhook_sent_at, Job.finished_at) < now - WEBHOOK_RESEND_AFTER)))
@@ -59,7 +60,7 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
 
     for job in running:
         worker = workers.get(job.worker_name)
-        alive = worker is not None and fleet.is_alive(worker, settings.worker_stale_s)
+        alive = worker is not None and fleet.is_alive(worker, settings.worker_stale_s, db_now)
         if alive and (worker.current_job_id == job.id or job.delivery_id in present):
             continue  # running there, or redelivered to it after its pool child died
         where = f"on {job.worker_host}" if job.worker_host else ""

@@ -43,6 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `one_database` exercise processes, signals and the broker rather than SQL (the SQL they
+    use is tested on both databases elsewhere): with PostgreSQL available they run on it alone."""
+    if not POSTGRES_URL:
+        return
+    dropped = [i for i in items if i.get_closest_marker("one_database") and getattr(i, "callspec", None)
+               and i.callspec.params.get("database_url") == "sqlite"]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in set(dropped)]
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """A real Redis: SDFLEET_TEST_REDIS_URL, else a local server on 6379 (db 15), else the bundled one."""
@@ -201,7 +213,25 @@ def spawn_worker(stack, tiny_model, tmp_path):
         return model, proc
 
     yield spawn
-    stop(started)
+    kill_tree(started)  # cleanup only: the tests of a graceful stop send SIGTERM themselves
+
+
+def kill_tree(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each process and its children (a Celery worker's pool child would outlive its parent)."""
+    for p in procs:
+        if p.poll() is not None:
+            continue
+        try:
+            children = psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for c in [*children]:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        p.kill()
+        p.wait()
 
 
 def pool_child(proc: subprocess.Popen) -> int:

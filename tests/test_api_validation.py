@@ -41,7 +41,6 @@ BAD_BODIES = [
     ({"prompt": "a\u0000b"}, "prompt"),
     ({"prompt": "a cat", "negative_prompt": "blurry\u0000"}, "negative_prompt"),
     ({"prompt": "a \u001b[31mcat"}, "prompt"),
-    ({"prompt": "a \ud800 cat"}, "prompt"),
     # webhook URLs: control characters, header injection, credentials, addresses inside the fleet's network
     ({"prompt": "a cat", "webhook_url": "http://example.com/\u0000"}, "webhook_url"),
     ({"prompt": "a cat", "webhook_url": "http://example.com/a\r\nX-Injected: 1"}, "webhook_url"),
@@ -83,6 +82,13 @@ def test_bad_body_is_422_with_field_and_reason(stack, unchanged, body, field):
     fields = {d["field"] for d in error["details"]}
     assert field in fields, error
     assert all(d["reason"] for d in error["details"])
+
+
+def test_a_lone_surrogate_in_the_prompt_is_422(stack, unchanged):
+    r = stack.api.http.post("/v1/jobs", content=b'{"prompt": "a \\ud800 cat"}',
+                            headers={"content-type": "application/json"})
+    error = assert_error_shape(r, 422, "invalid_request")
+    assert error["details"][0]["field"] == "prompt" and "surrogate" in error["message"]
 
 
 @pytest.mark.parametrize("content,ctype", [

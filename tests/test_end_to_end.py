@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
 
@@ -89,6 +90,7 @@ def test_peak_rss_is_recorded_and_above_the_idle_workers_rss(stack):
     assert again["peak_rss_bytes"] < big["peak_rss_bytes"]
 
 
+@pytest.mark.one_database
 def test_the_genai_backend_serves_jobs_the_same_way(stack, spawn_worker):
     model, _ = spawn_worker("genai", SDFLEET_BACKEND="genai")
     (w,) = [w for w in stack.api.workers() if w["model"] == model]

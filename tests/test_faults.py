@@ -27,6 +27,8 @@ from shared.settings import Settings
 from tests.conftest import ROOT, free_port, pool_child, stack_env
 from tests.test_worker_failures import wait_status
 
+pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
+
 LONG = dict(width=512, height=512, steps=150, guidance_scale=1.0)
 SHORT = dict(width=64, height=64, steps=1)
 

@@ -39,6 +39,25 @@ def test_workers_heartbeat_and_a_silent_worker_is_gone_and_not_capacity(stack):
     assert _job_count(stack) == before
 
 
+def test_liveness_is_judged_by_the_database_clock_not_the_hosts(database_url):
+    """A host whose clock runs minutes ahead or behind writes the database's time into its heartbeat: it is
+    alive while it beats, and gone `stale_s` after its last beat by the database's clock."""
+    from shared.db import engine_for, migrate, session_factory
+
+    migrate(engine_for(database_url))
+    sessions = session_factory(database_url)
+    for skew in (timedelta(minutes=-10), timedelta(minutes=10)):
+        name = f"skewed{skew.days}:1"
+        with sessions.begin() as s:
+            fleet.beat(s, fleet.heartbeat(name, "skewed", "clock-model", "optimum", "bf16", "fast", 8 * GB, None,
+                                          16 * GB, 12 * GB, GB, None), utcnow() + skew)
+        with sessions() as s:
+            row, now = s.get(fleet.Worker, name), fleet.db_now(s)
+            assert abs(row.last_seen - now) < timedelta(seconds=5)
+            assert name in {w.name for w in fleet.live_workers(s, 30)}
+            assert fleet.is_alive(row, 30, now) and not fleet.is_alive(row, 30, now + timedelta(seconds=31))
+
+
 def test_unserved_model_is_503_and_nothing_is_stored(stack):
     before = _job_count(stack)
     r = stack.api.http.post("/v1/jobs", json={"prompt": "a cat", "model": "nobody-serves-this"})

@@ -129,6 +129,7 @@ def test_dropping_the_weights_file_pages_lowers_rss_and_the_next_image_is_the_sa
     assert np.array_equal(np.asarray(pipe.generate(JOBS[1])), before_image)
 
 
+@pytest.mark.one_database
 def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_profile(stack, spawn_worker):
     model, _ = spawn_worker("low", SDFLEET_MEMORY_MODE="low")
     (w,) = [w for w in stack.api.workers() if w["model"] == model]

@@ -45,6 +45,7 @@ def test_cancel_queued_never_runs_running_stops_at_next_step_finished_is_409(sta
     assert_error_shape(stack.api.http.delete("/v1/jobs/no-such-job"), 404, "not_found")
 
 
+@pytest.mark.one_database
 def test_progress_while_running_and_queue_position_while_queued(stack, spawn_worker):
     model, _ = spawn_worker("progress")
     first = stack.api.submit(prompt="a long job", model=model, num_images=2, **LONG)
@@ -67,6 +68,7 @@ def test_progress_while_running_and_queue_position_while_queued(stack, spawn_wor
         assert stack.api.wait(j["id"], timeout=60)["status"] == "succeeded"
 
 
+@pytest.mark.one_database
 def test_priorities_are_honoured_by_the_broker(stack, spawn_worker):
     model, _ = spawn_worker("priority")
     blocker = stack.api.submit(prompt="a long job", model=model, **LONG)
@@ -135,6 +137,7 @@ def _wait_webhook(stack, job_id, status="delivered", timeout=60):
     return wait_for(stack, job_id, "webhook_status", status, timeout)
 
 
+@pytest.mark.one_database
 def test_webhook_is_retried_with_backoff_until_delivered(stack, webhook_server):
     url, received = webhook_server(fail_first=2)
     job = stack.api.submit(prompt="a cat", webhook_url=url, **SHORT)
@@ -152,6 +155,7 @@ def test_webhook_is_retried_with_backoff_until_delivered(stack, webhook_server):
     assert not keys.verify("another secret", body, headers[keys.SIGNATURE_HEADER])
 
 
+@pytest.mark.one_database
 def test_a_slow_webhook_does_not_hold_up_the_workers_next_job(stack, webhook_server):
     url, received = webhook_server(delay_s=6)
     first = stack.api.submit(prompt="with a slow hook", webhook_url=url, **SHORT)

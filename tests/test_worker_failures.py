@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+import pytest
 
 from shared import store
 from shared.memory import GB
 from tests.conftest import pool_child, wait_for
+
+pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
 
 FAULTY = {"SDFLEET_BACKEND": "tests.fakes:faulty"}
 

@@ -18,7 +18,8 @@ router = APIRouter()
 def list_workers(caller: Caller, ctx: Ctx) -> list[WorkerPublic]:
     """Every worker that has sent a heartbeat; `alive` is false once it stops (not counted as capacity)."""
     with ctx.sessions() as session:
-        return [fleet.public(w, ctx.settings.worker_stale_s) for w in fleet.workers(session)]
+        now = fleet.db_now(session)
+        return [fleet.public(w, ctx.settings.worker_stale_s, now) for w in fleet.workers(session)]
 
 
 @router.get("/v1/models", response_model=list[ModelPublic], responses=responses(), tags=["fleet"])
