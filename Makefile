@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/sdfleet up --submit "$(PROMPT)" --out out/demo.png --log-dir out
 
 test: install
-	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(BIN)/pytest -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) out sdfleet.db sdfleet.db-wal sdfleet.db-shm

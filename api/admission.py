@@ -4,6 +4,7 @@ to need; otherwise the refusal carries the numbers and concrete changes that wou
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -12,6 +13,7 @@ from shared.errors import InsufficientMemory, ModelUnavailable
 from shared.jobs import JobParameters
 from shared.memory import Prediction, Shape, fmt_gb, guidance_on, predict
 from shared.models import Worker
+from shared.queue import memory_class, top_class
 
 _FORMAT_TOKENS = re.compile(r"(^|[-_.])(int8|int4|fp16|fp32|f16|bf16|ov|openvino)(?=$|[-_.])")
 _SIZES = (1024, 768, 512)
@@ -26,6 +28,12 @@ def _predict_on(session: Session, worker: Worker, model: str, shape: Shape) -> P
     return predict(shape, known, worker.resident_bytes)
 
 
+@dataclass(frozen=True)
+class Admission:
+    prediction: Prediction
+    memory_class_bytes: int  # the queue it is routed to: the smallest class that holds the prediction
+
+
 def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> dict:
     return {"message": f"{message} would need ~{fmt_gb(prediction.bytes)}", "change": change,
             "predicted_bytes": prediction.bytes, "fits": prediction.bytes <= budget}
@@ -34,7 +42,7 @@ def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> di
 def hints(session: Session, params: JobParameters, worker: Worker, live: list[Worker]) -> list[dict]:
     """Changes of this job, each with its predicted peak on the largest worker, the ones that fit first."""
     shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
-    budget = worker.budget_bytes
+    budget = top_class(worker.budget_bytes)
     out = []
     no_cfg = Shape(shape.width, shape.height, False)
     if shape.guidance:
@@ -56,13 +64,15 @@ def hints(session: Session, params: JobParameters, worker: Worker, live: list[Wo
         pred = _predict_on(session, best, other, shape)
         out.append({"message": f"the {kind} variant of this model ({other}) would need ~{fmt_gb(pred.bytes)}",
                     "change": {"model": other}, "predicted_bytes": pred.bytes,
-                    "fits": pred.bytes <= best.budget_bytes})
+                    "fits": pred.bytes <= top_class(best.budget_bytes)})
     out.sort(key=lambda h: (not h["fits"], h["predicted_bytes"]))
     return out
 
 
-def admit(session: Session, params: JobParameters, stale_s: float) -> Prediction:
-    """The prediction on the first live worker it fits; raises when none serves the model or none fits."""
+def admit(session: Session, params: JobParameters, stale_s: float) -> Admission:
+    """Route the job: on each live worker serving its model, its predicted peak and the memory class that
+    holds it; the smallest class some worker covers wins (a job never waits for a bigger worker than it
+    needs). Raises when no worker serves the model, or none covers the class its job needs."""
     live = fleet.live_workers(session, stale_s)
     serving = [w for w in live if w.model == params.model]  # largest budget first
     if not serving:
@@ -73,19 +83,26 @@ def admit(session: Session, params: JobParameters, stale_s: float) -> Prediction
             {"model": params.model, "served_models": served},
         )
     shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
-    first = None
+    first, best = None, None
     for worker in serving:
         prediction = _predict_on(session, worker, params.model, shape)
         first = first or prediction
-        if prediction.bytes <= worker.budget_bytes:
-            return prediction
+        ceiling = memory_class(prediction.bytes)
+        if ceiling is not None and ceiling <= top_class(worker.budget_bytes):
+            if best is None or ceiling < best.memory_class_bytes:
+                best = Admission(prediction, ceiling)
+    if best is not None:
+        return best
     largest = serving[0]
     tips = hints(session, params, largest, live)
     fitting = [h["message"] for h in tips if h["fits"]]
+    usable = top_class(largest.budget_bytes)
     raise InsufficientMemory(
         f"this job is predicted to need {fmt_gb(first.bytes)} ({first.source}: {first.detail}); the largest "
-        f"live worker serving {params.model!r} has a budget of {fmt_gb(largest.budget_bytes)}"
+        f"live worker serving {params.model!r} has a budget of {fmt_gb(largest.budget_bytes)}, of which its "
+        f"memory class takes jobs up to {fmt_gb(usable)}"
         + (f". Would fit: {'; '.join(fitting)}" if fitting else ". No single change listed would fit"),
         {"predicted_bytes": first.bytes, "prediction_source": first.source,
-         "largest_budget_bytes": largest.budget_bytes, "worker": largest.name, "hints": tips},
+         "largest_budget_bytes": largest.budget_bytes, "largest_class_bytes": usable, "worker": largest.name,
+         "hints": tips},
     )

@@ -187,6 +187,8 @@ def cmd_up(args) -> int:
         env["SDFLEET_MODEL"] = str(tiny)
     name = settings.served_model_name
     env["SDFLEET_DEFAULT_MODEL"] = settings.default_model or name
+    if "SDFLEET_PAUSE_CPU_PERCENT" not in os.environ:
+        env["SDFLEET_PAUSE_CPU_PERCENT"] = "100"  # whoever runs the local stack wants it to run: no CPU pause
 
     procs: list[subprocess.Popen] = []
     try:

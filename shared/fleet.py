@@ -19,7 +19,9 @@ Heartbeat = WorkerState
 
 def heartbeat(*values) -> WorkerState:
     """A heartbeat from values in the schema's field order (tests and benchmarks that stand in for a worker)."""
-    return WorkerState(**dict(zip(WorkerState.model_fields, values, strict=True)))
+    if len(values) > len(WorkerState.model_fields):
+        raise TypeError(f"a heartbeat has {len(WorkerState.model_fields)} fields, not {len(values)}")
+    return WorkerState(**dict(zip(WorkerState.model_fields, values)))
 
 
 def db_now(session: Session) -> datetime:
@@ -37,6 +39,14 @@ def beat(session: Session, hb: Heartbeat, started_at: datetime) -> None:
     values = {**hb.model_dump(), "last_seen": now}
     if session.execute(update(Worker).where(Worker.name == hb.name).values(**values)).rowcount == 0:
         session.add(Worker(**values, started_at=started_at))
+
+
+def mark_loading(session: Session, name: str, reason: str) -> bool:
+    """A worker whose pool child is (re)loading its model: still alive, shown `loading`, its last figures kept
+    (admission keeps routing to it, and its model does not flap to 503). False if it has no row yet (a new
+    worker appears once its model is loaded)."""
+    return session.execute(update(Worker).where(Worker.name == name).values(
+        state="loading", state_reason=reason, current_job_id=None, last_seen=db_now(session))).rowcount == 1
 
 
 def is_alive(worker: Worker, stale_s: float, now: datetime) -> bool:

@@ -42,7 +42,8 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 
 # The state machine README's "Job states" table documents (tests check the code against that table).
 ALLOWED = {
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled}),
+    # queued -> failed: no live worker's memory class can hold it any more (insufficient_memory)
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
     # running -> queued: taken back after the worker running it was lost
     JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.queued}),
     JobStatus.succeeded: frozenset(),
@@ -213,6 +214,9 @@ class JobPublic(BaseModel):
     webhook_status: str | None = Field(description="pending, delivered or failed, for a job with a webhook_url")
     worker_host: str | None
     attempts: int
+    memory_class_bytes: int | None = Field(description="the memory class (queue) the job was routed to: only "
+                                           "workers whose budget covers it take it")
+    handoffs: int = Field(description="times a worker's own pre-check handed it on to a larger class")
     history: list[AttemptRecord] = Field(description="earlier attempts taken back, oldest first")
     error: JobError | None
     images: list[ImageLink]
@@ -252,6 +256,10 @@ class WorkerState(BaseModel):
     resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs; for a pipeline that "
                                 "releases components between jobs, its warm-up peak (what each job loads again)")
     current_job_id: str | None
+    state: Literal["loading", "ready", "paused"] = Field(
+        default="ready", description="loading (its pool child is loading the model: still counted, jobs wait), "
+        "ready, or paused (the host's owner is busy: it takes no job; the reason says why)")
+    state_reason: str | None = None
 
 
 class WorkerPublic(WorkerState):

@@ -17,7 +17,9 @@ _V1_UNLIMITED = 1 << 60
 # with classifier-free guidance (the UNet runs a batch of two). It is deliberately generous (a refused job
 # costs a retry, an admitted one that does not fit costs a worker); profiles replace it after one job.
 PRIOR_FIXED_BYTES = 256 * MB
-PRIOR_BYTES_PER_LATENT_PIXEL = 64 * 1024  # 0.5 GB at 512x512 with guidance, 2 GB at 1024x1024
+# SD 1.5 at 512x512 with guidance peaked 1.25 GiB above its resident set in balanced mode (bf16), past the
+# 64 KiB this was: 160 KiB keeps the prior above what was measured.
+PRIOR_BYTES_PER_LATENT_PIXEL = 160 * 1024  # 1.25 GiB at 512x512 with guidance, 2.5 GiB at 1024x1024 without
 
 
 def cgroup_memory_limit(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -123,7 +125,9 @@ def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -
     """A job's peak RSS on a worker whose loaded pipeline holds `resident_bytes`."""
     for p in profiles:
         if p.shape == shape:
-            return Prediction(p.peak_bytes, "profile", f"measured on {p.samples} job(s) of this shape")
+            # the worker may start higher now than when this was measured (caches grown with larger shapes)
+            grown = max(0, resident_bytes - p.base_bytes) if resident_bytes is not None else 0
+            return Prediction(p.peak_bytes + grown, "profile", f"measured on {p.samples} job(s) of this shape")
     if profiles:
         # The nearest seen shape by activation work; what it used above its base scales with the work.
         near = min(profiles, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))

@@ -85,6 +85,9 @@ class Job(Base):
     webhook_delivery_id: Mapped[str | None] = mapped_column(String(36))
     webhook_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the last delivery attempt began
     history: Mapped[list | None] = mapped_column(JSON)  # earlier attempts taken back (AttemptRecord dicts)
+    # The memory class (queue) the job was routed to, and how often a worker handed it on to a larger one
+    memory_class_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    handoffs: Mapped[int] = mapped_column(Integer, default=0)
 
     worker_host: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -129,6 +132,8 @@ class Worker(Base):
     available_bytes: Mapped[int] = mapped_column(BigInteger)
     resident_bytes: Mapped[int] = mapped_column(BigInteger)  # RSS with the pipeline loaded, between jobs
     current_job_id: Mapped[str | None] = mapped_column(String(36))
+    state: Mapped[str] = mapped_column(String(16), default="ready")  # loading, ready, paused
+    state_reason: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 

@@ -27,19 +27,51 @@ RATE_LIMIT_PREFIX = "sdfleet:ratelimit"  # the `limits` library's moving windows
 RECONCILE_LOCK_KEY = "sdfleet:lock:reconcile"  # one reconciler pass at a time in the whole fleet
 
 
-def queue_name(model: str) -> str:
-    """One queue per model: a worker consumes only the queue of the model it has loaded."""
-    return QUEUE_PREFIX + model
+# Memory classes: a job is routed by its predicted peak to the queue of the smallest class that holds it, and
+# a worker consumes the queues of every class whose ceiling its budget covers. So a job only ever reaches a
+# worker that fits it, whichever worker takes it, with nothing but Celery's queues doing the routing. The
+# ladder climbs by 1.25-1.33x: a worker's usable budget is its largest class, at most a quarter below it.
+_CLASS_MIB = (256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192, 10240, 12288,
+              16384, 20480, 24576, 32768, 40960, 49152, 65536, 81920, 98304, 131072, 163840, 196608, 262144)
+MEMORY_CLASSES = tuple(m << 20 for m in _CLASS_MIB)
 
 
-def queue_keys(model: str) -> list[str]:
-    """The Redis lists holding a model's queued messages, highest priority first."""
-    base = queue_name(model)
-    return [base if p == 0 else f"{base}{_PRIORITY_SEP}{p}" for p in sorted(PRIORITIES.values())]
+def memory_class(predicted_bytes: int) -> int | None:
+    """The smallest class ceiling (bytes) that holds a job predicted at this peak; None past the largest."""
+    return next((c for c in MEMORY_CLASSES if c >= predicted_bytes), None)
+
+
+def classes_within(budget_bytes: int) -> list[int]:
+    """The classes a worker with this budget can take, largest first (its consume order: big jobs first,
+    since only the big workers can run them)."""
+    return [c for c in reversed(MEMORY_CLASSES) if c <= budget_bytes]
+
+
+def top_class(budget_bytes: int) -> int:
+    """The largest class a budget covers: what the worker can be routed, 0 if less than the smallest."""
+    return next(iter(classes_within(budget_bytes)), 0)
+
+
+def queue_name(model: str, ceiling: int) -> str:
+    """One queue per model and memory class: a worker consumes only its model's classes that it fits."""
+    return f"{QUEUE_PREFIX}{model}.mem-{ceiling >> 20}mib"
+
+
+def queue_keys(redis_client, model: str) -> list[str]:
+    """The Redis lists holding a model's queued messages (every class and priority step). Redis drops an
+    empty list, so the keys that exist are the ones with messages."""
+    pattern = f"{QUEUE_PREFIX}{model}.mem-*mib*"
+    return sorted(k.decode() if isinstance(k, bytes) else k for k in redis_client.scan_iter(match=pattern, count=500))
+
+
+def class_depth(redis_client, model: str, ceiling: int) -> int:
+    """Messages waiting in one memory class of a model (every priority step: Redis keeps a list per step)."""
+    base = queue_name(model, ceiling)
+    return sum(redis_client.llen(base if p == 0 else f"{base}{_PRIORITY_SEP}{p}") for p in sorted(PRIORITIES.values()))
 
 
 def queue_depth(redis_client, model: str) -> int:
-    return sum(redis_client.llen(k) for k in queue_keys(model))
+    return sum(redis_client.llen(k) for k in queue_keys(redis_client, model))
 
 
 def _message_id(raw: bytes | str) -> str | None:
@@ -56,7 +88,7 @@ def message_ids_in_broker(redis_client, models: list[str]) -> set[str]:
     """Task IDs (our delivery IDs) of every message Redis holds for these models: queued or delivered."""
     ids = set()
     for model in models:
-        for key in queue_keys(model):
+        for key in queue_keys(redis_client, model):
             ids.update(_message_id(m) for m in redis_client.lrange(key, 0, -1))
     ids.update(_message_id(m) for m in redis_client.hvals(_UNACKED_KEY))
     ids.discard(None)
@@ -79,10 +111,12 @@ def send_webhook(celery: Celery, job_id: str, delivery_id: str | None, attempts_
         return False
 
 
-def send_generate(celery: Celery, job_id: str, delivery_id: str, model: str, priority: str) -> None:
-    """The message is the job ID and this enqueue's delivery ID (also the Celery task ID)."""
-    celery.send_task(GENERATE_TASK, args=[job_id, delivery_id], task_id=delivery_id, queue=queue_name(model),
-                     priority=PRIORITIES[priority])
+def send_generate(celery: Celery, job_id: str, delivery_id: str, model: str, priority: str,
+                  memory_class_bytes: int | None) -> None:
+    """The message is the job ID and this enqueue's delivery ID (also the Celery task ID), sent to the
+    queue of the job's model and memory class."""
+    celery.send_task(GENERATE_TASK, args=[job_id, delivery_id], task_id=delivery_id,
+                     queue=queue_name(model, memory_class_bytes or MEMORY_CLASSES[0]), priority=PRIORITIES[priority])
 
 
 def hard_time_limit(job_timeout_s: int, slowest_step_s: float | None) -> int:

@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 from shared import fleet, store
 from shared.jobs import JobStatus, WebhookStatus
 from shared.models import Job, utcnow
-from shared.queue import message_ids_in_broker, send_generate, send_webhook
+from shared.memory import fmt_gb
+from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Report:
     requeued_lost_messages: list[str] = field(default_factory=list)
     requeued_from_lost_workers: list[str] = field(default_factory=list)
     ended_lost: list[str] = field(default_factory=list)  # out of attempts (worker_lost) or past the timeout
+    failed_unplaceable: list[str] = field(default_factory=list)  # no live worker's memory class holds it
     webhooks_resent: list[str] = field(default_factory=list)
 
 
@@ -49,13 +51,27 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
     # read after the rows: a message sent since is either found here or belongs to a younger job
     present = message_ids_in_broker(broker, sorted({j.model for j in queued + running}))
 
+    largest = {}  # the largest memory class a live worker of each model covers (loading and paused included)
+    for w in workers.values():
+        if fleet.is_alive(w, settings.worker_stale_s, db_now):
+            largest[w.model] = max(largest.get(w.model, 0), top_class(w.budget_bytes))
     for job in queued:
+        ceiling = job.memory_class_bytes or 0
+        if job.model in largest and ceiling > largest[job.model]:
+            # the workers that covered its class left: no live worker can take it (with none live at all,
+            # it waits for one to come back, as a restart looks the same)
+            message = (f"no live worker serving {job.model!r} covers its memory class {fmt_gb(ceiling)} any more "
+                       f"(largest: {fmt_gb(largest[job.model])}; predicted {fmt_gb(job.predicted_peak_bytes or 0)})")
+            with sessions.begin() as session:
+                if store.fail_unplaceable(session, job, message):
+                    report.failed_unplaceable.append(job.id)
+            continue
         if job.delivery_id in present:
             continue
         with sessions.begin() as session:
             delivery = store.requeue_lost_message(session, job)
         if delivery:
-            send_generate(celery, job.id, delivery, job.model, job.priority)
+            send_generate(celery, job.id, delivery, job.model, job.priority, job.memory_class_bytes)
             report.requeued_lost_messages.append(job.id)
 
     for job in running:
@@ -69,13 +85,13 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         with sessions.begin() as session:
             delivery = store.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s)
         if delivery:
-            send_generate(celery, job.id, delivery, job.model, job.priority)
+            send_generate(celery, job.id, delivery, job.model, job.priority, job.memory_class_bytes)
             report.requeued_from_lost_workers.append(job.id)
         elif delivery == "":
             report.ended_lost.append(job.id)
 
     stale_before = now - WEBHOOK_RESEND_AFTER
-    for job_id in hooks + report.ended_lost:
+    for job_id in hooks + report.ended_lost + report.failed_unplaceable:
         with sessions.begin() as session:
             handout = (store.resend_webhook(session, job_id, stale_before) if job_id in hooks
                        else store.webhook_handout(session, job_id))

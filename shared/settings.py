@@ -144,6 +144,17 @@ class Settings(BaseSettings):
 
     memory_sample_interval_s: float = Field(default=0.02, gt=0, le=5)
 
+    # A worker on someone's desktop yields to the owner: its budget follows the memory actually available
+    # (MemAvailable + its own RSS - the reserve, capped by the budget above), and it takes no job while the
+    # owner's programs use more than pause_cpu_percent of all CPUs (averaged over pause_window_s; 100 never
+    # pauses) or available memory is below pause_available_bytes (0 never pauses). The pipeline runs at the
+    # lowest CPU priority: idle (SCHED_IDLE for the inference threads, nice 19), low (nice 19) or normal.
+    budget_follows_available: bool = True
+    pause_cpu_percent: float = Field(default=50.0, ge=0, le=100)
+    pause_available_bytes: int = Field(default=1 << 30, ge=0)
+    pause_window_s: float = Field(default=30.0, gt=0, le=3600)
+    cpu_priority: Literal["idle", "low", "normal"] = "idle"
+
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     @field_validator("model_name", "default_model")

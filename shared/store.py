@@ -89,12 +89,14 @@ class NewJob:
     webhook_url: str | None = None
     predicted_peak_bytes: int | None = None
     prediction_source: str | None = None
+    memory_class_bytes: int | None = None
 
 
 def create_job(session: Session, new: NewJob) -> Job:
     fields = {k: v for k, v in asdict(new).items() if k != "params"}
     job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value, **new.params.model_dump(), **fields,
-              attempts=0, images=[], delivery_id=new_delivery_id(), enqueued_at=utcnow(), webhook_attempts=0)
+              attempts=0, images=[], delivery_id=new_delivery_id(), enqueued_at=utcnow(), webhook_attempts=0,
+              handoffs=0)
     session.add(job)
     session.flush()
     return job
@@ -197,6 +199,33 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
         delivery_id=delivery, progress_image=None, progress_step=None, progress_steps=None,
     )
     return delivery if moved else None
+
+
+def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str | None:
+    """A worker's own pre-check found a queued job too big for it: it goes to the queue of a larger memory
+    class, with a new delivery ID (compare-and-set on the one this worker was handed), counted in `handoffs`.
+    The delivery ID to send, or None if the job changed meanwhile."""
+    new = new_delivery_id()
+    moved = session.execute(update(Job).where(
+        Job.id == job.id, Job.status == JobStatus.queued.value, Job.delivery_id == delivery_id,
+    ).values(delivery_id=new, memory_class_bytes=ceiling, handoffs=Job.handoffs + 1)).rowcount
+    return new if moved else None
+
+
+def queued_job(session: Session, job_id: str, delivery_id: str | None) -> Job | None:
+    """The job this message is for, if it is queued and the message is its current delivery."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.queued.value:
+        return None
+    if delivery_id is not None and job.delivery_id != delivery_id:
+        return None
+    return job
+
+
+def fail_unplaceable(session: Session, job: Job, message: str) -> bool:
+    """No live worker can take this queued job any more: it ends insufficient_memory."""
+    return transition(session, job.id, JobStatus.queued, JobStatus.failed, expect_delivery=job.delivery_id,
+                      error_code=ErrorCode.insufficient_memory.value, error_message=message)
 
 
 def running_on(session: Session, worker_name: str) -> list[Job]:
@@ -437,6 +466,8 @@ def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
         webhook_status=job.webhook_status,
         worker_host=job.worker_host,
         attempts=job.attempts,
+        memory_class_bytes=job.memory_class_bytes,
+        handoffs=job.handoffs or 0,
         history=[AttemptRecord.model_validate(h) for h in (job.history or [])],
         error=error,
         images=[

@@ -58,12 +58,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def redis_url():
     """A real Redis: SDFLEET_TEST_REDIS_URL, else a local server on 6379 (db 15), else the bundled one."""
-    url = os.environ.get("SDFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    # one database per pytest-xdist worker (gw0: 15, gw1: 14, ...): each flushes its own at start and end
+    db = 15 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    url = os.environ.get("SDFLEET_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{db}")
     proc = None
     if not redis_answers(url):
         port = free_port()
         proc = start_bundled_redis(port)
-        url = f"redis://127.0.0.1:{port}/15"
+        url = f"redis://127.0.0.1:{port}/{db}"
     redis.Redis.from_url(url).flushdb()
     yield url
     redis.Redis.from_url(url).flushdb()
@@ -165,8 +167,11 @@ def wait_worker_ready(worker: subprocess.Popen, log: Path, database_url: str, mo
 
 def stack_env(database_url: str, redis_url: str, **extra) -> dict:
     # webhooks of the tests go to listeners on loopback, which is refused unless allowed
+    # the suite's own processes keep the CPUs busy: its workers must not pause for them (the owner-yield test
+    # sets its own thresholds)
     return {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": database_url,
-            "SDFLEET_REDIS_URL": redis_url, "SDFLEET_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8", **extra}
+            "SDFLEET_REDIS_URL": redis_url, "SDFLEET_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
+            "SDFLEET_PAUSE_CPU_PERCENT": "100", **extra}
 
 
 @pytest.fixture(scope="session")

@@ -41,3 +41,11 @@ class FaultyPipeline:
 
 def faulty(settings):
     return FaultyPipeline(settings)
+
+
+def slow_loading(settings):
+    """The real tiny pipeline, loaded 6 s slower: long enough to watch a worker while its pool child reloads."""
+    import time
+
+    time.sleep(6)
+    return OptimumPipeline(settings.model, settings.device, levers=settings.levers)

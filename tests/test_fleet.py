@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from datetime import timedelta
 
+import pytest
 import redis
 
 from shared import fleet, store
 from shared.memory import GB
-from shared.models import utcnow
-from shared.queue import queue_name
+from shared.models import Job, utcnow
+from shared.queue import queue_depth
+from tests.conftest import pool_child
 from tests.test_api_validation import assert_error_shape
 
 
@@ -66,10 +75,10 @@ def test_unserved_model_is_503_and_nothing_is_stored(stack):
 
 
 def test_job_that_fits_no_budget_is_422_with_numbers_and_hints_and_a_hint_that_fits_runs(stack, spawn_worker):
-    budget = int(1.5 * GB)
+    budget = 2 * GB
     model, _ = spawn_worker("small", SDFLEET_MEMORY_BUDGET=budget)
     r_ = redis.Redis.from_url(stack.redis_url)
-    before, queued = _job_count(stack), r_.llen(queue_name(model))
+    before, queued = _job_count(stack), queue_depth(r_, model)
     r = stack.api.http.post("/v1/jobs", json={"prompt": "a huge mural", "model": model, "width": 2048,
                                               "height": 2048, "guidance_scale": 7.5})
     error = assert_error_shape(r, 422, "insufficient_memory")
@@ -82,7 +91,7 @@ def test_job_that_fits_no_budget_is_422_with_numbers_and_hints_and_a_hint_that_f
     assert all(h["predicted_bytes"] < d["predicted_bytes"] for h in d["hints"])
     fitting = [h for h in d["hints"] if h["fits"]]
     assert fitting and fitting[0]["message"] in error["message"]
-    assert _job_count(stack) == before and r_.llen(queue_name(model)) == queued  # nothing stored or enqueued
+    assert _job_count(stack) == before and queue_depth(r_, model) == queued  # nothing stored or enqueued
 
     # the user takes the first hint that fits: it is admitted and runs
     job = stack.api.submit(prompt="a huge mural", model=model, **{"width": 2048, "height": 2048,
@@ -128,3 +137,147 @@ def test_memory_timeline_has_phase_marks(stack):
     assert times == sorted(times)
     assert all(s["rss"] >= s["anon"] for s in t["samples"])
     assert_error_shape(stack.api.http.get("/v1/jobs/no-such-job/memory"), 404, "not_found")
+
+
+def _wait_workers(stack, model: str, count: int, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(ws := [w for w in stack.api.workers() if w["model"] == model and w["alive"]]) < count:
+        assert time.monotonic() < deadline, ws
+        time.sleep(0.2)
+    return ws
+
+
+@pytest.mark.one_database
+def test_a_worker_that_cannot_fit_a_job_hands_it_on_and_one_no_worker_fits_fails(stack, tiny_model, tmp_path):
+    """Admission predicted with the large worker's (balanced) figures; the small worker runs another memory
+    mode whose profile says the job is too big for it: it hands the job on to a larger class, which only the
+    large worker covers. A job no live worker's class holds fails insufficient_memory, with the reason."""
+    from shared.memory import Shape
+    from shared.queue import make_celery, queue_name
+    from shared.settings import Settings
+    from tests.conftest import kill_tree, stack_env, start_worker
+
+    model = f"handon-{uuid.uuid4().hex[:6]}"
+    env = dict(SDFLEET_MODEL=str(tiny_model), SDFLEET_MODEL_NAME=model)
+    small = start_worker(stack_env(stack.database_url, stack.redis_url, SDFLEET_MEMORY_BUDGET=str(int(1.25 * GB)),
+                                   SDFLEET_MEMORY_MODE="fast", **env), tmp_path / "small.log")
+    large = start_worker(stack_env(stack.database_url, stack.redis_url, SDFLEET_MEMORY_BUDGET=str(4 * GB),
+                                   SDFLEET_MEMORY_MODE="balanced", **env), tmp_path / "large.log")
+    try:
+        ws = {w["memory_mode"]: w for w in _wait_workers(stack, model, 2)}
+        with stack.sessions.begin() as s:  # what the small worker's mode measured: too big for it
+            for shape, peak in ((Shape(64, 64, True), 2 * GB), (Shape(128, 128, True), 16 * GB)):
+                fleet.record_profile(s, model, "optimum", ws["fast"]["precision"], "fast", shape, peak, GB)
+        first_class = 1024 << 20  # the large worker's prior for these jobs (asserted below)
+        control = make_celery(Settings(redis_url=stack.redis_url)).control
+        node = f"sdfleet@{socket.gethostname()}.{large.pid}"
+        # the large worker stops reading the class admission picks, so the small one takes the job first
+        assert control.cancel_consumer(queue_name(model, first_class), destination=[node], reply=True)
+        job = stack.api.submit(prompt="a cat", model=model, width=64, height=64, steps=1)
+        assert job["memory_class_bytes"] == first_class
+        done = stack.api.wait(job["id"], timeout=120)
+        assert done["status"] == "succeeded" and done["handoffs"] == 1, done
+        assert done["memory_class_bytes"] == 2 * GB  # the class that holds the small worker's prediction
+        with stack.sessions() as s:
+            assert s.get(Job, job["id"]).worker_name == ws["balanced"]["name"]
+
+        job = stack.api.submit(prompt="a cat", model=model, width=128, height=128, steps=1)
+        done = stack.api.wait(job["id"], timeout=120)
+        assert done["status"] == "failed" and done["error"]["code"] == "insufficient_memory", done
+        assert "no live worker's memory class holds it" in done["error"]["message"] and done["attempts"] == 0
+    finally:
+        kill_tree([small, large])
+
+
+@pytest.mark.one_database
+def test_a_worker_reloading_its_model_stays_alive_as_loading_and_its_model_keeps_taking_jobs(stack, spawn_worker):
+    from tests.conftest import pool_child
+
+    model, proc = spawn_worker("reload", SDFLEET_BACKEND="tests.fakes:slow_loading", SDFLEET_HEARTBEAT_S=1)
+    os.kill(pool_child(proc), signal.SIGKILL)  # a new pool child loads the model again: 6 s
+    deadline = time.monotonic() + 30
+    while not any(w["model"] == model and w["state"] == "loading" for w in stack.api.workers()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (w,) = [w for w in stack.api.workers() if w["model"] == model]
+    assert w["alive"] and "loading" in w["state_reason"]
+    job = stack.api.submit(prompt="queued while the model loads", model=model, width=64, height=64, steps=1)
+    assert job["status"] == "queued"  # admitted: the model did not flap to 503
+    assert stack.api.wait(job["id"], timeout=120)["status"] == "succeeded"
+    (w,) = [w for w in stack.api.workers() if w["model"] == model]
+    assert w["state"] == "ready" and w["alive"]
+
+
+@pytest.mark.one_database
+def test_a_worker_yields_to_the_owners_memory_and_comes_back(stack, spawn_worker, tmp_path):
+    """A memory hog beside a real worker: the budget it announces drops, a job that no longer fits is refused
+    with the reason, then with more taken the worker pauses; nothing is OOM-killed, and all comes back when
+    the hog exits. Thresholds are set relative to this machine's free memory now (a few GiB of headroom)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    # the worker may use what is available now less 8 GiB; it pauses once 4.5 GiB more is taken
+    model, proc = spawn_worker("desktop", SDFLEET_HEARTBEAT_S=1, SDFLEET_MEMORY_RESERVE=available - 8 * GB,
+                               SDFLEET_PAUSE_AVAILABLE_BYTES=available - int(4.5 * GB))
+    child = pool_child(proc)
+
+    def me() -> dict:
+        (w,) = [w for w in stack.api.workers() if w["model"] == model]
+        return w
+
+    def until(check, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not check(w := me()):
+            assert time.monotonic() < deadline, w
+            time.sleep(0.3)
+        return w
+
+    before = until(lambda w: w["budget_bytes"] > int(7.5 * GB))
+    # the prior predicts ~5.9 GiB for it: the 6 GiB class, which only a budget above 6 GiB covers
+    big = dict(prompt="a wide view", model=model, width=1024, height=1024, guidance_scale=7.5, steps=1)
+    hog_code = ("import sys, time; b = bytearray(int(sys.argv[1])); "
+                "[b.__setitem__(i, 1) for i in range(0, len(b), 4096)]; print('held', flush=True); time.sleep(600)")
+    hog = subprocess.Popen([sys.executable, "-c", hog_code, str(3 * GB)], stdout=subprocess.PIPE)
+    try:
+        assert hog.stdout.readline().strip() == b"held"
+        squeezed = until(lambda w: w["budget_bytes"] < before["budget_bytes"] - 2 * GB)
+        assert squeezed["state"] == "ready"
+        r = stack.api.http.post("/v1/jobs", json=big)
+        error = assert_error_shape(r, 422, "insufficient_memory")
+        assert "budget" in error["message"]
+        more = subprocess.Popen([sys.executable, "-c", hog_code, str(3 * GB)], stdout=subprocess.PIPE)
+        try:
+            assert more.stdout.readline().strip() == b"held"
+            paused = until(lambda w: w["state"] == "paused")
+            assert "available memory" in paused["state_reason"]
+            queued = stack.api.submit(prompt="waits for the owner", model=model, width=64, height=64, steps=1)
+            time.sleep(3)
+            assert stack.api.job(queued["id"])["status"] == "queued"  # a paused worker takes no job
+        finally:
+            more.kill()
+            more.wait()
+        until(lambda w: w["state"] == "ready")
+        assert stack.api.wait(queued["id"], timeout=120)["status"] == "succeeded"
+    finally:
+        hog.kill()
+        hog.wait()
+    until(lambda w: w["budget_bytes"] > int(7.5 * GB))
+    assert stack.api.http.post("/v1/jobs", json=big).status_code == 202
+    assert proc.poll() is None and pool_child(proc) == child  # nothing was killed
+
+
+@pytest.mark.one_database
+def test_after_one_measured_shape_predictions_of_others_are_within_15_percent(stack, spawn_worker):
+    model, _ = spawn_worker("predict")
+    base = dict(prompt="a lighthouse", model=model, steps=2)
+    first = stack.api.wait(stack.api.submit(**base, width=256, height=256, guidance_scale=7.5)["id"], timeout=120)
+    assert first["status"] == "succeeded"
+    for shape in (dict(width=512, height=512, guidance_scale=7.5), dict(width=384, height=256, guidance_scale=7.5),
+                  dict(width=256, height=256, guidance_scale=1.0), dict(width=512, height=384, guidance_scale=1.0),
+                  dict(width=256, height=256, guidance_scale=7.5, num_images=3),
+                  dict(width=640, height=512, guidance_scale=7.5)):
+        job = stack.api.wait(stack.api.submit(**base, **shape)["id"], timeout=120)
+        assert job["status"] == "succeeded", job
+        predicted, measured = job["predicted_peak_bytes"], job["peak_rss_bytes"]
+        assert job["prediction_source"] in ("scaled", "profile"), job
+        assert 0.95 * measured <= predicted <= 1.15 * measured, (shape, predicted, measured)

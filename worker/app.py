@@ -11,10 +11,12 @@ from celery.signals import worker_process_init
 
 from shared import fleet
 from shared.db import engine_for, migrate, session_factory, wait_for_database
-from shared.queue import GENERATE_TASK, hard_time_limit, make_celery, queue_name, send_webhook
+from shared.memory import fmt_gb, read_host_budget
+from shared.queue import MEMORY_CLASSES, GENERATE_TASK, classes_within, hard_time_limit, make_celery, queue_name
 from shared.settings import get_settings
 from shared.retry import retrying
-from worker.host import Host, take_back_orphans
+from worker.host import Beacon, Host, take_back_orphans
+from worker.owner import Consumers, lower_cpu_priority
 from worker.pipelines import get_pipeline
 from worker.tasks import run_job
 
@@ -28,8 +30,7 @@ _host: Host | None = None
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
     # webhooks go to the ops workers: this worker goes on to its next job at once
-    return run_job(job_id, delivery_id, _host,
-                   lambda finished, hook: send_webhook(app, finished, hook.delivery_id, hook.attempts_done))
+    return run_job(job_id, delivery_id, _host, app)
 
 
 @worker_process_init.connect
@@ -42,8 +43,12 @@ def _load_pipeline(**_kwargs) -> None:
         retrying(lambda: take_back_orphans(settings), patience_s=30)
     except Exception:
         log.exception("could not take back the job of a dead pool child; the reconciler will")
-    _host = Host(settings, get_pipeline(settings))
-    _host.start_heartbeat()
+    beacon = Beacon(settings).start()  # before the priority drops: the heartbeat keeps the normal one
+    log.info("CPU priority of the inference: %s", lower_cpu_priority(settings.cpu_priority))
+    pipeline = get_pipeline(settings)
+    budget, _ = read_host_budget(settings.memory_reserve, settings.memory_budget)
+    _host = Host(settings, pipeline, Consumers(app, settings.served_model_name, budget, os.getppid()))
+    beacon.serve(_host)
 
 
 def preflight() -> str:
@@ -66,9 +71,16 @@ def main(extra_args: list[str] | None = None) -> None:
     with session_factory(settings.database_url)() as session:
         generate.time_limit = hard_time_limit(settings.job_timeout_s, fleet.slowest_step_s(session, name))
     log.info("job timeout %s s, hard limit %s s", settings.job_timeout_s, generate.time_limit)
-    log.info("serving %s from %s on queue %s", name, settings.model, queue_name(name))
+    budget, _ = read_host_budget(settings.memory_reserve, settings.memory_budget)
+    classes = classes_within(budget)
+    if not classes:
+        raise SystemExit(f"a budget of {fmt_gb(budget)} is below the smallest memory class "
+                         f"({fmt_gb(MEMORY_CLASSES[0])}); set SDFLEET_MEMORY_BUDGET or SDFLEET_MEMORY_RESERVE")
+    queues = [queue_name(name, c) for c in classes]
+    log.info("serving %s from %s: memory classes up to %s (budget %s), queues %s ... %s", name, settings.model,
+             fmt_gb(classes[0]), fmt_gb(budget), queues[0], queues[-1])
     app.worker_main([
-        "worker", "--queues", queue_name(name), "--concurrency", "1", "--prefetch-multiplier", "1",
+        "worker", "--queues", ",".join(queues), "--concurrency", "1", "--prefetch-multiplier", "1",
         "--pool", "prefork", "--hostname", f"sdfleet@%h.{os.getpid()}", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle", *(extra_args or []),
     ])

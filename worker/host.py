@@ -19,6 +19,7 @@ from shared.memory import fmt_gb, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
 from worker.meter import JobMeter, rss_bytes
+from worker.owner import Consumers, OwnerWatch
 from worker.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,46 @@ def take_back_orphans(settings: Settings) -> None:
                         "ended" if outcome == "" else "queued again" if outcome else "it had moved on")
 
 
+class Beacon:
+    """The worker's heartbeat thread. Started as the pool child starts, before the child lowers its CPU
+    priority (a thread keeps the priority it was started with), so the owner's busy CPUs cannot silence it:
+    it says `loading` while the model loads (the worker stays alive and its model served), then beats the
+    Host's full heartbeat once `host` is set."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.host: Host | None = None
+        self._sessions = session_factory(settings.database_url)
+
+    def _beat(self) -> None:
+        if self.host is not None:
+            self.host.beat()
+            return
+        with self._sessions.begin() as session:
+            fleet.mark_loading(session, worker_name(), "the pool child is loading the model")
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.settings.heartbeat_s)
+            try:
+                self._beat()
+            except Exception:  # the database may be away for a while; the next beat tries again
+                log.warning("heartbeat not written", exc_info=True)
+
+    def start(self) -> "Beacon":
+        try:
+            self._beat()
+        except Exception:
+            log.warning("heartbeat not written", exc_info=True)
+        threading.Thread(target=self._run, name="sdfleet-heartbeat", daemon=True).start()
+        return self
+
+    def serve(self, host: "Host") -> None:
+        """The model is loaded: from now on the beats are the Host's (the first one at once)."""
+        self.host = host
+        host.try_beat()
+
+
 @dataclass
 class Running:
     attempt: store.Attempt
@@ -52,20 +93,27 @@ class Running:
 
 
 class Host:
-    def __init__(self, settings: Settings, pipeline: Pipeline):
+    def __init__(self, settings: Settings, pipeline: Pipeline, consumers: Consumers | None = None):
         self.settings = settings
         self.pipeline = pipeline
         self.model = settings.served_model_name
         # a custom pipeline that does not say how it runs is taken as keeping everything resident
         self.memory_mode = getattr(pipeline, "memory_mode", "fast")
         self.name = worker_name()
-        self.budget, self.cgroup_limit = read_host_budget(settings.memory_reserve, settings.memory_budget)
+        # the configured budget is the ceiling; what the worker announces and checks follows the owner (beat)
+        self.configured_budget, self.cgroup_limit = read_host_budget(settings.memory_reserve,
+                                                                     settings.memory_budget)
+        self.budget = self.configured_budget
+        self.owner = OwnerWatch(settings, os.getppid())
+        self.consumers = consumers
+        self.state, self.state_reason = "ready", None
         self.started_at = utcnow()
         # A pipeline that releases components between jobs loads them again in every job: its base for
         # predictions is what it held at the peak of its warm-up, not the little it holds between jobs.
         levers = getattr(pipeline, "levers", None)
         self.floor = getattr(pipeline, "warm_peak", 0) if levers and (levers.release_all or levers.release_encoders) \
             else 0
+        self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
         self.running: Running | None = None
         self._sessions = session_factory(settings.database_url)
@@ -74,19 +122,24 @@ class Host:
                  fmt_gb(self.resident), pipeline.precision, self.memory_mode)
 
     def _resident(self) -> int:
-        return max(rss_bytes(), self.floor)
+        """What the next job starts from: the RSS between jobs, or more if a job loads components again (the
+        warm-up's peak) or started higher (what the last one started at: OpenVINO keeps the buffers of the
+        largest shape run, and file pages dropped between jobs come back as a job starts)."""
+        return max(rss_bytes(), self.floor, self.last_start)
 
-    def start_heartbeat(self) -> None:
-        self.beat()
-        threading.Thread(target=self._loop, name="sdfleet-heartbeat", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.settings.heartbeat_s)
+    def follow_owner(self) -> None:
+        """Budget, pause and the classes consumed, from the owner's use of the host now."""
+        self.owner.sample()
+        self.budget = self.owner.budget(self.configured_budget, rss_bytes())
+        reason = self.owner.pause_reason()
+        if (reason is None) != (self.state_reason is None):
+            log.warning("worker %s %s", self.name, f"paused: {reason}" if reason else "resumes taking jobs")
+        self.state, self.state_reason = ("paused", reason) if reason else ("ready", None)
+        if self.consumers is not None:
             try:
-                self.beat()
-            except Exception:  # the database may be away for a while; the next beat tries again
-                log.exception("heartbeat failed")
+                self.consumers.follow(self.budget, paused=reason is not None)
+            except Exception:  # Redis away: the next beat tries again
+                log.warning("could not change the queues consumed", exc_info=True)
 
     def try_beat(self) -> None:
         try:
@@ -98,6 +151,7 @@ class Host:
         running = self.running
         if running is None:
             self.resident = self._resident()
+        self.follow_owner()
         ram = psutil.virtual_memory()
         hb = fleet.Heartbeat(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
@@ -105,6 +159,7 @@ class Host:
             cgroup_limit_bytes=self.cgroup_limit,
             total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
+            state=self.state, state_reason=self.state_reason,
         )
         with self._sessions.begin() as session:
             fleet.beat(session, hb, self.started_at)

@@ -24,11 +24,18 @@ MAX_TIMELINE_POINTS = 600
 
 
 class MemoryBudgetExceeded(Exception):
-    """Raised at the next denoising step after the sampler saw the RSS cross the budget."""
+    """Raised at the next denoising step after the sampler saw the RSS cross the budget, or the host's
+    available memory fall below the floor the owner's programs need."""
 
-    def __init__(self, rss: int, budget: int):
-        super().__init__(f"resident memory reached {fmt_gb(rss)}, past this worker's budget of {fmt_gb(budget)}")
-        self.rss, self.budget = rss, budget
+    def __init__(self, rss: int, budget: int, available: int | None = None, floor: int | None = None):
+        if available is None:
+            message = f"resident memory reached {fmt_gb(rss)}, past this worker's budget of {fmt_gb(budget)}"
+        else:
+            message = (f"the host's available memory fell to {fmt_gb(available)}, below "
+                       f"{fmt_gb(floor)} (SDFLEET_PAUSE_AVAILABLE_BYTES: the owner's programs need it), "
+                       f"with this job at {fmt_gb(rss)}")
+        super().__init__(message)
+        self.rss, self.budget, self.available = rss, budget, available
 
 
 def _status_kb(field: str) -> int | None:
@@ -146,11 +153,14 @@ class JobMeter:
     """Context manager around one job: `reading` holds its peak once the block exits, `timeline()` the
     samples. Given a budget, `check()` raises MemoryBudgetExceeded once a sample has crossed it."""
 
-    def __init__(self, interval_s: float = 0.02, budget_bytes: int | None = None):
+    def __init__(self, interval_s: float = 0.02, budget_bytes: int | None = None,
+                 min_available_bytes: int | None = None):
         self.interval_s = interval_s
         self.budget_bytes = budget_bytes
+        self.min_available_bytes = min_available_bytes or None
         self.reading: MemoryReading | None = None
         self.exceeded_at: int | None = None
+        self.starved: tuple[int, int] | None = None  # (available, rss) when available memory fell too low
         self.phase, self.image = "start", 0
         self._proc = psutil.Process()
         self._stop = threading.Event()
@@ -170,6 +180,10 @@ class JobMeter:
             self._samples.append((round(time.monotonic() - self._t0, 3), m.rss, anon, file, self.phase, self.image))
         if self.budget_bytes is not None and m.rss > self.budget_bytes and self.exceeded_at is None:
             self.exceeded_at = m.rss
+        if self.min_available_bytes and self.starved is None:
+            available = psutil.virtual_memory().available
+            if available < self.min_available_bytes:
+                self.starved = (available, m.rss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -185,6 +199,9 @@ class JobMeter:
     def check(self) -> None:
         if self.exceeded_at is not None:
             raise MemoryBudgetExceeded(self.exceeded_at, self.budget_bytes)
+        if self.starved is not None:
+            available, rss = self.starved
+            raise MemoryBudgetExceeded(rss, self.budget_bytes, available, self.min_available_bytes)
 
     @property
     def peak_so_far(self) -> int:

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable
 
+from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import fleet, store
@@ -19,6 +20,7 @@ from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
 from shared.memory import Shape, fmt_gb, guidance_on, predict
+from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from worker.host import HOST, Host, Running
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
@@ -128,18 +130,20 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
     return images
 
 
-def run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[str], None]) -> str:
-    """Run one delivered job; returns the status it ended in (or 'skipped')."""
+def run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
+    """Run one delivered job; returns the status it ended in (or 'skipped', 'handed on'). Messages this
+    sends (a webhook's hand-out to the ops workers, a job handed on to a larger class) go through `celery`."""
     try:
-        return _run_job(job_id, delivery_id, host, notify)
+        return _run_job(job_id, delivery_id, host, celery)
     finally:
         host.running = None
         gc.collect()
         release_free_memory()
         settle(host.pipeline)
+        host.try_beat()  # at once: admission predicts the next jobs from what this one left resident
 
 
-def _notify_if_due(sessions, job_id: str, notify: Callable[[str, store.WebhookHandout], None]) -> None:
+def _notify_if_due(sessions, job_id: str, celery: Celery) -> None:
     """A job that just ended with a webhook: hand its delivery to the ops workers."""
     def read():
         with sessions() as session:
@@ -147,7 +151,7 @@ def _notify_if_due(sessions, job_id: str, notify: Callable[[str, store.WebhookHa
 
     handout = retrying(read, patience_s=10)
     if handout:
-        notify(job_id, handout)
+        send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done)
 
 
 def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> store.Attempt | None:
@@ -169,13 +173,70 @@ def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> store.
         raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
 
 
-def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[[str, store.WebhookHandout], None]) -> str:
+def _expected(sessions, host: Host, params: JobParameters):
+    pipeline = host.pipeline
+
+    def read_profiles():
+        with sessions() as session:
+            return fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
+
+    return predict(shape_of(params), retrying(read_profiles), host.resident)
+
+
+def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str | None:
+    """The worker's own pre-check, before it claims the job: profiles may have grown since admission, and
+    this worker may run another memory mode than the one admission predicted for. A job it cannot fit goes
+    to the queue of the memory class that holds this worker's prediction, if a live worker covers it, else
+    it ends insufficient_memory. Returns what happened, or None to run it here."""
+    def read():
+        with sessions() as session:
+            job = store.queued_job(session, job_id, delivery_id)
+            return (store.parameters_of(job), job) if job is not None and job.model == host.model else (None, None)
+
+    params, job = retrying(read)
+    if params is None:
+        return None  # not queued (a redelivery after a lost worker, or nothing to run): the claim decides
+    expected = _expected(sessions, host, params)
+    if expected.bytes <= host.budget:
+        return None
+    target = memory_class(expected.bytes)
+
+    def move():
+        with sessions.begin() as session:
+            classes = [top_class(w.budget_bytes) for w in fleet.live_workers(session, host.settings.worker_stale_s,
+                                                                              host.model) if w.name != host.name]
+            if target is not None and any(c >= target for c in classes):
+                return "handed on", store.hand_on(session, job, delivery_id or job.delivery_id, target)
+            message = (f"predicted to need {fmt_gb(expected.bytes)} ({expected.source}) on {host.name}, past its "
+                       f"budget of {fmt_gb(host.budget)}, and no live worker's memory class holds it (largest: "
+                       f"{fmt_gb(max(classes, default=0))})")
+            return "failed", store.fail_unplaceable(session, job, message)
+
+    outcome, done = retrying(move)
+    if outcome == "handed on" and done:
+        send_generate(celery, job_id, done, host.model, job.priority, target)
+        log.info("job %s: predicted %s here, past the budget %s: handed on to memory class %s", job_id,
+                 fmt_gb(expected.bytes), fmt_gb(host.budget), fmt_gb(target))
+    elif outcome == "failed" and done:
+        _notify_if_due(sessions, job_id, celery)
+    return outcome
+
+
+def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
     settings = host.settings
     sessions = session_factory(settings.database_url)
+    if host.state == "paused":
+        # a message taken just before the worker paused (its queues are cancelled at the pause): back to
+        # the queue for another worker, after a moment so that a lost cancel cannot spin
+        time.sleep(1)
+        raise Reject(f"paused: {host.state_reason}", requeue=True)
+    moved = _hand_on_if_too_big(sessions, job_id, delivery_id, host, celery)
+    if moved:
+        return moved
     attempt = _claim(sessions, job_id, delivery_id, host)
     if attempt is None:
         log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
-        _notify_if_due(sessions, job_id, notify)  # this delivery may just have ended it worker_lost / timeout
+        _notify_if_due(sessions, job_id, celery)  # this delivery may just have ended it worker_lost / timeout
         return "skipped"
     params = attempt.parameters
 
@@ -185,24 +246,22 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
                 store.finish_failed(session, attempt, code, message, reading, elapsed)
 
         retrying(write)
-        _notify_if_due(sessions, job_id, notify)
+        _notify_if_due(sessions, job_id, celery)
         return JobStatus.cancelled.value if code is ErrorCode.cancelled else JobStatus.failed.value
 
     if params.model != host.model:
         return end(ErrorCode.model_unavailable, f"this worker serves {host.model!r}, not {params.model!r}")
     shape = shape_of(params)
     pipeline = host.pipeline
-    def read_profiles():
-        with sessions() as session:
-            return fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
-
-    known = retrying(read_profiles)
-    expected = predict(shape, known, host.resident)
-    if expected.bytes > host.budget:
+    expected = _expected(sessions, host, params)
+    if expected.bytes > host.budget:  # a redelivered job that was already running: checked here
         return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_gb(expected.bytes)} ({expected.source}) "
                    f"exceeds this worker's budget of {fmt_gb(host.budget)}")
 
-    meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=host.budget)
+    # the guard: the job's own RSS against the budget, and the host's available memory against half the
+    # pause threshold (the owner's programs came back while the job ran)
+    meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=host.budget,
+                     min_available_bytes=settings.pause_available_bytes // 2)
     clock = StepClock()
     code = message = None
     t0 = time.perf_counter()
@@ -233,12 +292,19 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
                 fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
             return ok
 
+    # The profile's base is the one predictions start from (host.resident: for a pipeline that releases
+    # components between jobs, its warm-up peak, which holds the weights), or the RSS the job started at if
+    # higher; never the little a low-memory worker holds between jobs: the weights it loads again in every
+    # job would otherwise count twice when scaled to another size.
+    base = max(host.resident, reading.rss_before_bytes)
+    host.last_start = reading.rss_before_bytes
+
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
         # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result.
         with sessions.begin() as session:
             fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode,
-                                 shape, reading.peak_rss_bytes, reading.rss_before_bytes, clock.slowest or None)
+                                 shape, reading.peak_rss_bytes, base, clock.slowest or None)
 
     ok = retrying(finish)
     status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
@@ -250,5 +316,5 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, notify: Callable[
         except Exception:
             log.exception("job %s: its memory profile was not recorded", job_id)
     if ok:
-        _notify_if_due(sessions, job_id, notify)
+        _notify_if_due(sessions, job_id, celery)
     return status if ok else "superseded"

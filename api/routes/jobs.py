@@ -67,18 +67,19 @@ def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
     )
     try:
         with ctx.sessions.begin() as session:
-            prediction = admit(session, params, ctx.settings.worker_stale_s)
+            admitted = admit(session, params, ctx.settings.worker_stale_s)
             row = store.create_job(session, store.NewJob(
                 params=params, priority=job.priority, owner_key_id=owner_id(caller),
                 idempotency_key=key, request_hash=digest, webhook_url=job.webhook_url,
-                predicted_peak_bytes=prediction.bytes, prediction_source=prediction.source,
+                predicted_peak_bytes=admitted.prediction.bytes, prediction_source=admitted.prediction.source,
+                memory_class_bytes=admitted.memory_class_bytes,
             ))
     except IntegrityError:  # the same key submitted concurrently: the other request won
         if key is None:
             raise
         return submit_job(job, response, caller, ctx, key)
     try:
-        send_generate(ctx.celery, row.id, row.delivery_id, model, job.priority)
+        send_generate(ctx.celery, row.id, row.delivery_id, model, job.priority, row.memory_class_bytes)
     except Exception as exc:  # the broker is down: keep nothing the client was not told about
         with ctx.sessions.begin() as session:
             session.delete(session.get(Job, row.id))
