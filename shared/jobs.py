@@ -260,6 +260,9 @@ class WorkerState(BaseModel):
         default="ready", description="loading (its pool child is loading the model: still counted, jobs wait), "
         "ready, or paused (the host's owner is busy: it takes no job; the reason says why)")
     state_reason: str | None = None
+    max_budget_bytes: int | None = Field(
+        default=None, description="the configured budget: what `budget_bytes` comes back to when the host's "
+        "owner leaves the memory free (with SDFLEET_BUDGET_FOLLOWS_AVAILABLE the announced one is lower meanwhile)")
 
 
 class WorkerPublic(WorkerState):

@@ -134,6 +134,7 @@ class Worker(Base):
     current_job_id: Mapped[str | None] = mapped_column(String(36))
     state: Mapped[str] = mapped_column(String(16), default="ready")  # loading, ready, paused
     state_reason: Mapped[str | None] = mapped_column(Text)
+    max_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 

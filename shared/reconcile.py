@@ -54,7 +54,8 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
     largest = {}  # the largest memory class a live worker of each model covers (loading and paused included)
     for w in workers.values():
         if fleet.is_alive(w, settings.worker_stale_s, db_now):
-            largest[w.model] = max(largest.get(w.model, 0), top_class(w.budget_bytes))
+            # the configured budget: a desktop squeezed by its owner for now will take the job later
+            largest[w.model] = max(largest.get(w.model, 0), top_class(w.max_budget_bytes or w.budget_bytes))
     for job in queued:
         ceiling = job.memory_class_bytes or 0
         if job.model in largest and ceiling > largest[job.model]:

@@ -73,6 +73,8 @@ class Fleet:
         shutil.chown(self.pgdata, "postgres")
         subprocess.run(["runuser", "-u", "postgres", "--", f"{bindir}/initdb", "-D", self.pgdata, "--auth=trust",
                         "-U", "postgres"], check=True, capture_output=True)
+        with open(os.path.join(self.pgdata, "pg_hba.conf"), "a") as hba:  # the hosts reach it over the bridge
+            hba.write(f"host all all {netns.SUBNET}.0/24 trust\n")
         self.spawn(None, [f"{bindir}/postgres", "-D", self.pgdata, "-c", f"listen_addresses={self.srv}",
                           "-c", "port=5432", "-c", f"unix_socket_directories={self.pgdata}", "-c", "fsync=off"],
                    "postgres.log", os.environ.copy(), user="postgres")

@@ -159,7 +159,7 @@ class Host:
             cgroup_limit_bytes=self.cgroup_limit,
             total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
-            state=self.state, state_reason=self.state_reason,
+            state=self.state, state_reason=self.state_reason, max_budget_bytes=self.configured_budget,
         )
         with self._sessions.begin() as session:
             fleet.beat(session, hb, self.started_at)

@@ -20,10 +20,12 @@ def upgrade() -> None:
     with op.batch_alter_table("workers") as batch:
         batch.add_column(sa.Column("state", sa.String(16), nullable=False, server_default="ready"))
         batch.add_column(sa.Column("state_reason", sa.Text))
+        batch.add_column(sa.Column("max_budget_bytes", sa.BigInteger))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("workers") as batch:
+        batch.drop_column("max_budget_bytes")
         batch.drop_column("state_reason")
         batch.drop_column("state")
     with op.batch_alter_table("jobs") as batch:
