@@ -433,3 +433,21 @@ def test_retention_deletes_old_jobs_leaves_a_tombstone_and_keeps_the_rest(fresh_
     assert young in enforce_retention(db, settings)
     with db() as s:
         assert s.get(Job, queued) is not None
+
+
+def test_one_reconciler_pass_per_interval_in_the_whole_fleet(db, database_url, redis_url):
+    """Every ops worker runs the reconciler thread; a Redis key that expires after the interval lets one of
+    them pass per interval (it replaces one Celery beat per ops worker, which sent duplicates)."""
+    import redis as redis_lib
+
+    from shared.queue import RECONCILE_LOCK_KEY, make_celery
+    from worker.ops import periodic_pass
+
+    settings = Settings(database_url=database_url, redis_url=redis_url, reconcile_interval_s=1.5)
+    broker = redis_lib.Redis.from_url(redis_url)
+    broker.delete(RECONCILE_LOCK_KEY)
+    celery = make_celery(settings)
+    assert periodic_pass(broker, "ops-a", db, celery, settings)
+    assert not periodic_pass(broker, "ops-b", db, celery, settings)  # the same interval: the other one waits
+    time.sleep(1.6)
+    assert periodic_pass(broker, "ops-b", db, celery, settings)

@@ -130,8 +130,9 @@ class Host:
     def follow_owner(self) -> None:
         """Budget, pause and the classes consumed, from the owner's use of the host now."""
         self.owner.sample()
-        self.budget = self.owner.budget(self.configured_budget, rss_bytes())
-        reason = self.owner.pause_reason()
+        rss = rss_bytes()
+        self.budget = self.owner.budget(self.configured_budget, rss)
+        reason = self.owner.pause_reason(max(0, rss - self.resident) if self.running else 0)
         if (reason is None) != (self.state_reason is None):
             log.warning("worker %s %s", self.name, f"paused: {reason}" if reason else "resumes taking jobs")
         self.state, self.state_reason = ("paused", reason) if reason else ("ready", None)

@@ -74,12 +74,12 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None, attempts_
     raise self.retry(args=[job_id, delivery_id, send.attempt], countdown=2 ** (send.attempt - 1))
 
 
-def periodic_pass(broker: redis.Redis, me: str) -> bool:
+def periodic_pass(broker: redis.Redis, me: str, sessions, celery, settings) -> bool:
     """One reconciler + retention pass, if no ops worker in the fleet ran one in the last interval."""
     interval_ms = int(settings.reconcile_interval_s * 1000)
     if not broker.set(RECONCILE_LOCK_KEY, me, nx=True, px=interval_ms):
         return False
-    reconcile(sessions, broker, app, settings)
+    reconcile(sessions, broker, celery, settings)
     enforce_retention(sessions, settings)
     return True
 
@@ -89,7 +89,7 @@ def _periodic_loop() -> None:
     me = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     while True:
         try:
-            periodic_pass(broker, me)
+            periodic_pass(broker, me, sessions, app, settings)
         except Exception:  # Redis or the database away: the next interval tries again
             log.exception("reconciler pass failed")
         time.sleep(settings.reconcile_interval_s)

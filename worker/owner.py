@@ -77,10 +77,13 @@ class OwnerWatch:
             return configured
         return max(0, min(configured, self.available + own_rss - self.settings.memory_reserve))
 
-    def pause_reason(self) -> str | None:
+    def pause_reason(self, own_job_bytes: int = 0) -> str | None:
+        """Why the worker should take no job now, or None. `own_job_bytes` (what the running job holds above
+        the loaded pipeline) is the worker's own doing, not the owner's: it does not count."""
         s = self.settings
-        if s.pause_available_bytes and self.available < s.pause_available_bytes:
-            return (f"the host's available memory is {fmt_gb(self.available)}, below "
+        available = self.available + own_job_bytes
+        if s.pause_available_bytes and available < s.pause_available_bytes:
+            return (f"the host's available memory is {fmt_gb(available)}, below "
                     f"{fmt_gb(s.pause_available_bytes)} (SDFLEET_PAUSE_AVAILABLE_BYTES)")
         if s.pause_cpu_percent < 100 and self.others_percent > s.pause_cpu_percent:
             return (f"other programs use {self.others_percent:.0f}% of the CPUs, above {s.pause_cpu_percent:g}% "
