@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from shared import fleet
 from shared.errors import InsufficientMemory, ModelUnavailable
 from shared.jobs import JobParameters
-from shared.memory import Prediction, Shape, fmt_gb, guidance_on, predict
+from shared.memory import Prediction, Shape, fmt_size, guidance_on, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
 
@@ -35,7 +35,7 @@ class Admission:
 
 
 def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> dict:
-    return {"message": f"{message} would need ~{fmt_gb(prediction.bytes)}", "change": change,
+    return {"message": f"{message} would need ~{fmt_size(prediction.bytes)}", "change": change,
             "predicted_bytes": prediction.bytes, "fits": prediction.bytes <= budget}
 
 
@@ -62,7 +62,7 @@ def hints(session: Session, params: JobParameters, worker: Worker, live: list[Wo
         kind = "int4" if "int4" in other.lower() else "int8" if "int8" in other.lower() else "other"
         best = max((w for w in live if w.model == other), key=lambda w: w.budget_bytes)
         pred = _predict_on(session, best, other, shape)
-        out.append({"message": f"the {kind} variant of this model ({other}) would need ~{fmt_gb(pred.bytes)}",
+        out.append({"message": f"the {kind} variant of this model ({other}) would need ~{fmt_size(pred.bytes)}",
                     "change": {"model": other}, "predicted_bytes": pred.bytes,
                     "fits": pred.bytes <= top_class(best.budget_bytes)})
     out.sort(key=lambda h: (not h["fits"], h["predicted_bytes"]))
@@ -98,9 +98,9 @@ def admit(session: Session, params: JobParameters, stale_s: float) -> Admission:
     fitting = [h["message"] for h in tips if h["fits"]]
     usable = top_class(largest.budget_bytes)
     raise InsufficientMemory(
-        f"this job is predicted to need {fmt_gb(first.bytes)} ({first.source}: {first.detail}); the largest "
-        f"live worker serving {params.model!r} has a budget of {fmt_gb(largest.budget_bytes)}, of which its "
-        f"memory class takes jobs up to {fmt_gb(usable)}"
+        f"this job is predicted to need {fmt_size(first.bytes)} ({first.source}: {first.detail}); the largest "
+        f"live worker serving {params.model!r} has a budget of {fmt_size(largest.budget_bytes)}, of which its "
+        f"memory class takes jobs up to {fmt_size(usable)}"
         + (f". Would fit: {'; '.join(fitting)}" if fitting else ". No single change listed would fit"),
         {"predicted_bytes": first.bytes, "prediction_source": first.source,
          "largest_budget_bytes": largest.budget_bytes, "largest_class_bytes": usable, "worker": largest.name,

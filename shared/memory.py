@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-GB = 1 << 30
+GB = 1 << 30  # binary: sizes here are GiB and MiB, and are printed so (fmt_size)
 MB = 1 << 20
 
 # A cgroup v1 "no limit" is the largest page-aligned 63-bit number; anything this big means none.
@@ -141,5 +141,6 @@ def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -
     return Prediction(value, "prior", "no job of this model measured yet: loaded pipeline + activation prior")
 
 
-def fmt_gb(n: int) -> str:
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / MB:.0f} MB"
+def fmt_size(n: int) -> str:
+    """Bytes in the binary units they are computed in: 8,713,434,453 is "8.1 GiB" (it is 8.7 GB)."""
+    return f"{n / GB:.1f} GiB" if n >= GB / 10 else f"{n / MB:.0f} MiB"

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from shared import fleet, store
 from shared.jobs import JobStatus, WebhookStatus
 from shared.models import Job, utcnow
-from shared.memory import fmt_gb
+from shared.memory import fmt_size
 from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
 from shared.settings import Settings
 
@@ -61,8 +61,8 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         if job.model in largest and ceiling > largest[job.model]:
             # the workers that covered its class left: no live worker can take it (with none live at all,
             # it waits for one to come back, as a restart looks the same)
-            message = (f"no live worker serving {job.model!r} covers its memory class {fmt_gb(ceiling)} any more "
-                       f"(largest: {fmt_gb(largest[job.model])}; predicted {fmt_gb(job.predicted_peak_bytes or 0)})")
+            message = (f"no live worker serving {job.model!r} covers its memory class {fmt_size(ceiling)} any more "
+                       f"(largest: {fmt_size(largest[job.model])}; predicted {fmt_size(job.predicted_peak_bytes or 0)})")
             with sessions.begin() as session:
                 if store.fail_unplaceable(session, job, message):
                     report.failed_unplaceable.append(job.id)

@@ -15,7 +15,7 @@ from shared.jobs import (
     PRIORITY_ORDER, TERMINAL, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
     WebhookStatus, check_transition, check_webhook_transition,
 )
-from shared.memory import fmt_gb
+from shared.memory import fmt_size
 from shared.models import Job, JobImage, JobMemory, JobTombstone, utcnow
 from shared.queue import new_delivery_id
 
@@ -178,7 +178,7 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
     kept) with a new delivery ID, or, once past its timeout or out of attempts, ended timeout /
     worker_lost. Returns the delivery ID to send (the old one with `keep_delivery`: its message is already
     back in the queue), "" when the job ended, None when another process changed the job first."""
-    reading = (f", at {fmt_gb(job.peak_rss_bytes)} resident when last seen" if job.peak_rss_bytes else "")
+    reading = (f", at {fmt_size(job.peak_rss_bytes)} resident when last seen" if job.peak_rss_bytes else "")
     if job_timeout_s and job.started_at and utcnow() - job.started_at > timedelta(seconds=job_timeout_s):
         ended = transition(
             session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
@@ -416,7 +416,7 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
                     break
                 if job.id in taken:
                     continue
-                doomed.append((job, int(size), f"retention: the stored images exceeded {fmt_gb(max_image_bytes)}"))
+                doomed.append((job, int(size), f"retention: the stored images exceeded {fmt_size(max_image_bytes)}"))
                 total -= int(size)
     now = utcnow()
     stones = [JobTombstone(job_id=job.id, owner_key_id=job.owner_key_id, status=job.status,

@@ -71,7 +71,7 @@ def test_job_that_kills_its_worker_every_time_ends_worker_lost_after_max_attempt
     assert first["attempt"] == 1 and first["error"]["code"] == "worker_lost" and "died" in first["error"]["message"]
     assert first["worker_host"] == done["worker_host"] and first["ended_at"] <= done["finished_at"]
     assert done["peak_rss_bytes"] > 0 and done["peak_rss_method"] == "partial"  # the last reading
-    assert "GB resident when last seen" in done["error"]["message"]
+    assert "GiB resident when last seen" in done["error"]["message"]
     # it is never run again: the worker serves the next job, and the poison job stays as it ended
     ok = stack.api.wait(stack.api.submit(prompt="a calm sea", model=model, width=64, height=64,
                                          steps=1)["id"], timeout=180)

@@ -11,7 +11,7 @@ from celery.signals import worker_process_init
 
 from shared import fleet
 from shared.db import engine_for, migrate, session_factory, wait_for_database
-from shared.memory import fmt_gb, read_host_budget
+from shared.memory import fmt_size, read_host_budget
 from shared.queue import MEMORY_CLASSES, GENERATE_TASK, classes_within, hard_time_limit, make_celery, queue_name
 from shared.settings import get_settings
 from shared.retry import retrying
@@ -74,11 +74,11 @@ def main(extra_args: list[str] | None = None) -> None:
     budget, _ = read_host_budget(settings.memory_reserve, settings.memory_budget)
     classes = classes_within(budget)
     if not classes:
-        raise SystemExit(f"a budget of {fmt_gb(budget)} is below the smallest memory class "
-                         f"({fmt_gb(MEMORY_CLASSES[0])}); set SDFLEET_MEMORY_BUDGET or SDFLEET_MEMORY_RESERVE")
+        raise SystemExit(f"a budget of {fmt_size(budget)} is below the smallest memory class "
+                         f"({fmt_size(MEMORY_CLASSES[0])}); set SDFLEET_MEMORY_BUDGET or SDFLEET_MEMORY_RESERVE")
     queues = [queue_name(name, c) for c in classes]
     log.info("serving %s from %s: memory classes up to %s (budget %s), queues %s ... %s", name, settings.model,
-             fmt_gb(classes[0]), fmt_gb(budget), queues[0], queues[-1])
+             fmt_size(classes[0]), fmt_size(budget), queues[0], queues[-1])
     app.worker_main([
         "worker", "--queues", ",".join(queues), "--concurrency", "1", "--prefetch-multiplier", "1",
         "--pool", "prefork", "--hostname", f"sdfleet@%h.{os.getpid()}", "--loglevel", "INFO",

@@ -15,7 +15,7 @@ import psutil
 
 from shared import fleet, store
 from shared.db import session_factory
-from shared.memory import fmt_gb, read_host_budget
+from shared.memory import fmt_size, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
 from worker.meter import JobMeter, rss_bytes
@@ -118,8 +118,8 @@ class Host:
         self.running: Running | None = None
         self._sessions = session_factory(settings.database_url)
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
-                 fmt_gb(self.budget), fmt_gb(self.cgroup_limit) if self.cgroup_limit else "none",
-                 fmt_gb(self.resident), pipeline.precision, self.memory_mode)
+                 fmt_size(self.budget), fmt_size(self.cgroup_limit) if self.cgroup_limit else "none",
+                 fmt_size(self.resident), pipeline.precision, self.memory_mode)
 
     def _resident(self) -> int:
         """What the next job starts from: the RSS between jobs, or more if a job loads components again (the

@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from shared.memory import fmt_gb
+from shared.memory import fmt_size
 from shared.store import MemoryReading
 
 MAX_TIMELINE_POINTS = 600
@@ -29,11 +29,11 @@ class MemoryBudgetExceeded(Exception):
 
     def __init__(self, rss: int, budget: int, available: int | None = None, floor: int | None = None):
         if available is None:
-            message = f"resident memory reached {fmt_gb(rss)}, past this worker's budget of {fmt_gb(budget)}"
+            message = f"resident memory reached {fmt_size(rss)}, past this worker's budget of {fmt_size(budget)}"
         else:
-            message = (f"the host's available memory fell to {fmt_gb(available)}, below "
-                       f"{fmt_gb(floor)} (SDFLEET_PAUSE_AVAILABLE_BYTES: the owner's programs need it), "
-                       f"with this job at {fmt_gb(rss)}")
+            message = (f"the host's available memory fell to {fmt_size(available)}, below "
+                       f"{fmt_size(floor)} (SDFLEET_PAUSE_AVAILABLE_BYTES: the owner's programs need it), "
+                       f"with this job at {fmt_size(rss)}")
         super().__init__(message)
         self.rss, self.budget, self.available = rss, budget, available
 

@@ -13,7 +13,7 @@ from collections import deque
 
 import psutil
 
-from shared.memory import fmt_gb
+from shared.memory import fmt_size
 from shared.queue import classes_within, queue_name
 from shared.settings import Settings
 
@@ -83,8 +83,8 @@ class OwnerWatch:
         s = self.settings
         available = self.available + own_job_bytes
         if s.pause_available_bytes and available < s.pause_available_bytes:
-            return (f"the host's available memory is {fmt_gb(available)}, below "
-                    f"{fmt_gb(s.pause_available_bytes)} (SDFLEET_PAUSE_AVAILABLE_BYTES)")
+            return (f"the host's available memory is {fmt_size(available)}, below "
+                    f"{fmt_size(s.pause_available_bytes)} (SDFLEET_PAUSE_AVAILABLE_BYTES)")
         if s.pause_cpu_percent < 100 and self.others_percent > s.pause_cpu_percent:
             return (f"other programs use {self.others_percent:.0f}% of the CPUs, above {s.pause_cpu_percent:g}% "
                     f"(SDFLEET_PAUSE_CPU_PERCENT, over {s.pause_window_s:g} s)")
@@ -108,6 +108,6 @@ class Consumers:
         for ceiling in sorted(wanted - self.current, reverse=True):
             self.celery.control.add_consumer(queue_name(self.model, ceiling), destination=[self.node])
         if wanted != self.current:
-            log.info("memory classes consumed: %s", ", ".join(fmt_gb(c) for c in sorted(wanted, reverse=True))
+            log.info("memory classes consumed: %s", ", ".join(fmt_size(c) for c in sorted(wanted, reverse=True))
                      or "none (paused)")
         self.current = wanted

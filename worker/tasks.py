@@ -19,7 +19,7 @@ from shared import fleet, store
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
-from shared.memory import Shape, fmt_gb, guidance_on, predict
+from shared.memory import Shape, fmt_size, guidance_on, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from worker.host import HOST, Host, Running
@@ -207,16 +207,16 @@ def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Ho
                                                                               host.model) if w.name != host.name]
             if target is not None and any(c >= target for c in classes):
                 return "handed on", store.hand_on(session, job, delivery_id or job.delivery_id, target)
-            message = (f"predicted to need {fmt_gb(expected.bytes)} ({expected.source}) on {host.name}, past its "
-                       f"budget of {fmt_gb(host.budget)}, and no live worker's memory class holds it (largest: "
-                       f"{fmt_gb(max(classes, default=0))})")
+            message = (f"predicted to need {fmt_size(expected.bytes)} ({expected.source}) on {host.name}, past its "
+                       f"budget of {fmt_size(host.budget)}, and no live worker's memory class holds it (largest: "
+                       f"{fmt_size(max(classes, default=0))})")
             return "failed", store.fail_unplaceable(session, job, message)
 
     outcome, done = retrying(move)
     if outcome == "handed on" and done:
         send_generate(celery, job_id, done, host.model, job.priority, target)
         log.info("job %s: predicted %s here, past the budget %s: handed on to memory class %s", job_id,
-                 fmt_gb(expected.bytes), fmt_gb(host.budget), fmt_gb(target))
+                 fmt_size(expected.bytes), fmt_size(host.budget), fmt_size(target))
     elif outcome == "failed" and done:
         _notify_if_due(sessions, job_id, celery)
     return outcome
@@ -255,8 +255,8 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     pipeline = host.pipeline
     expected = _expected(sessions, host, params)
     if expected.bytes > host.budget:  # a redelivered job that was already running: checked here
-        return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_gb(expected.bytes)} ({expected.source}) "
-                   f"exceeds this worker's budget of {fmt_gb(host.budget)}")
+        return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) "
+                   f"exceeds this worker's budget of {fmt_size(host.budget)}")
 
     # the guard: the job's own RSS against the budget, and the host's available memory against half the
     # pause threshold (the owner's programs came back while the job ran)
@@ -309,7 +309,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     ok = retrying(finish)
     status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
     log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", job_id, status, elapsed,
-             fmt_gb(reading.peak_rss_bytes), fmt_gb(expected.bytes), expected.source, clock.slowest)
+             fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source, clock.slowest)
     if ok and code is None:
         try:
             retrying(learn)
