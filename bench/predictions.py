@@ -112,6 +112,7 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
                     conn.execute(text("DELETE FROM memory_profiles WHERE NOT (width = :w AND height = :h AND "
                                       "guidance = :g)"), {"w": first[0], "h": first[1], "g": first[2] > 1})
                 engine.dispose()
+            (w,) = client.workers()  # what admission predicts from: the worker's resident set now
             job = client.submit(prompt="a lighthouse on a cliff in a storm, oil painting", width=width,
                                 height=height, guidance_scale=guidance, num_images=images, steps=STEPS, seed=1)
             done = client.wait(job["id"], timeout=3000, poll_s=1)
@@ -122,6 +123,7 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
                    "guidance": guidance, "images": images, "source": done["prediction_source"],
                    "predicted_bytes": done["predicted_peak_bytes"], "measured_bytes": done["peak_rss_bytes"],
                    "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
+                   "resident_bytes": w["resident_bytes"], "rss_before_bytes": done["rss_before_bytes"],
                    "measured_shape": "x".join(map(str, first[:2])) + f" g{first[2]}" if first else None,
                    "at": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
             rows.append(row)

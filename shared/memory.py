@@ -123,17 +123,19 @@ class Prediction:
 
 def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -> Prediction:
     """A job's peak RSS on a worker whose loaded pipeline holds `resident_bytes`."""
+    # A job's peak is never below what the worker holds as it starts: OpenVINO keeps the buffers of the
+    # largest shape it has run, and a smaller job reuses them, so the resident set already holds them.
+    floor = resident_bytes or 0
     for p in profiles:
         if p.shape == shape:
-            # the worker may start higher now than when this was measured (caches grown with larger shapes)
-            grown = max(0, resident_bytes - p.base_bytes) if resident_bytes is not None else 0
-            return Prediction(p.peak_bytes + grown, "profile", f"measured on {p.samples} job(s) of this shape")
+            return Prediction(max(p.peak_bytes, floor), "profile", f"measured on {p.samples} job(s) of this shape")
     if profiles:
-        # The nearest seen shape by activation work; what it used above its base scales with the work.
+        # The nearest seen shape by activation work: what it used above the base it started from (the
+        # loaded pipeline, or its warm-up peak for a pipeline that loads components per job) scales with
+        # the work, on top of that same base.
         near = min(profiles, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))
         per_work = max(0, near.peak_bytes - near.base_bytes) / near.shape.work
-        base = resident_bytes if resident_bytes is not None else near.base_bytes
-        value = int(base + per_work * shape.work)
+        value = max(floor, int(near.base_bytes + per_work * shape.work))
         return Prediction(value, "scaled", f"scaled by latent pixels from {near.shape.width}x{near.shape.height}"
                           f"{' with guidance' if near.shape.guidance else ''}")
     base = resident_bytes if resident_bytes is not None else 0
