@@ -282,6 +282,21 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     elapsed = time.perf_counter() - t0
     reading = meter.reading
 
+    # The profile's base is the one predictions start from (host.resident: for a pipeline that releases
+    # components between jobs, its warm-up peak, which holds the weights), or the RSS the job started at if
+    # higher; never the little a low-memory worker holds between jobs: the weights it loads again in every
+    # job would otherwise count twice when scaled to another size.
+    base = max(host.resident, reading.rss_before_bytes)
+    host.last_start = reading.rss_before_bytes
+    # Settle and beat before the result is written: a client that submits its next job the moment this one
+    # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
+    # from before it.
+    host.running = None
+    gc.collect()
+    release_free_memory()
+    settle(pipeline)
+    host.try_beat()
+
     def finish() -> bool:
         with sessions.begin() as session:
             if code is None:
@@ -291,13 +306,6 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
             if ok:
                 fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
             return ok
-
-    # The profile's base is the one predictions start from (host.resident: for a pipeline that releases
-    # components between jobs, its warm-up peak, which holds the weights), or the RSS the job started at if
-    # higher; never the little a low-memory worker holds between jobs: the weights it loads again in every
-    # job would otherwise count twice when scaled to another size.
-    base = max(host.resident, reading.rss_before_bytes)
-    host.last_start = reading.rss_before_bytes
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
