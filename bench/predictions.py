@@ -87,6 +87,7 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
            "HF_HUB_OFFLINE": "1"}
     env_all = {**{k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}, **env,
                "PYTHONPATH": str(ROOT)}
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     redis = start_bundled_redis(redis_port)
     worker = subprocess.Popen([sys.executable, "-m", "sdfleet", "worker"], env=env_all, cwd=ROOT,
                               stdout=open(work / "worker.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -119,7 +120,7 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
             if done["status"] != "succeeded":
                 raise SystemExit(f"job {width}x{height} g{guidance} x{images}: {done['error']} "
                                  f"({guard.killed or 'not killed'}); see {work}")
-            row = {"arch": arch, "mode": mode, "precision": w["precision"], "width": width, "height": height,
+            row = {"run": run_id, "arch": arch, "mode": mode, "precision": w["precision"], "width": width, "height": height,
                    "guidance": guidance, "images": images, "source": done["prediction_source"],
                    "predicted_bytes": done["predicted_peak_bytes"], "measured_bytes": done["peak_rss_bytes"],
                    "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
@@ -161,8 +162,12 @@ def main() -> int:
     ap.add_argument("--limit-gb", type=float, default=21.0)
     ap.add_argument("--table", action="store_true", help="print the table of results/predictions.jsonl")
     args = ap.parse_args()
-    if args.table:
-        print(table([json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]))
+    if args.table:  # the newest run of each model and mode
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        newest = {}
+        for r in rows:
+            newest[(r["arch"], r["mode"])] = max(newest.get((r["arch"], r["mode"]), ""), r.get("run", ""))
+        print(table([r for r in rows if r.get("run", "") == newest[(r["arch"], r["mode"])]]))
         return 0
     rows = []
     for arch in args.arch.split(","):

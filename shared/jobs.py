@@ -253,8 +253,9 @@ class WorkerState(BaseModel):
     cgroup_limit_bytes: int | None
     total_ram_bytes: int
     available_bytes: int
-    resident_bytes: int = Field(description="RSS with the pipeline loaded, between jobs; for a pipeline that "
-                                "releases components between jobs, its warm-up peak (what each job loads again)")
+    resident_bytes: int = Field(description="what the next job starts from: RSS with the pipeline loaded, "
+                                "between jobs, plus what each job loads again for a pipeline that releases "
+                                "components between jobs (measured at the warm-up)")
     current_job_id: str | None
     state: Literal["loading", "ready", "paused"] = Field(
         default="ready", description="loading (its pool child is loading the model: still counted, jobs wait), "

@@ -108,11 +108,12 @@ class Host:
         self.consumers = consumers
         self.state, self.state_reason = "ready", None
         self.started_at = utcnow()
-        # A pipeline that releases components between jobs loads them again in every job: its base for
-        # predictions is what it held at the peak of its warm-up, not the little it holds between jobs.
+        # A pipeline that releases components between jobs loads them again in every job (the text encoders
+        # in balanced mode, every component in low mode): what that costs above the RSS between jobs is
+        # measured once, at the warm-up (its peak above what stays resident after it).
         levers = getattr(pipeline, "levers", None)
-        self.floor = getattr(pipeline, "warm_peak", 0) if levers and (levers.release_all or levers.release_encoders) \
-            else 0
+        releases = levers is not None and (levers.release_all or levers.release_encoders)
+        self.reload_bytes = max(0, getattr(pipeline, "warm_peak", 0) - rss_bytes()) if releases else 0
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
         self.running: Running | None = None
@@ -122,10 +123,10 @@ class Host:
                  fmt_size(self.resident), pipeline.precision, self.memory_mode)
 
     def _resident(self) -> int:
-        """What the next job starts from: the RSS between jobs, or more if a job loads components again (the
-        warm-up's peak) or started higher (what the last one started at: OpenVINO keeps the buffers of the
-        largest shape run, and file pages dropped between jobs come back as a job starts)."""
-        return max(rss_bytes(), self.floor, self.last_start)
+        """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
+        largest shape run) plus what each job loads again, or the RSS the last job started at if higher
+        (file pages dropped between jobs come back as a job starts)."""
+        return max(rss_bytes() + self.reload_bytes, self.last_start)
 
     def follow_owner(self) -> None:
         """Budget, pause and the classes consumed, from the owner's use of the host now."""
