@@ -114,6 +114,7 @@ class Host:
         levers = getattr(pipeline, "levers", None)
         releases = levers is not None and (levers.release_all or levers.release_encoders)
         self.reload_bytes = max(0, getattr(pipeline, "warm_peak", 0) - rss_bytes()) if releases else 0
+        self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
         self.running: Running | None = None
@@ -124,9 +125,11 @@ class Host:
 
     def _resident(self) -> int:
         """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
-        largest shape run) plus what each job loads again, or the RSS the last job started at if higher
-        (file pages dropped between jobs come back as a job starts)."""
-        return max(rss_bytes() + self.reload_bytes, self.last_start)
+        largest shape run) plus what each job loads again (measured at the warm-up, and as the last job
+        encoded its prompt: SDXL's two text encoders, compiled per job in balanced mode, hide under the
+        warm-up's UNet peak), or the RSS the last job started at if higher (file pages dropped between
+        jobs come back as a job starts)."""
+        return max(rss_bytes() + max(self.reload_bytes, self.encode_bytes), self.last_start)
 
     def follow_owner(self) -> None:
         """Budget, pause and the classes consumed, from the owner's use of the host now."""

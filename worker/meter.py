@@ -230,6 +230,11 @@ class JobMeter:
             method="vmhwm" if hwm else "sampler",
         )
 
+    def phase_peak(self, phase: str) -> int | None:
+        """The highest RSS sampled during a phase (encode, denoise, decode) of any image, or None."""
+        with self._lock:
+            return max((s[1] for s in self._samples if s[4] == phase), default=None)
+
     def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> list[dict]:
         """The samples, thinned to at most about `max_points`: in each run of samples the highest is kept,
         and so is every phase change, so the peak and the marks survive."""

@@ -288,6 +288,11 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     # job would otherwise count twice when scaled to another size.
     base = max(host.resident, reading.rss_before_bytes)
     host.last_start = reading.rss_before_bytes
+    encode_peak = meter.phase_peak("encode")
+    if code is None and encode_peak is not None:
+        # what encoding the prompt costs above the job's start (text encoders compiled for it, in a mode that
+        # releases them): the same for every shape, on top of whatever the worker holds then
+        host.encode_bytes = max(0, encode_peak - reading.rss_before_bytes)
     # Settle and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it.
