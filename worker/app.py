@@ -1,6 +1,6 @@
 """The Celery worker: the shared app with the generate task registered, the pipeline loaded once per pool
 child (worker_process_init) and its heartbeat started, and the command that starts it with concurrency 1
-on its model's queue."""
+on its model's queues, one per memory class its budget covers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from celery.signals import worker_process_init
 from shared import fleet
 from shared.db import engine_for, migrate, session_factory, wait_for_database
 from shared.memory import fmt_size, read_host_budget
-from shared.queue import MEMORY_CLASSES, GENERATE_TASK, classes_within, hard_time_limit, make_celery, queue_name
-from shared.settings import get_settings
+from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name
 from shared.retry import retrying
+from shared.settings import get_settings
 from worker.host import Beacon, Host, take_back_orphans
 from worker.owner import Consumers, lower_cpu_priority
 from worker.pipelines import get_pipeline
