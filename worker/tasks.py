@@ -282,17 +282,18 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     elapsed = time.perf_counter() - t0
     reading = meter.reading
 
-    # The profile's base is the one predictions start from (host.resident: for a pipeline that releases
-    # components between jobs, its warm-up peak, which holds the weights), or the RSS the job started at if
-    # higher; never the little a low-memory worker holds between jobs: the weights it loads again in every
-    # job would otherwise count twice when scaled to another size.
-    base = max(host.resident, reading.rss_before_bytes)
-    host.last_start = reading.rss_before_bytes
+    # What encoding the prompt took above the job's start (text encoders compiled for it, in a mode that
+    # releases them): the same for every shape, on top of whatever the worker holds then.
     encode_peak = meter.phase_peak("encode")
-    if code is None and encode_peak is not None:
-        # what encoding the prompt costs above the job's start (text encoders compiled for it, in a mode that
-        # releases them): the same for every shape, on top of whatever the worker holds then
-        host.encode_bytes = max(0, encode_peak - reading.rss_before_bytes)
+    encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None else 0
+    # The profile's base is the part of the peak that does not grow with the shape: what the job started
+    # from plus its prompt encoding, or what predictions start from if higher (for a pipeline that releases
+    # components between jobs, what it loads again in each, which holds the weights); never the little a
+    # low-memory worker holds between jobs, or the weights would count twice when scaled to another size.
+    base = max(host.resident, reading.rss_before_bytes + encode_bytes)
+    host.last_start = reading.rss_before_bytes
+    if code is None:
+        host.encode_bytes = encode_bytes
     # Settle and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it.
