@@ -10,7 +10,6 @@ import io
 import logging
 import threading
 import time
-from typing import Callable
 
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
