@@ -282,9 +282,12 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     reading = meter.reading
 
     # What encoding the prompt took above the job's start (text encoders compiled for it, in a mode that
-    # releases them): the same for every shape, on top of whatever the worker holds then.
+    # releases them): the same for every shape, on top of whatever the worker holds then. Not so where
+    # every component is loaded per phase: the UNet is compiled before the first step ends the "encode" mark.
     encode_peak = meter.phase_peak("encode")
-    encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None else 0
+    levers = getattr(pipeline, "levers", None)
+    prompt_only = not (levers is not None and levers.release_all)
+    encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None and prompt_only else 0
     # The profile's base is the part of the peak that does not grow with the shape: what the job started
     # from plus its prompt encoding, or what predictions start from if higher (for a pipeline that releases
     # components between jobs, what it loads again in each, which holds the weights); never the little a
