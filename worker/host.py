@@ -113,7 +113,8 @@ class Host:
         # measured once, at the warm-up (its peak above what stays resident after it).
         levers = getattr(pipeline, "levers", None)
         releases = levers is not None and (levers.release_all or levers.release_encoders)
-        self.reload_bytes = max(0, getattr(pipeline, "warm_peak", 0) - rss_bytes()) if releases else 0
+        self.floor = getattr(pipeline, "warm_peak", 0) if releases else 0
+        self.reload_bytes = max(0, self.floor - rss_bytes())
         self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
@@ -128,8 +129,8 @@ class Host:
         largest shape run) plus what each job loads again (measured at the warm-up, and as the last job
         encoded its prompt: SDXL's two text encoders, compiled per job in balanced mode, hide under the
         warm-up's UNet peak), or the RSS the last job started at if higher (file pages dropped between
-        jobs come back as a job starts)."""
-        return max(rss_bytes() + max(self.reload_bytes, self.encode_bytes), self.last_start)
+        jobs come back as a job starts), and never below the warm-up's peak for such a pipeline."""
+        return max(rss_bytes() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
 
     def follow_owner(self) -> None:
         """Budget, pause and the classes consumed, from the owner's use of the host now."""

@@ -288,11 +288,12 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     levers = getattr(pipeline, "levers", None)
     prompt_only = not (levers is not None and levers.release_all)
     encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None and prompt_only else 0
-    # The profile's base is the part of the peak that does not grow with the shape: what the job started
-    # from plus its prompt encoding, or what predictions start from if higher (for a pipeline that releases
-    # components between jobs, what it loads again in each, which holds the weights); never the little a
-    # low-memory worker holds between jobs, or the weights would count twice when scaled to another size.
-    base = max(host.resident, reading.rss_before_bytes + encode_bytes)
+    # The profile's base is what predictions start from (for a pipeline that releases components between
+    # jobs, what it loads again in each, which holds the weights), or the RSS the job started at if higher;
+    # never the little a low-memory worker holds between jobs, or the weights would count twice when scaled
+    # to another size. The prompt encoding stays out of it: scaled with the shape, it covers the VAE's
+    # attention, which grows faster than the pixels (SD 1.5 at 1024x1024 from 768x512).
+    base = max(host.resident, reading.rss_before_bytes)
     host.last_start = reading.rss_before_bytes
     if code is None:
         host.encode_bytes = encode_bytes
