@@ -69,35 +69,62 @@ def hints(session: Session, params: JobParameters, worker: Worker, live: list[Wo
     return out
 
 
+@dataclass(frozen=True)
+class WorkerFit:
+    """One live worker's view of a job: its prediction, the class that holds it, and whether that fits."""
+
+    worker: Worker
+    prediction: Prediction
+    memory_class_bytes: int | None  # None: larger than the largest class
+    fits: bool
+
+
+def serving_workers(session: Session, model: str, stale_s: float) -> tuple[list[Worker], list[Worker]]:
+    """(the live workers serving `model`, largest budget first; all live workers). Raises when none serves it."""
+    live = fleet.live_workers(session, stale_s)
+    serving = [w for w in live if w.model == model]
+    if not serving:
+        served = sorted({w.model for w in live})
+        raise ModelUnavailable(
+            f"no live worker serves model {model!r}"
+            + (f"; served now: {', '.join(served)}" if served else "; no worker is live"),
+            {"model": model, "served_models": served},
+        )
+    return serving, live
+
+
+def fits_on(session: Session, params: JobParameters, serving: list[Worker]) -> list[WorkerFit]:
+    """The prediction admission uses, on each worker: what `sdfleet plan` shows and what `admit` decides by."""
+    shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
+    out = []
+    for worker in serving:
+        prediction = _predict_on(session, worker, params.model, shape)
+        ceiling = memory_class(prediction.bytes)
+        out.append(WorkerFit(worker, prediction, ceiling,
+                             ceiling is not None and ceiling <= top_class(worker.budget_bytes)))
+    return out
+
+
 def admit(session: Session, params: JobParameters, stale_s: float) -> Admission:
     """Route the job: on each live worker serving its model, its predicted peak and the memory class that
     holds it; the smallest class some worker covers wins (a job never waits for a bigger worker than it
     needs). Raises when no worker serves the model, or none covers the class its job needs."""
-    live = fleet.live_workers(session, stale_s)
-    serving = [w for w in live if w.model == params.model]  # largest budget first
-    if not serving:
-        served = sorted({w.model for w in live})
-        raise ModelUnavailable(
-            f"no live worker serves model {params.model!r}"
-            + (f"; served now: {', '.join(served)}" if served else "; no worker is live"),
-            {"model": params.model, "served_models": served},
-        )
-    shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
-    first, best = None, None
-    for worker in serving:
-        prediction = _predict_on(session, worker, params.model, shape)
-        first = first or prediction
-        ceiling = memory_class(prediction.bytes)
-        if ceiling is not None and ceiling <= top_class(worker.budget_bytes):
-            if best is None or ceiling < best.memory_class_bytes:
-                best = Admission(prediction, ceiling)
-    if best is not None:
-        return best
-    largest = serving[0]
+    serving, live = serving_workers(session, params.model, stale_s)
+    fits = fits_on(session, params, serving)
+    fitting = [f for f in fits if f.fits]
+    if fitting:
+        best = min(fitting, key=lambda f: f.memory_class_bytes)
+        return Admission(best.prediction, best.memory_class_bytes)
+    raise refusal(session, params, fits, live)
+
+
+def refusal(session: Session, params: JobParameters, fits: list[WorkerFit], live: list[Worker]) -> InsufficientMemory:
+    """Why no worker can take the job, with the changes that would fit on the largest one."""
+    first, largest = fits[0].prediction, fits[0].worker
     tips = hints(session, params, largest, live)
     fitting = [h["message"] for h in tips if h["fits"]]
     usable = top_class(largest.budget_bytes)
-    raise InsufficientMemory(
+    return InsufficientMemory(
         f"this job is predicted to need {fmt_size(first.bytes)} ({first.source}: {first.detail}); the largest "
         f"live worker serving {params.model!r} has a budget of {fmt_size(largest.budget_bytes)}, of which its "
         f"memory class takes jobs up to {fmt_size(usable)}"

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors
@@ -21,6 +24,7 @@ from shared.queue import make_celery
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"  # the web page: plain HTML, CSS and JS shipped in the package
 
 
 class BodyLimit:
@@ -88,4 +92,11 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
     app.include_router(job_routes.router)
     app.include_router(fleet_routes.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        """The web page (the same for everyone: it holds no data; it asks the API, with the caller's key)."""
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

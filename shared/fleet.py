@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import case, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -59,8 +59,17 @@ def public(worker: Worker, stale_s: float, now: datetime) -> WorkerPublic:
                                            if name != "alive"}, "alive": is_alive(worker, stale_s, now)})
 
 
-def workers(session: Session) -> list[Worker]:
-    return list(session.scalars(select(Worker).order_by(Worker.model, Worker.name)))
+def workers(session: Session, seen_within_s: float | None = None) -> list[Worker]:
+    stmt = select(Worker).order_by(Worker.model, Worker.name)
+    if seen_within_s is not None:
+        stmt = stmt.where(Worker.last_seen >= db_now(session) - timedelta(seconds=seen_within_s))
+    return list(session.scalars(stmt))
+
+
+def forget_workers(session: Session, silent_for_s: float) -> int:
+    """Delete the rows of workers silent for this long (gone for good: a restarted worker is a new row)."""
+    return session.execute(delete(Worker).where(
+        Worker.last_seen < db_now(session) - timedelta(seconds=silent_for_s))).rowcount
 
 
 def live_workers(session: Session, stale_s: float, model: str | None = None) -> list[Worker]:
@@ -70,7 +79,7 @@ def live_workers(session: Session, stale_s: float, model: str | None = None) -> 
     return list(session.scalars(stmt.order_by(Worker.budget_bytes.desc())))
 
 
-def _profile(row: MemoryProfile) -> Profile:
+def profile_of(row: MemoryProfile) -> Profile:
     return Profile(Shape(row.width, row.height, row.guidance, row.images_per_pass), row.peak_bytes,
                    row.base_bytes, row.samples)
 
@@ -79,7 +88,7 @@ def profiles(session: Session, model: str, backend: str, precision: str, memory_
     rows = session.scalars(select(MemoryProfile).where(
         MemoryProfile.model == model, MemoryProfile.backend == backend, MemoryProfile.precision == precision,
         MemoryProfile.memory_mode == memory_mode))
-    return [_profile(r) for r in rows]
+    return [profile_of(r) for r in rows]
 
 
 def all_profiles(session: Session) -> list[MemoryProfile]:

@@ -93,20 +93,33 @@ def check_text(v: str) -> str:
     return v
 
 
-class JobCreate(BaseModel):
-    """What a client submits. Strict: no coercion of "512" to 512, no unknown fields."""
+class JobShape(BaseModel):
+    """What a job's memory depends on (the part of a submission `POST /v1/plan` takes). Strict: no coercion
+    of "512" to 512, no unknown fields."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int = Field(default=512, ge=64, le=2048)
     height: int = Field(default=512, ge=64, le=2048)
-    steps: int = Field(default=20, ge=1, le=150)
     guidance_scale: float = Field(default=7.5, ge=0, le=30)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=8)
     model: str | None = Field(default=None, max_length=200, pattern=MODEL_NAME_RE.pattern)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {v}")
+        return v
+
+
+class JobCreate(JobShape):
+    """What a client submits."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(default=20, ge=1, le=150)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     priority: Priority = "normal"
     webhook_url: str | None = Field(
         default=None, max_length=MAX_URL_CHARS,
@@ -134,13 +147,6 @@ class JobCreate(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must contain more than whitespace")
-        return v
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {v}")
         return v
 
 
@@ -222,6 +228,11 @@ class JobPublic(BaseModel):
     images: list[ImageLink]
 
 
+class JobList(BaseModel):
+    jobs: list[JobPublic] = Field(description="newest first; queued ones carry their queue_position")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null on the last")
+
+
 class MemorySample(BaseModel):
     t: float = Field(description="seconds since the job started")
     rss: int
@@ -236,6 +247,9 @@ class JobMemoryPublic(BaseModel):
     attempt: int
     interval_s: float
     peak_rss_bytes: int | None
+    predicted_peak_bytes: int | None = Field(description="what admission predicted for the job")
+    worker_budget_bytes: int | None = Field(description="the memory budget of the worker that ran it, as it "
+                                            "announces it now (null once the worker is forgotten)")
     samples: list[MemorySample]
 
 
@@ -292,3 +306,46 @@ class ModelPublic(BaseModel):
     largest_budget_bytes: int
     runtimes: list[str] = Field(description="backend/precision/memory mode of the workers serving it")
     profiles: list[ProfilePublic]
+
+
+class WorkerPlan(BaseModel):
+    name: str
+    host: str
+    state: str
+    backend: str
+    precision: str
+    memory_mode: str
+    budget_bytes: int
+    class_limit_bytes: int = Field(description="the largest memory class the budget covers: the jobs it takes")
+    resident_bytes: int
+    predicted_peak_bytes: int
+    prediction_source: str
+    detail: str
+    memory_class_bytes: int | None = Field(description="the class that holds the prediction (null: none does)")
+    fits: bool
+
+
+class ModePlan(BaseModel):
+    backend: str
+    precision: str
+    memory_mode: str
+    predicted_peak_bytes: int = Field(description="from this runtime's measured profiles alone (a worker "
+                                      "adds its own resident floor)")
+    prediction_source: str
+    detail: str
+
+
+class PlanPublic(BaseModel):
+    """What admission would decide for a job of this shape, worker by worker."""
+
+    model: str
+    width: int
+    height: int
+    guidance: bool = Field(description="whether the guidance scale runs classifier-free guidance (> 1)")
+    num_images: int = Field(description="images run one pass each: the peak does not grow with the count")
+    admitted: bool
+    memory_class_bytes: int | None = Field(description="the queue a submission would be routed to")
+    message: str
+    workers: list[WorkerPlan] = Field(description="live workers serving the model, largest budget first")
+    modes: list[ModePlan] = Field(description="one per runtime (backend/precision/memory mode) with profiles")
+    hints: list[dict] = Field(description="when no worker fits: changes that would, as in a refusal")

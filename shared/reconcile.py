@@ -33,6 +33,7 @@ class Report:
     ended_lost: list[str] = field(default_factory=list)  # out of attempts (worker_lost) or past the timeout
     failed_unplaceable: list[str] = field(default_factory=list)  # no live worker's memory class holds it
     webhooks_resent: list[str] = field(default_factory=list)
+    workers_forgotten: int = 0  # rows of workers silent for SDFLEET_WORKER_FORGET_S
 
 
 def reconcile(sessions, broker, celery, settings: Settings) -> Report:
@@ -98,6 +99,8 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
                        else store.webhook_handout(session, job_id))
         if handout and send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done):
             report.webhooks_resent.append(job_id)
+    with sessions.begin() as session:
+        report.workers_forgotten = fleet.forget_workers(session, settings.worker_forget_s)
     if any(vars(report).values()):
         log.info("reconciled: %s", report)
     return report

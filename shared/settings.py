@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the key the command-line client sends (sdfleet submit/status/up)
     api_url: str = "http://127.0.0.1:8000"  # the API the command-line client talks to
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # POST /v1/images/generations (the OpenAI-compatible route) waits this long for its job, then answers
+    # an error naming the job ID (the job goes on; poll GET /v1/jobs/{id})
+    images_wait_s: float = Field(default=300.0, gt=0, le=3600)
 
     # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
     # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").
@@ -116,6 +119,8 @@ class Settings(BaseSettings):
     memory_reserve: int = Field(default=1 << 30, ge=0)
     heartbeat_s: float = Field(default=5.0, gt=0, le=300)
     worker_stale_s: float = Field(default=30.0, gt=0)  # no heartbeat for this long: gone, not capacity
+    # a gone worker is listed (alive false) for this long after its last heartbeat, then forgotten
+    worker_forget_s: float = Field(default=3600.0, gt=0)
 
     progress_interval_s: float = Field(default=0.5, gt=0, le=60)  # progress writes and cancel checks
     reconcile_interval_s: float = Field(default=15.0, gt=0)

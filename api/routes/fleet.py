@@ -5,21 +5,75 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
+from api.admission import fits_on, refusal, serving_workers
 from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
 from shared import fleet
-from shared.jobs import ModelPublic, ProfilePublic, WorkerPublic
+from shared.errors import InvalidRequest
+from shared.jobs import (
+    JobParameters, JobShape, ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic,
+)
+from shared.memory import Shape, fmt_size, guidance_on, predict
+from shared.queue import top_class
 
 router = APIRouter()
 
 
 @router.get("/v1/workers", response_model=list[WorkerPublic], responses=responses(), tags=["fleet"])
 def list_workers(caller: Caller, ctx: Ctx) -> list[WorkerPublic]:
-    """Every worker that has sent a heartbeat; `alive` is false once it stops (not counted as capacity)."""
+    """Every worker heard from in the last SDFLEET_WORKER_FORGET_S; `alive` is false once it stops sending
+    heartbeats (it is no capacity then), and it is forgotten after that long."""
     with ctx.sessions() as session:
         now = fleet.db_now(session)
-        return [fleet.public(w, ctx.settings.worker_stale_s, now) for w in fleet.workers(session)]
+        return [fleet.public(w, ctx.settings.worker_stale_s, now)
+                for w in fleet.workers(session, seen_within_s=ctx.settings.worker_forget_s)]
+
+
+@router.post("/v1/plan", response_model=PlanPublic, responses=responses(422, 503), tags=["fleet"])
+def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
+    """What admission would decide for a job of this shape: each live worker's predicted peak (the same
+    prediction a submission is admitted by), its memory class and whether it fits; the prediction of each
+    runtime with measured profiles; and, when none fits, the changes that would."""
+    model = shape.model or ctx.settings.default_model
+    if model is None:
+        raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
+                             [{"field": "model", "reason": "required when the API has no default model"}])
+    params = JobParameters(prompt="", negative_prompt=None, steps=1, seed=0,
+                           **shape.model_dump(exclude={"model"}), model=model)
+    with ctx.sessions() as session:
+        serving, live = serving_workers(session, model, ctx.settings.worker_stale_s)
+        fits = fits_on(session, params, serving)
+        fitting = [f for f in fits if f.fits]
+        hints = [] if fitting else refusal(session, params, fits, live).details["hints"]
+        runtimes: dict[tuple[str, str, str], list] = {}
+        for row in fleet.all_profiles(session):
+            if row.model == model:
+                runtimes.setdefault((row.backend, row.precision, row.memory_mode), []).append(fleet.profile_of(row))
+    job_shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
+    best = min(fitting, key=lambda f: f.memory_class_bytes) if fitting else None
+    modes = []
+    for (backend, precision, mode), known in sorted(runtimes.items()):
+        p = predict(job_shape, known, None)
+        modes.append(ModePlan(backend=backend, precision=precision, memory_mode=mode, predicted_peak_bytes=p.bytes,
+                              prediction_source=p.source, detail=p.detail))
+    if best:
+        message = (f"admitted: {len(fitting)} of {len(fits)} live worker(s) fit; routed to the "
+                   f"{fmt_size(best.memory_class_bytes)} class (predicted peak {fmt_size(best.prediction.bytes)})")
+    else:
+        message = f"refused: no live worker serving {model!r} fits a predicted {fmt_size(fits[0].prediction.bytes)}"
+    return PlanPublic(
+        model=model, width=params.width, height=params.height, guidance=job_shape.guidance,
+        num_images=params.num_images, admitted=best is not None,
+        memory_class_bytes=best.memory_class_bytes if best else None, message=message,
+        workers=[WorkerPlan(name=f.worker.name, host=f.worker.host, state=f.worker.state, backend=f.worker.backend,
+                            precision=f.worker.precision, memory_mode=f.worker.memory_mode,
+                            budget_bytes=f.worker.budget_bytes, class_limit_bytes=top_class(f.worker.budget_bytes),
+                            resident_bytes=f.worker.resident_bytes, predicted_peak_bytes=f.prediction.bytes,
+                            prediction_source=f.prediction.source, detail=f.prediction.detail,
+                            memory_class_bytes=f.memory_class_bytes, fits=f.fits) for f in fits],
+        modes=modes, hints=hints,
+    )
 
 
 @router.get("/v1/models", response_model=list[ModelPublic], responses=responses(), tags=["fleet"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import secrets
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy.exc import IntegrityError
 
 from api.admission import admit
@@ -15,8 +18,8 @@ from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, ow
 from api.errors import responses
 from shared import fleet, store, webhooks
 from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound, ServiceUnavailable
-from shared.jobs import MAX_SEED, JobCreate, JobMemoryPublic, JobParameters, JobPublic, JobStatus
-from shared.models import Job
+from shared.jobs import MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus
+from shared.models import Job, Worker
 from shared.queue import send_generate, send_webhook
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -85,7 +88,40 @@ def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
             session.delete(session.get(Job, row.id))
         raise ServiceUnavailable(f"the job queue is unreachable ({type(exc).__name__}); nothing was stored") from exc
     response.headers["Location"] = f"/v1/jobs/{row.id}"
-    return store.to_public(row, queue_position=None)
+    with ctx.sessions() as session:  # a worker may have taken it already: answer what is true now
+        job = session.get(Job, row.id)
+        position = store.queue_position(session, job) if job.status == JobStatus.queued.value else None
+        return store.to_public(job, position)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest("cursor: not a cursor this API gave out (pass next_cursor as it came)",
+                             [{"field": "cursor", "reason": "not a cursor this API gave out"}]) from None
+
+
+@router.get("", response_model=JobList, responses=responses(422))
+def list_jobs(caller: Caller, ctx: Ctx,
+              status: Annotated[list[JobStatus] | None, Query(description="only these statuses (repeatable)")] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
+              = None) -> JobList:
+    """The caller's jobs (with a key, only that key's), newest first, a page at a time."""
+    after = _decode_cursor(cursor) if cursor is not None else None
+    with ctx.sessions() as session:
+        rows = store.list_jobs(session, owner_id(caller), status or [], limit + 1, after)
+        page = rows[:limit]
+        jobs = [store.to_public(j, store.queue_position(session, j) if j.status == JobStatus.queued.value else None)
+                for j in page]
+    return JobList(jobs=jobs, next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
 
 
 def owned_job(session, job_id: str, caller) -> Job:
@@ -150,5 +186,7 @@ def get_job_memory(job_id: JobId, caller: Caller, ctx: Ctx) -> JobMemoryPublic:
         row = fleet.timeline(session, job_id)
         if row is None:
             raise NotFound(f"no memory timeline for job {job_id} yet")
+        worker = session.get(Worker, job.worker_name) if job.worker_name else None
         return JobMemoryPublic(job_id=job_id, attempt=row.attempt, interval_s=row.interval_s,
-                               peak_rss_bytes=job.peak_rss_bytes, samples=row.timeline)
+                               peak_rss_bytes=job.peak_rss_bytes, predicted_peak_bytes=job.predicted_peak_bytes,
+                               worker_budget_bytes=worker.budget_bytes if worker else None, samples=row.timeline)

@@ -7,6 +7,8 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-26
 """
+import warnings
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -20,8 +22,12 @@ _KEY = ["model", "backend", "precision", "width", "height", "images_per_pass", "
 
 def _swap_primary_key(columns: list[str], add: bool) -> None:
     if op.get_bind().dialect.name == "sqlite":
-        # SQLite cannot alter a primary key: batch mode rebuilds the table and copies the rows
-        with op.batch_alter_table("memory_profiles", recreate="always") as batch:
+        # SQLite cannot alter a primary key: batch mode rebuilds the table and copies the rows. Building the
+        # new table, SQLAlchemy notes (SAWarning) that the copied constraint names the old key's columns and
+        # the new key's wins: that is the change asked for, so the note is not shown on every fresh database.
+        with warnings.catch_warnings(), op.batch_alter_table("memory_profiles", recreate="always") as batch:
+            warnings.filterwarnings("ignore", category=sa.exc.SAWarning,
+                                    message=r"Table '_alembic_tmp_memory_profiles' specifies columns")
             if add:
                 batch.add_column(sa.Column("memory_mode", sa.String(64), nullable=False, server_default="fast"))
             batch.create_primary_key("memory_profiles_pkey", columns)
