@@ -9,7 +9,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api import errors
 from api.deps import Context
 from api.routes import fleet as fleet_routes
+from api.routes import images as image_routes
 from api.routes import jobs as job_routes
 from shared.db import engine_for, migrate, session_factory, wait_for_database
 from shared.errors import PayloadTooLarge
@@ -39,7 +40,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         too_large_error = PayloadTooLarge(f"the body is larger than {self.limit} bytes (SDFLEET_MAX_BODY_BYTES)",
                                           {"max_body_bytes": self.limit})
-        too_large = errors.error_response(413, too_large_error.code, too_large_error.message, too_large_error.details)
+        too_large = errors.render(Request(scope), 413, too_large_error.code, too_large_error.message,
+                                  too_large_error.details)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_large(scope, receive, send)
@@ -91,6 +93,7 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
     errors.install(app)
     app.include_router(job_routes.router)
     app.include_router(fleet_routes.router)
+    app.include_router(image_routes.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/", include_in_schema=False)

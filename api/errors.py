@@ -59,6 +59,43 @@ def error_response(status: int, code: ErrorCode, message: str, details: Any = No
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
 
+# The OpenAI-compatible routes answer errors in OpenAI's shape, which its clients parse into their own error
+# classes: {"error": {"message", "type", "param", "code"}}. Invalid input is 400 there (not 422).
+OPENAI_PREFIX = "/v1/images/"
+_OPENAI_STATUS = {422: 400, 503: 503}
+_OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_OPENAI_CODE = {ErrorCode.unauthorized: "invalid_api_key", ErrorCode.rate_limited: "rate_limit_exceeded",
+                ErrorCode.model_unavailable: "model_not_found", ErrorCode.invalid_request: "invalid_value"}
+_OPENAI_PARAM = {"width": "size", "height": "size", "num_images": "n"}
+
+
+def openai_error(status: int, code: str, message: str, param: str | None = None,
+                 headers: dict | None = None) -> JSONResponse:
+    """An error in OpenAI's shape. Where a retry would submit the job again (the job exists, or the request
+    is wrong), `x-should-retry: false` tells OpenAI's clients (which retry 408, 409, 429 and 5xx) not to."""
+    body = {"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error"), "param": param,
+                      "code": code}}
+    retry = status in (408, 429) or (status >= 500 and code in ("service_unavailable",))
+    return JSONResponse(status_code=status, content=body,
+                        headers={**(headers or {}), "x-should-retry": "true" if retry else "false"})
+
+
+def render(request: Request, status: int, code: ErrorCode, message: str, details: Any = None,
+           headers: dict | None = None) -> JSONResponse:
+    """The error in the shape of the route that failed: sdfleet's, or OpenAI's on the OpenAI routes."""
+    if not request.url.path.startswith(OPENAI_PREFIX):
+        return error_response(status, code, message, details, headers)
+    param = None
+    if code is ErrorCode.invalid_request and isinstance(details, list) and details:
+        field = str(details[0].get("field", ""))
+        param = _OPENAI_PARAM.get(field, field) or None
+    if code is ErrorCode.model_unavailable:
+        status = 404  # OpenAI's answer to a model it does not serve
+    return openai_error(_OPENAI_STATUS.get(status, status), _OPENAI_CODE.get(code, code.value), message, param,
+                        headers)
+
+
 def _field_errors(exc: RequestValidationError) -> list[dict]:
     out = []
     for err in exc.errors():
@@ -77,49 +114,48 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
 
 
 def install(app: FastAPI) -> None:
-    def sdfleet_error(exc: SdfleetError) -> JSONResponse:
+    def sdfleet_error(req: Request, exc: SdfleetError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
+        return render(req, exc.http_status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(SdfleetError)
-    async def _sdfleet_error(_req: Request, exc: SdfleetError):
-        return sdfleet_error(exc)
+    async def _sdfleet_error(req: Request, exc: SdfleetError):
+        return sdfleet_error(req, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req: Request, exc: RequestValidationError):
+    async def _validation_error(req: Request, exc: RequestValidationError):
         details = _field_errors(exc)
         first = details[0] if details else {"field": "body", "reason": "invalid"}
-        return error_response(422, ErrorCode.invalid_request, f"{first['field']}: {first['reason']}", details)
+        return render(req, 422, ErrorCode.invalid_request, f"{first['field']}: {first['reason']}", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req: Request, exc: StarletteHTTPException):
+    async def _http_error(req: Request, exc: StarletteHTTPException):
         if exc.status_code == 400:
             # FastAPI's body parser gave up: invalid UTF-8, nesting deeper than the parser's recursion
             # limit, an integer of more digits than Python converts. All are a body that is not valid JSON.
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, SdfleetError):  # the body limit, hit while FastAPI read the body
-                return sdfleet_error(cause)
+                return sdfleet_error(req, cause)
             reason = f"not valid JSON ({type(cause).__name__})" if cause else "not valid JSON"
-            return error_response(422, ErrorCode.invalid_request, f"body: {reason}",
-                                  [{"field": "body", "reason": reason}])
+            return render(req, 422, ErrorCode.invalid_request, f"body: {reason}", [{"field": "body", "reason": reason}])
         code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code,
                                                                                  ErrorCode.invalid_request)
         message = {404: "no such route", 405: "method not allowed on this path"}.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        return render(req, exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
-    async def _database_down(_req: Request, exc: OperationalError):
+    async def _database_down(req: Request, exc: OperationalError):
         log.warning("database error: %s", exc)
-        return error_response(503, ErrorCode.service_unavailable, "the database is unreachable; retry shortly")
+        return render(req, 503, ErrorCode.service_unavailable, "the database is unreachable; retry shortly")
 
     @app.exception_handler(redis.RedisError)
-    async def _broker_down(_req: Request, exc: redis.RedisError):
+    async def _broker_down(req: Request, exc: redis.RedisError):
         log.warning("redis error: %s", exc)
-        return error_response(503, ErrorCode.service_unavailable, "the job queue is unreachable; retry shortly")
+        return render(req, 503, ErrorCode.service_unavailable, "the job queue is unreachable; retry shortly")
 
     @app.exception_handler(Exception)
-    async def _internal(_req: Request, exc: Exception):
+    async def _internal(req: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, ErrorCode.internal, f"internal error ({type(exc).__name__})")
+        return render(req, 500, ErrorCode.internal, f"internal error ({type(exc).__name__})")

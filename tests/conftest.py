@@ -165,6 +165,21 @@ def wait_worker_ready(worker: subprocess.Popen, log: Path, database_url: str, mo
         time.sleep(0.2)
 
 
+def start_api(env: dict, log: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """An API process on a free port; returns it and its base URL once /healthz answers."""
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
+                           stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    client = Client(f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + timeout
+    while not client.healthy():
+        if api.poll() is not None or time.monotonic() > deadline:
+            stop([api])
+            raise RuntimeError(f"the API did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    return api, f"http://127.0.0.1:{port}"
+
+
 def stack_env(database_url: str, redis_url: str, **extra) -> dict:
     # webhooks of the tests go to listeners on loopback, which is refused unless allowed
     # the suite's own processes keep the CPUs busy: its workers must not pause for them (the owner-yield test
@@ -185,18 +200,12 @@ def stack(database_url, redis_url, tiny_model, tmp_path_factory):
     worker = start_worker(env, log_dir / "worker.log")
     ops = subprocess.Popen([sys.executable, "-m", "sdfleet", "ops"], cwd=ROOT, env=env,
                            stdout=open(log_dir / "ops.log", "ab"), stderr=subprocess.STDOUT)
-    port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "sdfleet", "api", "--port", str(port)], cwd=ROOT, env=env,
-                           stdout=open(log_dir / "api.log", "ab"), stderr=subprocess.STDOUT)
-    procs = [worker, ops, api]
+    procs = [worker, ops]
     try:
-        client = Client(f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 60
-        while not client.healthy():
-            assert api.poll() is None and time.monotonic() < deadline, (log_dir / "api.log").read_text()
-            time.sleep(0.1)
+        api, url = start_api(env, log_dir / "api.log")
+        procs.append(api)
         wait_worker_ready(worker, log_dir / "worker.log", database_url, model)
-        yield Stack(client, f"http://127.0.0.1:{port}", database_url, redis_url, model, worker, procs, log_dir)
+        yield Stack(Client(url, timeout=30), url, database_url, redis_url, model, worker, procs, log_dir)
     finally:
         stop(procs)
 

@@ -47,6 +47,16 @@ def test_workers_heartbeat_and_a_silent_worker_is_gone_and_not_capacity(stack):
     assert stack.model in error["details"]["served_models"]
     assert _job_count(stack) == before
 
+    # silent for longer than SDFLEET_WORKER_FORGET_S (an hour): no longer listed, and the reconciler
+    # (the stack's ops worker runs it too) deletes its row
+    with stack.sessions.begin() as s:
+        s.get(fleet.Worker, "gone-host:1").last_seen = utcnow() - timedelta(hours=2)
+    assert "gone-host:1" not in {w["name"] for w in stack.api.workers()}
+    with stack.sessions.begin() as s:
+        fleet.forget_workers(s, 3600)
+        assert s.get(fleet.Worker, "gone-host:1") is None
+        assert s.get(fleet.Worker, next(w["name"] for w in stack.api.workers() if w["model"] == stack.model))
+
 
 def test_liveness_is_judged_by_the_database_clock_not_the_hosts(database_url):
     """A host whose clock runs minutes ahead or behind writes the database's time into its heartbeat: it is

@@ -23,6 +23,9 @@ from shared.settings import Settings
 from tests.conftest import offline_resolver
 
 DOCUMENTED_STATUSES = {200, 202, 401, 404, 405, 409, 410, 413, 422, 429, 503}  # README's error table
+# The OpenAI-compatible route answers in OpenAI's shape; with no worker running jobs, an admitted one outlives
+# the wait (504 job_timeout)
+OPENAI_STATUSES = {200, 400, 401, 404, 405, 409, 413, 429, 504}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def fuzz_schema(database_url, redis_url):
         fleet.beat(s, fleet.heartbeat("fuzz:1", "fuzz", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
                                       20 * GB, GB, None), utcnow())
     app = create_app(Settings(database_url=url, redis_url=redis_url, default_model=model, worker_stale_s=3600,
-                              heartbeat_s=5, auth="off"), resolver=offline_resolver)
+                              heartbeat_s=5, auth="off", images_wait_s=0.05), resolver=offline_resolver)
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -46,9 +49,14 @@ def _operations(schema):
 def test_no_5xx_and_one_error_shape(fuzz_schema):
     # schemathesis's own pytest plugin does not run under pytest 9 yet: drive its strategies with hypothesis
     operations = list(_operations(fuzz_schema))
-    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /v1/jobs", "GET /v1/jobs/{job_id}",
-                                                                     "DELETE /v1/jobs/{job_id}", "GET /metrics"}
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+        "POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}", "DELETE /v1/jobs/{job_id}", "GET /metrics",
+        "POST /v1/plan", "POST /v1/images/generations"}
     for op, mode in itertools.product(operations, GenerationMode):
+        if op.path.startswith("/v1/images/"):
+            _check_openai(op, mode)
+            continue
+
         @given(case=op.as_strategy(mode))
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
@@ -66,3 +74,21 @@ def test_no_5xx_and_one_error_shape(fuzz_schema):
             check()
         except Unsatisfiable:
             assert mode is GenerationMode.NEGATIVE  # an operation with no inputs has no invalid request
+
+
+def _check_openai(op, mode) -> None:
+    @given(case=op.as_strategy(mode))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call()
+        assert response.status_code in OPENAI_STATUSES, (case.as_curl_command(), response.text)
+        if response.status_code >= 400:
+            body = response.json()
+            assert set(body) == {"error"}, body
+            assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"], body
+            assert response.status_code != 504 or body["error"]["code"] == "job_timeout", body
+
+    try:
+        check()
+    except Unsatisfiable:
+        assert mode is GenerationMode.NEGATIVE

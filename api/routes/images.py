@@ -1,0 +1,146 @@
+"""POST /v1/images/generations: OpenAI's images API on top of the job queue, for the programs (and the
+`openai` clients) that speak it. It submits a normal job (the same validation, admission, record and
+limits as POST /v1/jobs), waits for it up to SDFLEET_IMAGES_WAIT_S, and answers in OpenAI's shape; errors
+are in OpenAI's shape too (api/errors.py renders them by route)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from api.deps import Caller, Ctx, owner_id
+from api.errors import openai_error
+from api.routes.jobs import submit_job
+from shared import store
+from shared.errors import InvalidRequest
+from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobStatus, Priority
+
+router = APIRouter(tags=["openai"])
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+POLL_S = 0.2
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's request (prompt, n, size, response_format, model, user) and sdfleet's own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    n: int = Field(default=1, ge=1, le=8, description="images, one pass each (at most 8 per job here)")
+    size: str | None = Field(default=None, max_length=11,
+                             description='"WIDTHxHEIGHT" (multiples of 8, 64 to 2048), or "auto" for the default')
+    response_format: Literal["url", "b64_json"] = Field(
+        default="url", description="url: the image's path on this API (fetch it with the same key); b64_json: "
+        "the PNG inline")
+    model: str | None = None
+    user: str | None = Field(default=None, max_length=256, description="accepted for compatibility; not stored")
+    # sdfleet's own
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    priority: Priority = "normal"
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class SdfleetInfo(BaseModel):
+    job_id: str
+    seeds: list[int]
+    peak_rss_bytes: int | None
+    generation_s: float | None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    sdfleet: SdfleetInfo = Field(description="the job behind the answer (OpenAI's clients ignore it)")
+
+
+def _job_request(body: ImageGenerationRequest) -> JobCreate:
+    fields = {"prompt": body.prompt, "num_images": body.n, "model": body.model, "priority": body.priority,
+              "negative_prompt": body.negative_prompt, "steps": body.steps, "guidance_scale": body.guidance_scale,
+              "seed": body.seed}
+    if body.size not in (None, "auto"):
+        match = _SIZE.match(body.size)
+        if not match:
+            raise InvalidRequest(f"size: {body.size!r} is not WIDTHxHEIGHT (e.g. \"512x512\")",
+                                 [{"field": "size", "reason": "must be WIDTHxHEIGHT, e.g. 512x512"}])
+        fields["width"], fields["height"] = int(match[1]), int(match[2])
+    try:
+        return JobCreate.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "body"
+        reason = err["msg"].removeprefix("Value error, ")
+        name = {"width": "size (width)", "height": "size (height)", "num_images": "n"}.get(field, field)
+        raise InvalidRequest(f"{name}: {reason}", [{"field": field, "reason": reason}]) from None
+
+
+def _finished(ctx, job_id: str, owner: str | None) -> JobPublic:
+    with ctx.sessions() as session:
+        return store.to_public(store.get_job(session, job_id, owner))
+
+
+def _pngs(ctx, job: JobPublic, owner: str | None) -> list[bytes]:
+    with ctx.sessions() as session:
+        return [store.image_png(session, job.id, image.index, owner) for image in job.images]
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses={
+    400: {"description": "invalid_value (param names the field) or insufficient_memory (the message says "
+                         "which changes would fit)"},
+    401: {"description": "invalid_api_key"}, 404: {"description": "model_not_found: no live worker serves it"},
+    409: {"description": "job_cancelled"}, 429: {"description": "rate_limit_exceeded"},
+    500: {"description": "generation_failed (or another error code of the job)"},
+    504: {"description": "job_timeout: the job outlived SDFLEET_IMAGES_WAIT_S; it goes on (poll /v1/jobs/{id})"}})
+async def generate_images(body: ImageGenerationRequest, request: Request, caller: Caller, ctx: Ctx) -> Response:
+    """OpenAI-compatible image generation: submit a job, wait for it, answer with its images."""
+    job = _job_request(body)
+    submitted = await run_in_threadpool(submit_job, job, Response(), caller, ctx, None)
+    owner = owner_id(caller)
+    deadline = time.monotonic() + ctx.settings.images_wait_s
+    record = submitted
+    while not record.status.is_terminal:
+        if time.monotonic() > deadline:
+            return openai_error(
+                504, "job_timeout",
+                f"job {record.id} is still {record.status.value} after {ctx.settings.images_wait_s:g} s "
+                f"(SDFLEET_IMAGES_WAIT_S); it goes on: poll GET /v1/jobs/{record.id}",
+                headers={"Location": f"/v1/jobs/{record.id}"})
+        if await request.is_disconnected():
+            return Response(status_code=499)  # the caller left; the job goes on, as it would on /v1/jobs
+        await asyncio.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
+        record = await run_in_threadpool(_finished, ctx, record.id, owner)
+    if record.status is JobStatus.cancelled:
+        return openai_error(409, "job_cancelled", f"job {record.id} was cancelled before it finished",
+                            headers={"Location": f"/v1/jobs/{record.id}"})
+    if record.status is JobStatus.failed:
+        error = record.error
+        status = 400 if error and error.code == "insufficient_memory" else 500
+        return openai_error(status, error.code if error else "generation_failed",
+                            f"job {record.id} failed: {error.message if error else 'no reason recorded'}",
+                            headers={"Location": f"/v1/jobs/{record.id}"})
+    if body.response_format == "b64_json":
+        pngs = await run_in_threadpool(_pngs, ctx, record, owner)
+        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
+    else:
+        base = str(request.base_url).rstrip("/")
+        data = [ImageData(url=base + image.url) for image in record.images]
+    answer = ImagesResponse(
+        created=int(record.created_at.timestamp()), data=data,
+        sdfleet=SdfleetInfo(job_id=record.id, seeds=[i.seed for i in record.images],
+                            peak_rss_bytes=record.peak_rss_bytes, generation_s=record.generation_s))
+    return JSONResponse(answer.model_dump(mode="json", exclude_none=True), headers={"Location": f"/v1/jobs/{record.id}"})
