@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= a lighthouse on a cliff in a storm, oil painting
 
-.PHONY: demo test install clean
+.PHONY: demo up test install clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 # submits a prompt, writes out/demo.png, prints the job record, and stops everything.
 demo: install
 	$(BIN)/sdfleet up --submit "$(PROMPT)" --out out/demo.png --log-dir out
+
+# The local stack, kept running until Ctrl-C (which stops all of it): the API on :8000 (a free port, said so,
+# when 8000 is busy), one worker on SDFLEET_MODEL (default: the tiny model), one ops worker; logs in out/.
+up: install
+	$(BIN)/sdfleet up --log-dir out
 
 test: install
 	$(BIN)/pytest -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -1,8 +1,11 @@
-"""`sdfleet`: up (the local stack), api, worker, ops, reconcile, keys, submit, status, model make-tiny|export,
-db upgrade.
+"""sdfleet turns spare CPU machines into a text-to-image service: `sdfleet up` runs the whole stack on this
+machine, `sdfleet api`, `worker` and `ops` run its parts on a fleet, and `submit`, `status`, `jobs`,
+`cancel`, `workers` and `plan` talk to a running API (SDFLEET_API_URL, with the key in SDFLEET_API_KEY).
 
 This is the composition root: it may start the API and the worker, which never import each other.
 Heavy imports (uvicorn, Celery, the model stack) happen inside the command that needs them.
+Output: `submit` and `status` print the job record as JSON on stdout (scripts parse it); `jobs`,
+`workers` and `plan` print tables there (`--json`: the API's JSON); progress and messages go to stderr.
 """
 
 from __future__ import annotations
@@ -11,13 +14,21 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from sdfleet.client import ApiError, Client
+from sdfleet.client import ApiError, ApiUnreachable, Client
+from shared.jobs import JobCreate, JobStatus
+from shared.memory import fmt_size
 
+DEFAULT_PORT = 8000
+API_HELP = "the API's URL (default: SDFLEET_API_URL, else http://127.0.0.1:8000)"
+EXIT_UNREACHABLE = 2
 
 
 def _client(api: str | None) -> Client:
@@ -28,21 +39,42 @@ def _client(api: str | None) -> Client:
     return Client(api or settings.api_url, api_key=settings.api_key)
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--negative-prompt")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-images", type=int)
-    p.add_argument("--model")
-    p.add_argument("--out", type=Path, help="write the PNG here (image i > 0 gets a -i suffix); implies --wait")
+def _api_default(field: str):
+    return JobCreate.model_fields[field].default
+
+
+def _size(text: str) -> tuple[int, int]:
+    """WxH, e.g. 512x512."""
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, got {text!r}") from None
+
+
+def _job_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--negative-prompt", help="what the image should not show")
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 in 64..2048 (API default "
+                   f"{_api_default('width')})")
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 in 64..2048 (API default "
+                   f"{_api_default('height')})")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1..150 (API default {_api_default('steps')})")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance, 0..30; 1 or less runs without "
+                   f"it (half the UNet's work and memory) (API default {_api_default('guidance_scale')})")
+    p.add_argument("--seed", type=int, help="0..2^32-1 (default: a random one, stored with the job)")
+    p.add_argument("--num-images", type=int, help=f"images, 1..8 (API default {_api_default('num_images')})")
+    p.add_argument("--model", help="the model's name (default: the API's SDFLEET_DEFAULT_MODEL)")
+    p.add_argument("--priority", choices=("low", "normal", "high"),
+                   help=f"queue priority among jobs of the same model (API default {_api_default('priority')})")
+    p.add_argument("--webhook-url", metavar="URL", help="the API POSTs the job record here (signed) when the "
+                   "job ends; http(s), public addresses only unless the operator allowed the network")
+    p.add_argument("--out", type=Path, metavar="FILE", help=out_help)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
 
 
 def _job_params(args: argparse.Namespace, prompt: str) -> dict:
-    names = ("negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "model")
+    names = ("negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "model",
+             "priority", "webhook_url")
     return {"prompt": prompt, **{n: getattr(args, n) for n in names}}
 
 
@@ -56,25 +88,293 @@ def _write_images(client: Client, record: dict, out: Path) -> list[Path]:
     return written
 
 
-def _submit_and_report(client: Client, params: dict, wait: bool, out: Path | None, timeout: float) -> int:
-    record = client.submit(**params)
-    if wait or out:
-        record = client.wait(record["id"], timeout=timeout)
-    print(json.dumps(record, indent=2))
-    if out and record["status"] == "succeeded":
-        for path in _write_images(client, record, out):
-            print(f"wrote {path}", file=sys.stderr)
-    return 0 if record["status"] in ("queued", "running", "succeeded") else 1
+# ---- progress --------------------------------------------------------------------------------------------
 
+def describe(record: dict) -> str:
+    """One line on where a job is: queued (its position), running (image i of N, step k of n), or how it
+    ended (time, peak RSS)."""
+    status = record["status"]
+    cancel = " (cancel requested)" if record.get("cancel_requested") and status in ("queued", "running") else ""
+    if status == "queued":
+        position = record.get("queue_position")
+        again = f", attempt {record['attempts'] + 1} (its worker was lost)" if record.get("attempts") else ""
+        where = f", position {position} for {record['parameters']['model']}" if position else ""
+        return f"queued{where}{again}{cancel}"
+    if status == "running":
+        p = record.get("progress")
+        host = record.get("worker_host") or "a worker"
+        if not p:
+            return f"running on {host}: starting{cancel}"
+        return (f"running on {host}: image {p['image'] + 1} of {p['images']}, step {p['step']} of {p['steps']}"
+                f"{cancel}")
+    peak = record.get("peak_rss_bytes")
+    measured = f"peak RSS {fmt_size(peak)}" if peak else "no memory reading"
+    if record.get("predicted_peak_bytes"):
+        measured += f" (predicted {fmt_size(record['predicted_peak_bytes'])})"
+    if status == "succeeded":
+        n = len(record.get("images") or [])
+        took = f" in {record['generation_s']:.1f} s" if record.get("generation_s") is not None else ""
+        return f"succeeded: {n} image{'s' if n != 1 else ''}{took}, {measured}"
+    if status == "failed":
+        error = record.get("error") or {}
+        return f"failed: {error.get('code')}: {error.get('message')}; {measured}"
+    return f"{status}; {measured}" if peak else status
+
+
+def _fraction(record: dict) -> float | None:
+    p = record.get("progress")
+    if record["status"] != "running" or not p or not p["images"] or not p["steps"]:
+        return None
+    return min(1.0, (p["image"] * p["steps"] + p["step"]) / (p["images"] * p["steps"]))
+
+
+class ProgressLine:
+    """A job's progress on stderr: on a terminal one line redrawn in place with a bar; otherwise (a pipe, a
+    log file, a test) a plain line each time it changes."""
+
+    def __init__(self, stream=None, enabled: bool = True):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self.last: str | None = None
+        self.drawn = False
+
+    def __call__(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        text = f"job {record['id'][:8]}: {describe(record)}"
+        if self.tty:
+            fraction = _fraction(record)
+            if fraction is not None:  # the bar first: a narrow terminal cuts the end of the line
+                filled = round(20 * fraction)
+                p = record["progress"]
+                text = (f"job {record['id'][:8]} [{'#' * filled}{'.' * (20 - filled)}] {fraction:4.0%} image "
+                        f"{p['image'] + 1} of {p['images']}, step {p['step']} of {p['steps']} on "
+                        f"{record.get('worker_host')}{' (cancel requested)' if record.get('cancel_requested') else ''}")
+            if JobStatus(record["status"]).is_terminal:  # the last line stays: whole, and ended
+                self.stream.write("\r" + text + "\x1b[K\n")
+                self.drawn = False
+            else:  # redrawn in place: it must fit on one line
+                self.stream.write("\r" + text[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
+                self.drawn = True
+            self.stream.flush()
+        elif text != self.last:
+            print(text, file=self.stream, flush=True)
+        self.last = text
+
+    def close(self) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _wait_with_progress(client: Client, record: dict, timeout: float, quiet: bool = False, check=None) -> dict:
+    """Poll the job until it ends, showing its progress; `check()` runs at each poll (may raise)."""
+    show = ProgressLine(enabled=not quiet)
+
+    def update(r: dict) -> None:
+        show(r)
+        if check is not None:
+            check()
+
+    update(record)
+    try:
+        if JobStatus(record["status"]).is_terminal:
+            return record
+        return client.wait(record["id"], timeout=timeout, poll_s=0.25, on_update=update)
+    finally:
+        show.close()
+
+
+# ---- client commands -------------------------------------------------------------------------------------
 
 def cmd_submit(args) -> int:
-    return _submit_and_report(_client(args.api), _job_params(args, args.prompt), args.wait, args.out, args.timeout)
+    client = _client(args.api)
+    record = client.submit(**_job_params(args, args.prompt))
+    if not (args.wait or args.out):
+        print(json.dumps(record, indent=2))
+        return 0
+    job_id = record["id"]
+    try:
+        record = _wait_with_progress(client, record, args.timeout, quiet=args.quiet)
+    except TimeoutError:
+        print(f"sdfleet: job {job_id} is not finished after {args.timeout:.0f} s; it goes on "
+              f"(sdfleet status {job_id}, sdfleet cancel {job_id})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sdfleet: stopped waiting; job {job_id} goes on (sdfleet status {job_id}, sdfleet cancel "
+              f"{job_id})", file=sys.stderr)
+        return 130
+    print(json.dumps(record, indent=2))
+    if record["status"] == "succeeded":
+        for path in _write_images(client, record, args.out or Path(f"{job_id}.png")):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if record["status"] == "succeeded" else 1
 
 
 def cmd_status(args) -> int:
     print(json.dumps(_client(args.api).job(args.job_id), indent=2))
     return 0
 
+
+def cmd_cancel(args) -> int:
+    client = _client(args.api)
+    rc, records = 0, []
+    for job_id in args.job_ids:
+        try:
+            record = client.cancel(job_id)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            print(f"sdfleet: {exc.message}", file=sys.stderr)
+            rc = 1
+            continue
+        if record["status"] != "cancelled" and args.wait:
+            record = _wait_with_progress(client, record, args.timeout, quiet=args.json)
+        records.append(record)
+        if not args.json:
+            if record["status"] == "cancelled":
+                print(f"{job_id} cancelled")
+            elif record["cancel_requested"] and record["status"] == "running":
+                print(f"{job_id} cancel requested: it is running and stops at its next step (--wait waits for it)")
+            else:
+                print(f"{job_id} {record['status']}: it finished before the cancel took effect")
+                rc = 1
+    if args.json:
+        print(json.dumps(records if len(args.job_ids) > 1 else (records[0] if records else None), indent=2))
+    return rc
+
+
+def _age(stamp: str | None, now: datetime) -> str:
+    if not stamp:
+        return "-"
+    seconds = max(0.0, (now - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers, *[["-" if v is None else str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _job_where(job: dict) -> str:
+    status = job["status"]
+    if status == "queued":
+        return f"position {job['queue_position']}" if job.get("queue_position") else "queued"
+    if status == "running":
+        p = job.get("progress")
+        where = f"image {p['image'] + 1}/{p['images']} step {p['step']}/{p['steps']}" if p else "starting"
+        return where + (" (cancelling)" if job.get("cancel_requested") else "")
+    if status == "succeeded":
+        return f"{job['generation_s']:.1f} s" if job.get("generation_s") is not None else ""
+    if status == "failed":
+        return (job.get("error") or {}).get("code") or ""
+    return ""
+
+
+def cmd_jobs(args) -> int:
+    client = _client(args.api)
+    jobs, cursor = [], None
+    limit = None if args.all else args.limit
+    while True:
+        page = client.jobs(status=args.status, limit=min(200, limit - len(jobs)) if limit else 200, cursor=cursor)
+        jobs += page["jobs"]
+        cursor = page["next_cursor"]
+        if not cursor or (limit and len(jobs) >= limit):
+            break
+    if args.json:
+        print(json.dumps({"jobs": jobs, "next_cursor": cursor}, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs" + (f" with status {' or '.join(args.status)}" if args.status else ""), file=sys.stderr)
+        return 0
+    now = datetime.now(timezone.utc)
+    rows = []
+    for j in jobs:
+        p = j["parameters"]
+        size = f"{p['width']}x{p['height']}" + (f" x{p['num_images']}" if p["num_images"] > 1 else "")
+        peak = fmt_size(j["peak_rss_bytes"]) if j.get("peak_rss_bytes") else None
+        rows.append([j["id"], j["status"], _job_where(j), _age(j["created_at"], now), p["model"], size,
+                     p["steps"], peak, _short(p["prompt"], 40)])
+    print(_table(["ID", "STATUS", "WHERE", "CREATED", "MODEL", "SIZE", "STEPS", "PEAK RSS", "PROMPT"], rows))
+    if cursor:
+        print("(older jobs not shown: --limit N or --all)", file=sys.stderr)
+    return 0
+
+
+def cmd_workers(args) -> int:
+    workers = _client(args.api).workers()
+    if args.json:
+        print(json.dumps(workers, indent=2))
+        return 0
+    if not workers:
+        print("no worker has sent a heartbeat recently", file=sys.stderr)
+        return 0
+    now = datetime.now(timezone.utc)
+    rows = []
+    for w in sorted(workers, key=lambda w: (not w["alive"], w["model"], w["name"])):
+        state = w["state"] if w["alive"] else "gone"
+        budget = fmt_size(w["budget_bytes"])
+        if w.get("max_budget_bytes") and w["max_budget_bytes"] != w["budget_bytes"]:
+            budget += f" (max {fmt_size(w['max_budget_bytes'])})"
+        rows.append([w["name"], w["host"], w["model"], state, f"{w['backend']}/{w['precision']}/{w['memory_mode']}",
+                     budget, fmt_size(w["resident_bytes"]), fmt_size(w["available_bytes"]),
+                     (w.get("current_job_id") or "")[:8] or None, _age(w["last_seen"], now),
+                     w.get("state_reason") if w["alive"] else None])
+    print(_table(["NAME", "HOST", "MODEL", "STATE", "RUNTIME", "BUDGET", "RESIDENT", "AVAILABLE", "JOB",
+                  "LAST SEEN", "NOTE"], rows))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    width, height = args.size if args.size else (None, None)
+    plan = _client(args.api).plan(model=args.model, width=width, height=height, guidance_scale=args.guidance,
+                                  num_images=args.images)
+    rc = 0 if plan["admitted"] else 1
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return rc
+    images = plan.get("num_images") or args.images or _api_default("num_images")
+    scale = args.guidance if args.guidance is not None else _api_default("guidance_scale")
+    print(f"{plan['model']} {plan['width']}x{plan['height']}, {images} image{'s' if images != 1 else ''}, "
+          f"guidance {'on' if plan['guidance'] else 'off'} (scale {scale:g}): {plan['message']}")
+    rows = []
+    for w in plan["workers"]:
+        fits = f"yes ({fmt_size(w['memory_class_bytes'])} class)" if w["fits"] else "no"
+        rows.append([w["name"], w["host"], w["state"], f"{w['backend']}/{w['precision']}/{w['memory_mode']}",
+                     fmt_size(w["budget_bytes"]), fmt_size(w["class_limit_bytes"]), fmt_size(w["resident_bytes"]),
+                     fmt_size(w["predicted_peak_bytes"]), w["prediction_source"], fits])
+    print()
+    print(_table(["WORKER", "HOST", "STATE", "RUNTIME", "BUDGET", "TAKES UP TO", "RESIDENT", "PREDICTED PEAK",
+                  "SOURCE", "FITS"], rows))
+    if plan.get("modes"):
+        print("\nby memory mode, from this model's measured profiles (a worker adds its own resident floor):")
+        print(_table(["RUNTIME", "PREDICTED PEAK", "SOURCE", "HOW"],
+                     [[f"{m['backend']}/{m['precision']}/{m['memory_mode']}", fmt_size(m["predicted_peak_bytes"]),
+                       m["prediction_source"], m["detail"]] for m in plan["modes"]]))
+    hosts = sorted({w["host"] for w in plan["workers"] if w["fits"]})
+    others = sorted({w["host"] for w in plan["workers"] if not w["fits"]} - set(hosts))
+    print()
+    if hosts:
+        print(f"fits on: {', '.join(hosts)}" + (f"; not on: {', '.join(others)}" if others else ""))
+    else:
+        print(f"fits on no live host ({', '.join(others) or 'none serves the model'})")
+        for hint in plan.get("hints") or []:
+            print(f"  {'would fit' if hint['fits'] else 'would not fit'}: {hint['message']}")
+    return rc
+
+
+# ---- services --------------------------------------------------------------------------------------------
 
 def cmd_api(args) -> int:
     import uvicorn
@@ -90,18 +390,31 @@ def cmd_api(args) -> int:
     return 0
 
 
+def _celery(main, celery_args: list[str]) -> int:
+    """Run a Celery worker's main with the extra arguments; Celery's own usage errors (a bad --loglevel) are
+    shown as Celery words them, without a traceback."""
+    import click
+
+    try:
+        main(celery_args)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
 def cmd_worker(args) -> int:
     from worker.app import main
 
-    main(args.celery_args)
-    return 0
+    return _celery(main, args.celery_args)
 
 
 def cmd_ops(args) -> int:
     from worker.ops import main
 
-    main(args.celery_args)
-    return 0
+    return _celery(main, args.celery_args)
 
 
 def cmd_reconcile(_args) -> int:
@@ -170,8 +483,48 @@ def cmd_db_upgrade(_args) -> int:
     return 0
 
 
+class StopRequested(Exception):
+    """SIGTERM, SIGINT or SIGHUP reached `sdfleet up`: stop the stack."""
+
+
+def _stop_on_signals() -> None:
+    def handler(signum, _frame):
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # the stack is being stopped: a second signal must not cut it short
+        raise StopRequested(signal.Signals(signum).name)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            signal.signal(s, handler)
+
+
+def _choose_port(requested: int | None) -> int | None:
+    """The API's port: --port if free (0: any free one); without --port 8000, or a free one (said so) when
+    8000 is busy. None (after saying why): a --port that is busy."""
+    from sdfleet.stack import free_port, port_free
+
+    if requested == 0:
+        return free_port()
+    port = DEFAULT_PORT if requested is None else requested
+    if port_free(port):
+        return port
+    if requested is not None:
+        print(f"sdfleet up: port {port} is in use (another `sdfleet up` or API?): stop it, or choose another "
+              f"port with --port N (--port 0 picks a free one)", file=sys.stderr)
+        return None
+    port = free_port()
+    print(f"port {DEFAULT_PORT} is in use (another `sdfleet up`?): this stack's API listens on port {port} "
+          f"instead", file=sys.stderr)
+    return port
+
+
 def cmd_up(args) -> int:
-    """The whole local stack in one command: Redis if none answers, the API, one worker."""
+    """The whole local stack in one command: Redis if none answers, the API, one worker, one ops worker;
+    stopped together on exit, Ctrl-C, SIGTERM or SIGHUP."""
+    _stop_on_signals()
+    port = _choose_port(args.port)
+    if port is None:
+        return 2
     from sdfleet.stack import ensure_redis, spawn, stop
     from shared.db import engine_for, migrate, wait_for_database
     from shared.settings import get_settings
@@ -179,20 +532,21 @@ def cmd_up(args) -> int:
 
     settings = get_settings()
     env = {}
-    if settings.model is None:
-        # the demo's model: built once (about half a minute), then reused from the cache
-        tiny = default_tiny_dir(settings.cache_dir)
-        subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True, stdout=sys.stderr)
-        settings = settings.model_copy(update={"model": str(tiny)})
-        env["SDFLEET_MODEL"] = str(tiny)
-    name = settings.served_model_name
-    env["SDFLEET_DEFAULT_MODEL"] = settings.default_model or name
-    if "SDFLEET_PAUSE_CPU_PERCENT" not in os.environ:
-        env["SDFLEET_PAUSE_CPU_PERCENT"] = "100"  # whoever runs the local stack wants it to run: no CPU pause
-
     procs: list[subprocess.Popen] = []
     try:
-        redis_proc = ensure_redis(settings.redis_url)
+        if settings.model is None:
+            # the demo's model: built once (about half a minute), then reused from the cache
+            tiny = default_tiny_dir(settings.cache_dir)
+            subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True,
+                           stdout=sys.stderr)
+            settings = settings.model_copy(update={"model": str(tiny)})
+            env["SDFLEET_MODEL"] = str(tiny)
+        name = settings.served_model_name
+        env["SDFLEET_DEFAULT_MODEL"] = settings.default_model or name
+        if "SDFLEET_PAUSE_CPU_PERCENT" not in os.environ:
+            env["SDFLEET_PAUSE_CPU_PERCENT"] = "100"  # whoever runs the local stack wants it to run: no CPU pause
+
+        redis_proc = ensure_redis(settings.redis_url, owned=True)
         if redis_proc:
             print(f"no Redis answered at {settings.redis_url}: started the bundled redis-server", file=sys.stderr)
             procs.append(redis_proc)
@@ -201,133 +555,235 @@ def cmd_up(args) -> int:
         migrate(engine)  # once, before two processes would race to do it
 
         args.log_dir.mkdir(parents=True, exist_ok=True)
-        worker = spawn(["worker"], env, str(args.log_dir / "worker.log"))
-        ops = spawn(["ops"], env, str(args.log_dir / "ops.log"))
-        api = spawn(["api", "--port", str(args.port)], env, str(args.log_dir / "api.log"))
+        logs = {part: args.log_dir / f"{part}.log" for part in ("worker", "ops", "api")}
+        worker = spawn(["worker"], env, str(logs["worker"]), owned=True)
+        ops = spawn(["ops"], env, str(logs["ops"]), owned=True)
+        api = spawn(["api", "--port", str(port)], env, str(logs["api"]), owned=True)
+        parts = {"worker": worker, "ops worker": ops, "API": api}
         procs[:0] = [worker, ops, api]  # stopped first, Redis last
-        client = _client(f"http://127.0.0.1:{args.port}")
+
+        def check() -> None:
+            for part, proc in parts.items():
+                if proc.poll() is not None:
+                    log = logs["ops" if part == "ops worker" else part.lower()]
+                    raise SystemExit(f"sdfleet up: the {part} exited (code {proc.returncode}); see {log}")
+
+        client = _client(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         while not client.healthy():
-            if api.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the API did not start; see {args.log_dir / 'api.log'}")
+            check()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sdfleet up: the API did not answer in 60 s; see {logs['api']}")
             time.sleep(0.2)
         deadline = time.monotonic() + settings.model_load_timeout_s
         while not any(w["alive"] and w["model"] == name for w in client.workers()):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not come up; see {args.log_dir / 'worker.log'}")
+            check()  # also: the API we talk to is ours (one that failed to bind has exited by now)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sdfleet up: the worker did not come up; see {logs['worker']}")
             time.sleep(0.2)
-        print(f"sdfleet is up: API http://127.0.0.1:{args.port} (docs at /docs), model {name!r}, "
+        check()
+        print(f"sdfleet is up: API http://127.0.0.1:{port} (docs at /docs), model {name!r}, "
               f"database {settings.database_url}; logs in {args.log_dir}", file=sys.stderr)
 
         if args.submit:
             record = client.submit(**_job_params(args, args.submit))
-            print(f"submitted job {record['id']}; waiting", file=sys.stderr)
-            deadline = time.monotonic() + args.timeout
-            while record["status"] in ("queued", "running"):
-                if worker.poll() is not None:
-                    raise SystemExit(f"the worker exited; see {args.log_dir / 'worker.log'}")
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"job {record['id']} still {record['status']} after {args.timeout:.0f} s")
-                time.sleep(0.2)
-                record = client.job(record["id"])
-            print(json.dumps(record, indent=2))
+            try:
+                record = _wait_with_progress(client, record, args.timeout, check=check)
+            except TimeoutError:
+                raise SystemExit(f"sdfleet up: job {record['id']} not finished after {args.timeout:.0f} s") from None
+            print(json.dumps(record, indent=2), flush=True)
             if record["status"] == "succeeded" and args.out:
                 for path in _write_images(client, record, args.out):
                     print(f"wrote {path}", file=sys.stderr)
             if not args.keep:
                 return 0 if record["status"] == "succeeded" else 1
-        print("Ctrl-C stops the stack", file=sys.stderr)
-        while all(p.poll() is None for p in procs):
+        print(f"the stack keeps running: Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it", file=sys.stderr,
+              flush=True)
+        while True:
+            check()
             time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
+    except StopRequested as exc:
+        print(f"sdfleet up: {exc}: stopping the worker, ops worker, API and Redis it started", file=sys.stderr)
         return 0
     finally:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # nothing may interrupt the stopping
         stop(procs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdfleet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---- the parser ------------------------------------------------------------------------------------------
 
-    p = sub.add_parser("up", help="run the local stack: Redis (bundled if none answers), the API, one worker, "
-                       "one ops worker")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--submit", metavar="PROMPT", help="submit this prompt, wait, print the record, then stop")
-    p.add_argument("--keep", action="store_true", help="with --submit: keep the stack running afterwards")
-    p.add_argument("--log-dir", type=Path, default=Path("."), help="where api.log and worker.log go")
-    _job_args(p)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False: the flag is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _description() -> str:
+    """The module docstring's first paragraph, whole."""
+    return " ".join(__doc__.strip().split("\n\n")[0].split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdfleet", description=_description(), formatter_class=HelpFormatter,
+        epilog="`sdfleet COMMAND --help` describes each command. Connection errors exit 2.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=HelpFormatter, **kwargs)
+
+    p = command("up", "run the local stack: Redis (the bundled one if none answers), the API, one worker and one "
+                "ops worker; it runs until Ctrl-C or SIGTERM, which stop all it started")
+    p.add_argument("--port", type=int, help=f"the API's port (default {DEFAULT_PORT}, or a free one, said so, when "
+                   f"{DEFAULT_PORT} is busy; a busy --port is refused; 0: any free port)")
+    p.add_argument("--submit", metavar="PROMPT", help="once up, submit this prompt, show its progress, print the "
+                   "record, write --out, then stop the stack (unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the stack running after --submit's job (without "
+                   "--submit it always keeps running)")
+    p.add_argument("--log-dir", type=Path, default=Path("."), help="where api.log, worker.log and ops.log go")
+    _job_args(p, "with --submit: write the PNGs here (image i > 0 gets a -i suffix)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("api", help="run the HTTP API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = command("api", "run the HTTP API (it migrates the database at start)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any other than loopback counts "
+                   "as public: keys are then required unless SDFLEET_AUTH=off)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port to listen on")
     p.add_argument("--workers", type=int, default=1, help="API processes (they share nothing but the "
                    "database and Redis)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("worker", help="run a worker for SDFLEET_MODEL (extra arguments go to Celery)")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_worker)
+    for name, func, what in (("worker", cmd_worker, "a worker for SDFLEET_MODEL"),
+                             ("ops", cmd_ops, "an ops worker: webhook deliveries and the periodic reconciler")):
+        p = command(name, f"run {what}; every other argument goes to `celery worker` (e.g. --loglevel DEBUG, "
+                    f"or after --: -- -E)", usage=f"sdfleet {name} [-h] [CELERY ARGS...]", allow_abbrev=False)
+        p.set_defaults(func=func, passthrough=True, celery_args=[])
 
-    p = sub.add_parser("ops", help="run an ops worker: webhook deliveries and the periodic reconciler")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_ops)
-
-    p = sub.add_parser("reconcile", help="reconcile the database with Redis once and print what changed")
+    p = command("reconcile", "reconcile the database with Redis once and print what changed")
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("keys", help="API keys")
-    ksub = p.add_subparsers(dest="keys_command", required=True)
-    k = ksub.add_parser("create", help="create a key (printed once) with its webhook secret")
-    k.add_argument("name")
-    k.add_argument("--rate-limit", type=int, metavar="PER_MIN", help="submissions per minute")
+    p = command("keys", "create or revoke API keys (in the database SDFLEET_DATABASE_URL names)")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("create", help="create a key (printed once) with its webhook secret",
+                        formatter_class=HelpFormatter)
+    k.add_argument("name", help="a name for the key (revoke uses it)")
+    k.add_argument("--rate-limit", type=int, metavar="PER_MIN", help="submissions per minute (default: no limit)")
     k.set_defaults(func=cmd_keys)
-    k = ksub.add_parser("revoke", help="revoke a key")
-    k.add_argument("name")
+    k = ksub.add_parser("revoke", help="revoke a key", formatter_class=HelpFormatter)
+    k.add_argument("name", help="the key's name")
     k.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("submit", help="submit a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--wait", action="store_true")
-    p.add_argument("--api", help="the API's URL (default SDFLEET_API_URL, else http://127.0.0.1:8000)")
-    _job_args(p)
+    p = command("submit", "submit a prompt; prints the job record as JSON (with --wait: when the job ends, "
+                "its progress shown on stderr meanwhile)")
+    p.add_argument("prompt", help="what the image should show (1..2000 characters)")
+    p.add_argument("--wait", action="store_true", help="wait for the job, showing its progress on stderr, and "
+                   "write its PNGs (see --out)")
+    p.add_argument("-q", "--quiet", action="store_true", help="with --wait: no progress display")
+    p.add_argument("--api", help=API_HELP)
+    _job_args(p, "write the PNGs here (image i > 0 gets a -i suffix); implies --wait (with --wait alone: "
+              "JOB_ID.png in the current directory)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="print a job's record")
-    p.add_argument("job_id")
-    p.add_argument("--api", help="the API's URL (default SDFLEET_API_URL, else http://127.0.0.1:8000)")
+    p = command("status", "print a job's record as JSON")
+    p.add_argument("job_id", help="the job's ID")
+    p.add_argument("--api", help=API_HELP)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("model", help="model tools")
-    msub = p.add_subparsers(dest="model_command", required=True)
-    m = msub.add_parser("make-tiny", help="build the tiny random-weight test model as OpenVINO IR")
-    m.add_argument("dir", type=Path)
-    m.add_argument("--arch", choices=("sd", "sdxl"), default="sd")
+    p = command("jobs", "list your jobs (those of SDFLEET_API_KEY), newest first")
+    p.add_argument("--status", action="append", choices=[s.value for s in JobStatus],
+                   help="only jobs in this status (repeatable; default: all)")
+    p.add_argument("--limit", type=int, default=20, help="at most this many")
+    p.add_argument("--all", action="store_true", help="every job, page after page (overrides --limit)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    p.add_argument("--api", help=API_HELP)
+    p.set_defaults(func=cmd_jobs)
+
+    p = command("cancel", "cancel jobs: a queued one never runs, a running one stops at its next step")
+    p.add_argument("job_ids", nargs="+", metavar="ID", help="the job's ID")
+    p.add_argument("--wait", action="store_true", help="wait until a running job has stopped")
+    p.add_argument("--timeout", type=float, default=600.0, help="with --wait: seconds to wait")
+    p.add_argument("--json", action="store_true", help="print the job record(s) as JSON")
+    p.add_argument("--api", help=API_HELP)
+    p.set_defaults(func=cmd_cancel)
+
+    p = command("workers", "list the workers that sent heartbeats: model, state, budget, resident set, job")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    p.add_argument("--api", help=API_HELP)
+    p.set_defaults(func=cmd_workers)
+
+    p = command("plan", "predict a job's peak memory on each live worker (the prediction the API admits jobs "
+                "with) and per memory mode with measured profiles, and say which hosts fit it; exits 1 when "
+                "none does")
+    p.add_argument("--model", help="the model (default: the API's SDFLEET_DEFAULT_MODEL)")
+    p.add_argument("--size", type=_size, metavar="WxH", help=f"image size (API default {_api_default('width')}x"
+                   f"{_api_default('height')})")
+    p.add_argument("--images", "--num-images", type=int, dest="images",
+                   help=f"images per job (API default {_api_default('num_images')})")
+    p.add_argument("--guidance", "--guidance-scale", type=float, dest="guidance",
+                   help=f"guidance scale; 1 or less runs without guidance (API default "
+                   f"{_api_default('guidance_scale')})")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    p.add_argument("--api", help=API_HELP)
+    p.set_defaults(func=cmd_plan)
+
+    p = command("model", "model tools: build the tiny test model, export a model to OpenVINO IR")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    m = msub.add_parser("make-tiny", help="build the tiny random-weight test model as OpenVINO IR",
+                        formatter_class=HelpFormatter)
+    m.add_argument("dir", type=Path, help="the folder to build it in (reused when it is current)")
+    m.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="the architecture")
     m.set_defaults(func=cmd_make_tiny)
     m = msub.add_parser("export", help="export a diffusers pipeline (or compress an IR folder) to OpenVINO IR, "
-                                       "one component per process")
+                                       "one component per process", formatter_class=HelpFormatter)
     m.add_argument("src", type=Path, help="a diffusers pipeline folder, or an OpenVINO IR folder to compress")
     m.add_argument("out", type=Path, help="the new IR folder (must not exist)")
-    m.add_argument("--weight-format", choices=("fp16", "int8", "int4"), default="fp16")
+    m.add_argument("--weight-format", choices=("fp16", "int8", "int4"), default="fp16", help="the weights' format")
     m.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("db", help="database tools")
-    dsub = p.add_subparsers(dest="db_command", required=True)
-    d = dsub.add_parser("upgrade", help="migrate the schema to the newest revision")
+    p = command("db", "database tools")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("upgrade", help="migrate the schema to the newest revision", formatter_class=HelpFormatter)
     d.set_defaults(func=cmd_db_upgrade)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. `worker` and `ops` hand every argument they do not know to Celery (a leading
+    `--` only ends sdfleet's options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.celery_args = extra[1:] if extra[:1] == ["--"] else extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _hint(exc: ApiError) -> str:
+    if exc.status == 401:
+        return " (set SDFLEET_API_KEY to a key from `sdfleet keys create NAME` on the API's host)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
+    except ApiUnreachable as exc:
+        print(f"sdfleet: {exc}: is `sdfleet up` or `sdfleet api` running there? (SDFLEET_API_URL or --api "
+              f"names the API)", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except ApiError as exc:
-        print(f"sdfleet: {exc}", file=sys.stderr)
-        if isinstance(exc.body, dict):
-            print(json.dumps(exc.body, indent=2), file=sys.stderr)
+        print(f"sdfleet: {exc}{_hint(exc)}", file=sys.stderr)
+        for hint in exc.details.get("hints", []) if isinstance(exc.details, dict) else []:
+            print(f"  {'would fit' if hint.get('fits') else 'would not fit'}: {hint.get('message')}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
