@@ -13,6 +13,7 @@ import uuid
 
 import httpx
 import redis
+from celery.signals import worker_ready
 
 from shared import keys, store, webhooks
 from shared.db import session_factory
@@ -96,7 +97,9 @@ def _periodic_loop() -> None:
 
 
 def main(extra_args: list[str] | None = None) -> None:
-    threading.Thread(target=_periodic_loop, name="sdfleet-reconciler", daemon=True).start()
+    # the reconciler starts once Celery has parsed its arguments and is up (a usage error starts nothing)
+    worker_ready.connect(lambda **_: threading.Thread(target=_periodic_loop, name="sdfleet-reconciler",
+                                                      daemon=True).start(), weak=False)
     app.worker_main([
         "worker", "--queues", WEBHOOK_QUEUE, "--pool", "threads", "--concurrency", "4",
         "--hostname", f"sdfleet-ops@%h.{os.getpid()}", "--loglevel", "INFO",
