@@ -3,6 +3,7 @@ PostgreSQL databases, the tiny OpenVINO model built by the project itself, and r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -43,9 +44,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Seconds each file takes (the sum of its tests, measured with --durations=0 under `make test`), roughly:
+# the longest files start first, so the test processes finish together rather than one running a long file
+# alone at the end. A file not listed starts after these.
+FILE_SECONDS = {
+    "test_fleet.py": 215, "test_levers.py": 145, "test_export.py": 145, "test_multihost.py": 130,
+    "test_operations.py": 130, "test_kill_storm.py": 130, "test_worker_failures.py": 115, "test_faults.py": 110,
+    "test_end_to_end.py": 50, "test_web.py": 50, "test_fuzz.py": 40, "test_api_validation.py": 40,
+    "test_cli.py": 40,
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `one_database` exercise processes, signals and the broker rather than SQL (the SQL they
-    use is tested on both databases elsewhere): with PostgreSQL available they run on it alone."""
+    """Order files longest first (FILE_SECONDS; a file's own order is kept). Tests marked `one_database`
+    exercise processes, signals and the broker rather than SQL (the SQL they use is tested on both databases
+    elsewhere): with PostgreSQL available they run on it alone."""
+    items.sort(key=lambda i: -FILE_SECONDS.get(i.path.name, 0))
     if not POSTGRES_URL:
         return
     dropped = [i for i in items if i.get_closest_marker("one_database") and getattr(i, "callspec", None)
@@ -55,11 +69,20 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [i for i in items if i not in set(dropped)]
 
 
+STACK_REDIS_DBS = 3  # Redis databases per test process: its own, and one for each database's stack
+
+
+def redis_db(url: str, db: int) -> str:
+    """The same Redis server, another database."""
+    return url.rsplit("/", 1)[0] + f"/{db}"
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """A real Redis: SDFLEET_TEST_REDIS_URL, else a local server on 6379 (db 15), else the bundled one."""
-    # one database per pytest-xdist worker (gw0: 15, gw1: 14, ...): each flushes its own at start and end
-    db = 15 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    # three databases per pytest-xdist worker (gw0: 15 here, 14 and 13 for its two stacks; gw1: 12, 11, 10):
+    # each is flushed at the start and the end
+    db = 15 - STACK_REDIS_DBS * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     url = os.environ.get("SDFLEET_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{db}")
     proc = None
     if not redis_answers(url):
@@ -108,14 +131,28 @@ def postgres_database():
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def session_pool(redis_url):  # made after Redis, so stopped before it
+    """What lives for the whole test process, whatever order its tests run in: the databases and stacks of
+    both parameters. pytest tears a parametrized session fixture down whenever the next test wants the other
+    parameter (with a file per process, at nearly every file): its database and stack would be made again
+    and again (a stack takes ~15 s to start). Here each is made once, on first use, and stopped at the end."""
+    with contextlib.ExitStack() as pool:
+        pool.made = {}
+        yield pool
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def database_url(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'sdfleet.db'}"
-        return
-    if not POSTGRES_URL:
-        pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set (CI sets it to the local server)")
-    yield from postgres_database()
+def database_url(request, tmp_path_factory, session_pool):
+    key = ("database", request.param)
+    if key not in session_pool.made:
+        if request.param == "sqlite":
+            session_pool.made[key] = f"sqlite:///{tmp_path_factory.mktemp('db') / 'sdfleet.db'}"
+        elif not POSTGRES_URL:
+            pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set (CI sets it to the local server)")
+        else:
+            session_pool.made[key] = session_pool.enter_context(contextlib.contextmanager(postgres_database)())
+    return session_pool.made[key]
 
 
 @pytest.fixture
@@ -183,15 +220,29 @@ def start_api(env: dict, log: Path, timeout: float = 60) -> tuple[subprocess.Pop
 def stack_env(database_url: str, redis_url: str, **extra) -> dict:
     # webhooks of the tests go to listeners on loopback, which is refused unless allowed
     # the suite's own processes keep the CPUs busy: its workers must not pause for them (the owner-yield test
-    # sets its own thresholds)
+    # sets its own thresholds), nor run their pipelines at idle priority behind every one of them
     return {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": database_url,
             "SDFLEET_REDIS_URL": redis_url, "SDFLEET_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
-            "SDFLEET_PAUSE_CPU_PERCENT": "100", **extra}
+            "SDFLEET_PAUSE_CPU_PERCENT": "100", "SDFLEET_CPU_PRIORITY": "normal", **extra}
 
 
 @pytest.fixture(scope="session")
-def stack(database_url, redis_url, tiny_model, tmp_path_factory):
-    """API + one worker (real processes) on the tiny model, against this session's database."""
+def stack(database_url, redis_url, tiny_model, tmp_path_factory, session_pool):
+    """API + one worker (real processes) on the tiny model, against this session's database: one per
+    database for the whole test process (see session_pool)."""
+    key = ("stack", database_url)
+    if key not in session_pool.made:
+        # Its own Redis database: the two stacks of a test process share no queue, lock or Flower view
+        own = redis_db(redis_url, int(redis_url.rsplit("/", 1)[1]) - 1 - database_url.startswith("postgresql"))
+        redis.Redis.from_url(own).flushdb()
+        session_pool.callback(lambda: redis.Redis.from_url(own).flushdb())
+        session_pool.made[key] = session_pool.enter_context(
+            _started_stack(database_url, own, tiny_model, tmp_path_factory))
+    return session_pool.made[key]
+
+
+@contextlib.contextmanager
+def _started_stack(database_url, redis_url, tiny_model, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
     model = f"tiny-{uuid.uuid4().hex[:6]}"  # its own queue: stacks of different sessions never share jobs
     env = stack_env(database_url, redis_url, SDFLEET_MODEL=str(tiny_model), SDFLEET_MODEL_NAME=model,

@@ -24,7 +24,7 @@ from shared.models import Job, JobImage
 from shared.queue import make_celery, queue_depth
 from shared.reconcile import reconcile
 from shared.settings import Settings
-from tests.conftest import ROOT, free_port, pool_child, stack_env
+from tests.conftest import ROOT, free_port, stack_env
 from tests.test_worker_failures import wait_status
 
 pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
@@ -60,46 +60,6 @@ def wait_all_terminal(stack, model: str, timeout: float = 300) -> list[Job]:
             return rows
         assert time.monotonic() < deadline, [(j.id, j.status) for j in rows if j.status not in ("succeeded",)]
         time.sleep(0.3)
-
-
-def test_worker_sigkilled_20_times_during_jobs_while_others_wait(stack, spawn_worker):
-    model, proc = spawn_worker("killed", SDFLEET_MAX_ATTEMPTS=2)
-    submitted = [stack.api.submit(prompt=f"job {i}", model=model, **LONG)["id"] for i in range(4)]
-    kills, killed = 0, set()
-    deadline = time.monotonic() + 600
-    while kills < 20:
-        assert time.monotonic() < deadline, f"only {kills} kills"
-        rows = jobs_of(stack, model)
-        if sum(j.status in ("queued", "running") for j in rows) < 3:  # keep others waiting
-            submitted.append(stack.api.submit(prompt=f"job {len(submitted)}", model=model, **LONG)["id"])
-        # an attempt in progress (its own progress, written by the child now running it), surely mid-job;
-        # a killed attempt's row says running until the job is delivered again: never counted twice
-        running = [j for j in rows if j.status == "running" and (j.id, j.attempts) not in killed
-                   and j.progress_step is not None and 0 < j.progress_step < j.progress_steps // 2]
-        try:
-            child = pool_child(proc)
-        except ValueError:  # between children
-            continue
-        if running:
-            os.kill(child, signal.SIGKILL)
-            killed.add((running[0].id, running[0].attempts))
-            kills += 1
-        time.sleep(0.1)
-
-    rows = wait_all_terminal(stack, model)
-    assert {j.id for j in rows} == set(submitted)  # nothing lost, nothing invented
-    images = image_counts(stack, model)
-    succeeded = [j for j in rows if j.status == "succeeded"]
-    for j in rows:
-        assert j.status in ("succeeded", "failed"), (j.id, j.status)
-        assert 1 <= j.attempts <= 2
-        if j.status == "succeeded":
-            assert images.get(j.id) == 1  # stored once: never completed twice
-        else:
-            assert j.error_code == "worker_lost" and j.attempts == 2 and j.id not in images
-    # every kill cost exactly one attempt of a job: a redelivery, or the second of a worker_lost
-    assert sum(j.attempts for j in rows) - len(succeeded) == kills
-    assert len(succeeded) >= len(rows) - kills // 2
 
 
 def test_redis_flushed_while_jobs_are_queued_the_reconciler_brings_them_back(stack, spawn_worker):
@@ -320,19 +280,3 @@ def test_a_database_outage_as_a_job_starts_is_waited_out_not_a_failure(stack, ti
     finally:
         stop([worker])
         proxy.pause()
-
-
-def test_sigterm_finishes_the_current_job_and_hands_back_the_rest(stack, spawn_worker):
-    model, proc = spawn_worker("graceful")
-    current = stack.api.submit(prompt="a long job", model=model, **LONG)
-    waiting = [stack.api.submit(prompt=f"waiting {i}", model=model, **SHORT)["id"] for i in range(2)]
-    wait_status(stack, current["id"], "running")
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert stack.api.job(current["id"])["status"] == "succeeded"
-    for job_id in waiting:
-        assert stack.api.job(job_id)["status"] == "queued"
-    spawn_worker(model=model)  # a worker for the same model takes them over
-    for job_id in waiting:
-        done = stack.api.wait(job_id, timeout=60)
-        assert done["status"] == "succeeded" and done["attempts"] == 1

@@ -58,7 +58,7 @@ def test_no_5xx_and_one_error_shape(fuzz_schema):
             continue
 
         @given(case=op.as_strategy(mode))
-        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             response = case.call()
             # 503 model_unavailable is the documented answer for a model no worker serves (#3), not a fault
@@ -78,7 +78,7 @@ def test_no_5xx_and_one_error_shape(fuzz_schema):
 
 def _check_openai(op, mode) -> None:
     @given(case=op.as_strategy(mode))
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(case):
         response = case.call()
         assert response.status_code in OPENAI_STATUSES, (case.as_curl_command(), response.text)

@@ -311,7 +311,7 @@ def test_the_cli_sends_sdfleet_api_key(tmp_path, redis_url):
                "--api", f"http://127.0.0.1:{port}"]
         deadline = time.monotonic() + 60
         while (r := subprocess.run(cli, env=env, cwd=ROOT, capture_output=True, text=True)).returncode != 2 \
-                or "unauthorized" not in r.stderr:
+                or "HTTP 401" not in r.stderr:
             assert time.monotonic() < deadline and api.poll() is None, r.stderr
             time.sleep(0.3)
         r = subprocess.run(cli, env={**env, "SDFLEET_API_KEY": key.token}, cwd=ROOT, capture_output=True, text=True)

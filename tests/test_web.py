@@ -55,7 +55,9 @@ def browser():
     pw_expect.set_options(timeout=20_000)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+                              # nothing but loopback resolves, and no proxy: the browser reaches no other host
+                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-proxy-server",
+                                    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"])
         yield b
         b.close()
 

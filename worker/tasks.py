@@ -318,20 +318,21 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
-        # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result.
+        # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result. Before
+        # the result, like the beat: whoever sees the job succeeded is admitted on what it measured.
         with sessions.begin() as session:
             fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode,
                                  shape, reading.peak_rss_bytes, base, clock.slowest or None)
 
-    ok = retrying(finish)
-    status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
-    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", job_id, status, elapsed,
-             fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source, clock.slowest)
-    if ok and code is None:
+    if code is None:
         try:
             retrying(learn)
         except Exception:
             log.exception("job %s: its memory profile was not recorded", job_id)
+    ok = retrying(finish)
+    status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
+    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", job_id, status, elapsed,
+             fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source, clock.slowest)
     if ok:
         _notify_if_due(sessions, job_id, celery)
     return status if ok else "superseded"

@@ -88,10 +88,8 @@ def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
             session.delete(session.get(Job, row.id))
         raise ServiceUnavailable(f"the job queue is unreachable ({type(exc).__name__}); nothing was stored") from exc
     response.headers["Location"] = f"/v1/jobs/{row.id}"
-    with ctx.sessions() as session:  # a worker may have taken it already: answer what is true now
-        job = session.get(Job, row.id)
-        position = store.queue_position(session, job) if job.status == JobStatus.queued.value else None
-        return store.to_public(job, position)
+    with ctx.sessions() as session:  # where it waits now, among the jobs queued for its model
+        return store.to_public(row, queue_position=store.queue_position(session, row))
 
 
 def _encode_cursor(job: Job) -> str:
