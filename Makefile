@@ -27,7 +27,7 @@ up: install
 	$(BIN)/sdfleet up --log-dir out
 
 test: install
-	$(BIN)/pytest -n 3 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(BIN)/pytest -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) out sdfleet.db sdfleet.db-wal sdfleet.db-shm sdfleet.db.migrate.lock

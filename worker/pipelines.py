@@ -7,7 +7,9 @@ the per-process cache that loads a model once per host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import gc
 import importlib
@@ -26,6 +28,21 @@ from worker.meter import FilePageTrimmer, drop_file_pages, high_water_mark_bytes
 log = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int], None]  # (step done, steps in all)
+
+
+@contextlib.contextmanager
+def cache_lock(config: dict):
+    """Hold the compiled-model cache folder while compiling into it. Two workers of one model on one host
+    share the folder, and OpenVINO writing the same blob from both at once fails ("filesystem error: cannot
+    set permissions" on the blob): the second waits, then imports what the first wrote."""
+    folder = config.get("CACHE_DIR")
+    if not folder:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".sdfleet-compile.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass(frozen=True)
@@ -130,12 +147,13 @@ class OptimumPipeline:
     def _compile(self, name: str) -> None:
         part = self._parts[name]
         xml = Path(part.model_save_dir) / "openvino_model.xml"
-        if not self.levers.static_shape and xml.is_file():
-            # From the path: with CACHE_DIR, OpenVINO imports the compiled blob without reading the IR (from an
-            # ov.Model it would hash every weight to find the blob, touching the whole IR).
-            part.request = self._core.compile_model(str(xml), self._device, self._config)
-        else:
-            part.compile()
+        with cache_lock(self._config):
+            if not self.levers.static_shape and xml.is_file():
+                # From the path: with CACHE_DIR, OpenVINO imports the compiled blob without reading the IR (from
+                # an ov.Model it would hash every weight to find the blob, touching the whole IR).
+                part.request = self._core.compile_model(str(xml), self._device, self._config)
+            else:
+                part.compile()
 
     def prepare(self, request: ImageRequest) -> None:
         """Static shapes: reshape the UNet and text encoders for this job (a no-op when the shape is the same)."""
@@ -267,7 +285,8 @@ class GenaiPipeline:
         if levers.static_shape:
             self._pipe = openvino_genai.Text2ImagePipeline(model)  # compiled per shape, in prepare()
         else:
-            self._pipe = openvino_genai.Text2ImagePipeline(model, device, **props)
+            with cache_lock(props):
+                self._pipe = openvino_genai.Text2ImagePipeline(model, device, **props)
         hint = props.get("INFERENCE_PRECISION_HINT")
         self.precision = str(hint) if hint else ov.Core().get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s with openvino-genai (%s, %s) in %.1f s", model, self.precision, self.levers.describe(),
@@ -285,7 +304,8 @@ class GenaiPipeline:
                 gc.collect()
                 self._pipe = self._genai.Text2ImagePipeline(self._model)
             self._pipe.reshape(1, request.height, request.width, request.guidance_scale)
-            self._pipe.compile(self._device, **self._props)
+            with cache_lock(self._props):
+                self._pipe.compile(self._device, **self._props)
             self._shape = shape
 
     def model_files(self) -> list[str]:
