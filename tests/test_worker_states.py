@@ -63,9 +63,26 @@ def test_a_worker_yields_to_the_owners_memory_and_comes_back(stack, spawn_worker
     before = until(lambda w: w["budget_bytes"] > int(9.5 * GB))
     # the prior predicts ~7.3 GiB for it: the 8 GiB class, which only a budget of 8 GiB or more covers
     big = dict(prompt="a wide view", model=model, width=1152, height=1152, guidance_scale=7.5, steps=1)
-    hog_code = ("import sys, time; b = bytearray(int(sys.argv[1])); "
-                "[b.__setitem__(i, 1) for i in range(0, len(b), 4096)]; print('held', flush=True); time.sleep(600)")
-    hog = subprocess.Popen([sys.executable, "-c", hog_code, str(4 * GB)], stdout=subprocess.PIPE)
+    # The owner: a process that holds what is available at a target (read from a file), taking or giving back
+    # 128 MiB at a time as the suite's other processes take and give back memory meanwhile.
+    target = tmp_path / "target"
+    hog_code = (
+        "import sys, time, psutil\n"
+        "path, chunk, held, said = sys.argv[1], 128 << 20, [], False\n"
+        "while True:\n"
+        "    t = int(open(path).read() or 0)\n"
+        "    avail = psutil.virtual_memory().available\n"
+        "    if t <= 0:\n"
+        "        held.clear(); time.sleep(0.05)\n"
+        "    elif avail > t + chunk:\n"
+        "        b = bytearray(chunk); [b.__setitem__(i, 1) for i in range(0, chunk, 4096)]; held.append(b)\n"
+        "    elif avail < t - 2 * chunk and held:\n"
+        "        held.pop()\n"
+        "    else:\n"
+        "        if not said: print('held', flush=True); said = True\n"
+        "        time.sleep(0.05)\n")
+    target.write_text(str(available - 4 * GB))
+    hog = subprocess.Popen([sys.executable, "-c", hog_code, str(target)], stdout=subprocess.PIPE)
     try:
         assert hog.stdout.readline().strip() == b"held"
         squeezed = until(lambda w: w["budget_bytes"] < before["budget_bytes"] - 2 * GB)
@@ -73,17 +90,13 @@ def test_a_worker_yields_to_the_owners_memory_and_comes_back(stack, spawn_worker
         r = stack.api.http.post("/v1/jobs", json=big)
         error = assert_error_shape(r, 422, "insufficient_memory")
         assert "budget" in error["message"]
-        more = subprocess.Popen([sys.executable, "-c", hog_code, str(5 * GB)], stdout=subprocess.PIPE)
-        try:
-            assert more.stdout.readline().strip() == b"held"
-            paused = until(lambda w: w["state"] == "paused")
-            assert "available memory" in paused["state_reason"]
-            queued = stack.api.submit(prompt="waits for the owner", model=model, width=64, height=64, steps=1)
-            time.sleep(3)
-            assert stack.api.job(queued["id"])["status"] == "queued"  # a paused worker takes no job
-        finally:
-            more.kill()
-            more.wait()
+        target.write_text(str(available - 8 * GB))  # below the pause line, a budget of ~2.6 GiB left
+        paused = until(lambda w: w["state"] == "paused")
+        assert "available memory" in paused["state_reason"]
+        queued = stack.api.submit(prompt="waits for the owner", model=model, width=64, height=64, steps=1)
+        time.sleep(3)
+        assert stack.api.job(queued["id"])["status"] == "queued"  # a paused worker takes no job
+        target.write_text("0")  # the owner gives it all back
         until(lambda w: w["state"] == "ready")
         assert stack.api.wait(queued["id"], timeout=120)["status"] == "succeeded"
     finally:
