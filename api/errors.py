@@ -62,7 +62,7 @@ def error_response(status: int, code: ErrorCode, message: str, details: Any = No
 # The OpenAI-compatible routes answer errors in OpenAI's shape, which its clients parse into their own error
 # classes: {"error": {"message", "type", "param", "code"}}. Invalid input is 400 there (not 422).
 OPENAI_PREFIX = "/v1/images/"
-_OPENAI_STATUS = {422: 400, 503: 503}
+_OPENAI_STATUS = {422: 400}
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 _OPENAI_CODE = {ErrorCode.unauthorized: "invalid_api_key", ErrorCode.rate_limited: "rate_limit_exceeded",
