@@ -146,7 +146,9 @@ def test_webhook_is_retried_with_backoff_until_delivered(stack, webhook_server):
     assert done["status"] == "succeeded"
     assert len(received) == 3
     gaps = [b[0] - a[0] for a, b in zip(received, received[1:])]
-    assert gaps[1] > gaps[0] * 1.5  # backoff grows
+    # the backoff grows: 1 s, then 2 s, at least (a loaded machine only adds to each gap, by a varying amount,
+    # so their ratio says nothing; each scheduled wait is a floor)
+    assert gaps[0] >= 0.95 and gaps[1] >= 1.95, gaps
     _, headers, body = received[-1]
     record = json.loads(body)
     assert record["id"] == job["id"] and record["status"] == "succeeded" and record["images"]
