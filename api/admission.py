@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from shared import fleet
-from shared.errors import InsufficientMemory, ModelUnavailable
-from shared.jobs import JobParameters
-from shared.memory import Prediction, Shape, fmt_size, guidance_on, predict
+from shared.errors import InsufficientMemory, InvalidRequest, ModelUnavailable
+from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults
+from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
 
@@ -21,6 +21,35 @@ _SIZES = (1024, 768, 512)
 
 def _family(model: str) -> str:
     return _FORMAT_TOKENS.sub("", model.lower().rsplit("/", 1)[-1])
+
+
+def worker_defaults(worker: Worker) -> ModelDefaults:
+    """What the worker announced of its model (a row from before defaults were announced: SD 1.5's)."""
+    return ModelDefaults.model_validate(worker.defaults) if worker.defaults else FALLBACK_DEFAULTS
+
+
+def model_defaults(serving: list[Worker]) -> ModelDefaults:
+    """A model's defaults: its largest live worker's (`serving` is largest first)."""
+    return worker_defaults(serving[0]) if serving else FALLBACK_DEFAULTS
+
+
+_DEFAULTED = ("width", "height", "steps", "guidance_scale")
+
+
+def with_defaults(fields: dict, defaults: ModelDefaults, model: str) -> dict:
+    """A request's fields with what it left out (None) taken from the model's defaults; refuses what the
+    model cannot do (a negative prompt for an LCM, whose guidance is an embedding)."""
+    if fields.get("negative_prompt") and not defaults.negative_prompt:
+        reason = (f"model {model!r} ({defaults.family}, {defaults.pipeline}) takes no negative prompt: its "
+                  f"guidance is an embedding, not a second pass")
+        raise InvalidRequest(f"negative_prompt: {reason}", [{"field": "negative_prompt", "reason": reason}])
+    return {**fields, **{k: getattr(defaults, k) for k in _DEFAULTED if fields.get(k) is None}}
+
+
+def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> Shape:
+    """The job's shape on this worker's model: guidance doubles the UNet's batch unless the model takes it
+    as an embedding (LCM)."""
+    return job_shape(width, height, guidance_scale, worker_defaults(worker).guidance_doubles_batch)
 
 
 def _predict_on(session: Session, worker: Worker, model: str, shape: Shape) -> Prediction:
@@ -41,7 +70,7 @@ def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> di
 
 def hints(session: Session, params: JobParameters, worker: Worker, live: list[Worker]) -> list[dict]:
     """Changes of this job, each with its predicted peak on the largest worker, the ones that fit first."""
-    shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
+    shape = shape_on(worker, params.width, params.height, params.guidance_scale)
     budget = top_class(worker.budget_bytes)
     out = []
     no_cfg = Shape(shape.width, shape.height, False)
@@ -95,9 +124,9 @@ def serving_workers(session: Session, model: str, stale_s: float) -> tuple[list[
 
 def fits_on(session: Session, params: JobParameters, serving: list[Worker]) -> list[WorkerFit]:
     """The prediction admission uses, on each worker: what `sdfleet plan` shows and what `admit` decides by."""
-    shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
     out = []
     for worker in serving:
+        shape = shape_on(worker, params.width, params.height, params.guidance_scale)
         prediction = _predict_on(session, worker, params.model, shape)
         ceiling = memory_class(prediction.bytes)
         out.append(WorkerFit(worker, prediction, ceiling,
@@ -105,11 +134,10 @@ def fits_on(session: Session, params: JobParameters, serving: list[Worker]) -> l
     return out
 
 
-def admit(session: Session, params: JobParameters, stale_s: float) -> Admission:
-    """Route the job: on each live worker serving its model, its predicted peak and the memory class that
-    holds it; the smallest class some worker covers wins (a job never waits for a bigger worker than it
-    needs). Raises when no worker serves the model, or none covers the class its job needs."""
-    serving, live = serving_workers(session, params.model, stale_s)
+def admit(session: Session, params: JobParameters, serving: list[Worker], live: list[Worker]) -> Admission:
+    """Route the job among the live workers serving its model (`serving_workers`): on each, its predicted peak
+    and the memory class that holds it; the smallest class some worker covers wins (a job never waits for a
+    bigger worker than it needs). Raises when none covers the class its job needs."""
     fits = fits_on(session, params, serving)
     fitting = [f for f in fits if f.fits]
     if fitting:

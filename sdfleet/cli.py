@@ -25,6 +25,7 @@ from pathlib import Path
 from sdfleet.client import ApiError, ApiUnreachable, Client
 from shared.jobs import JobCreate, JobStatus
 from shared.memory import fmt_size
+from worker.tiny import ARCHES as TINY_ARCHES
 
 DEFAULT_PORT = 8000
 API_HELP = "the API's URL (default: SDFLEET_API_URL, else http://127.0.0.1:8000)"
@@ -464,11 +465,15 @@ def cmd_export(args) -> int:
 
     try:
         stamp = export(args.src, args.out, args.weight_format,
-                       on_step=lambda line: print(line, file=sys.stderr, flush=True))
+                       on_step=lambda line: print(line, file=sys.stderr, flush=True), lora=args.lora,
+                       lora_scale=args.lora_scale, scheduler=args.scheduler, split=args.split)
     except ExportError as exc:
         print(f"sdfleet model export: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {stamp['weight_format']} in {stamp['seconds']} s, largest step's peak {stamp['peak_mb']} MB")
+    lora = stamp.get("lora")
+    print(f"{args.out}: {stamp['weight_format']} in {stamp['seconds']} s, largest step's peak {stamp['peak_mb']} MB"
+          + (f"; LoRA fused into {', '.join(lora['fused_into'])} at scale {lora['scale']:g}" if lora else "")
+          + (f"; scheduler {stamp['scheduler']}" if "scheduler" in stamp else ""))
     return 0
 
 
@@ -736,13 +741,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("make-tiny", help="build the tiny random-weight test model as OpenVINO IR",
                         formatter_class=HelpFormatter)
     m.add_argument("dir", type=Path, help="the folder to build it in (reused when it is current)")
-    m.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="the architecture")
+    m.add_argument("--arch", choices=TINY_ARCHES, default="sd", help="the architecture")
     m.set_defaults(func=cmd_make_tiny)
     m = msub.add_parser("export", help="export a diffusers pipeline (or compress an IR folder) to OpenVINO IR, "
                                        "one component per process", formatter_class=HelpFormatter)
-    m.add_argument("src", type=Path, help="a diffusers pipeline folder, or an OpenVINO IR folder to compress")
+    m.add_argument("src", help="a diffusers pipeline folder, or an OpenVINO IR folder to compress; or a hub ID "
+                   "(ORG/NAME) found in the Hugging Face cache, or downloaded when the hub is reachable")
     m.add_argument("out", type=Path, help="the new IR folder (must not exist)")
     m.add_argument("--weight-format", choices=("fp16", "int8", "int4"), default="fp16", help="the weights' format")
+    m.add_argument("--lora", help="a LoRA to fuse into the UNet (and the text encoders it has weights for) before "
+                   "conversion: a .safetensors file, a folder holding one, or a hub ID (e.g. an LCM-LoRA)")
+    m.add_argument("--lora-scale", type=float, default=1.0, help="how much of the LoRA is fused")
+    m.add_argument("--scheduler", choices=("lcm", "euler", "euler-ancestral", "ddim", "dpm++"),
+                   help="replace the pipeline's scheduler (an LCM-LoRA needs lcm), from its own configuration")
+    m.add_argument("--split", choices=("auto", "always", "never"), default="auto",
+                   help="one child process per component (always), one for all (never), or per component from "
+                   "1 GiB of weights up (auto)")
     m.set_defaults(func=cmd_export)
 
     p = command("db", "database tools")

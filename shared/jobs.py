@@ -93,24 +93,63 @@ def check_text(v: str) -> str:
     return v
 
 
+MIN_SIDE, MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 64, 2048, 150, 30.0
+_MODEL_DEFAULT = "default: the model's own (its workers announce it: GET /v1/models, `defaults`)"
+
+
+def check_side(v: int | None) -> int | None:
+    if v is not None and v % 8:
+        raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {v}")
+    return v
+
+
+class ModelDefaults(BaseModel):
+    """What a model runs best with, read by its worker from the pipeline's own files (model_index.json, the
+    UNet's and the scheduler's configs) and announced in every heartbeat: a job that leaves steps, guidance or
+    size out takes these. An operator may override them per worker (SDFLEET_DEFAULT_STEPS, ...)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    family: str = Field(description="sd, sdxl, lcm, lcm-lora, sd-turbo, sdxl-turbo, or unknown (a pipeline "
+                        "whose files could not be read: SD 1.5's defaults)")
+    pipeline: str = Field(description="the diffusers pipeline class of the folder (model_index.json)")
+    scheduler: str
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE)
+    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    recommended_steps: tuple[int, int] = Field(description="the range of steps the model is made for")
+    guidance_doubles_batch: bool = Field(
+        description="whether a guidance scale above 1 runs classifier-free guidance (the UNet's batch doubles, "
+        "and its memory); false for LCM, whose guidance is an embedding the UNet takes")
+    negative_prompt: bool = Field(description="whether the pipeline takes a negative prompt (LCM does not)")
+    overridden: list[str] = Field(default=[], description="the values the worker's operator set over the model's")
+
+
+# A worker that could not read its model's files (a custom backend): SD 1.5's defaults, guidance doubling.
+FALLBACK_DEFAULTS = ModelDefaults(
+    family="unknown", pipeline="unknown", scheduler="unknown", steps=20, guidance_scale=7.5, width=512, height=512,
+    recommended_steps=(15, 50), guidance_doubles_batch=True, negative_prompt=True)
+
+
 class JobShape(BaseModel):
     """What a job's memory depends on (the part of a submission `POST /v1/plan` takes). Strict: no coercion
-    of "512" to 512, no unknown fields."""
+    of "512" to 512, no unknown fields. Fields left out take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    width: int = Field(default=512, ge=64, le=2048)
-    height: int = Field(default=512, ge=64, le=2048)
-    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, description=_MODEL_DEFAULT)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, description=_MODEL_DEFAULT)
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=MAX_GUIDANCE, description="above 1 runs classifier-free guidance (twice the UNet's "
+        "work and memory), except on an LCM, where it is an embedding; " + _MODEL_DEFAULT)
     num_images: int = Field(default=1, ge=1, le=8)
     model: str | None = Field(default=None, max_length=200, pattern=MODEL_NAME_RE.pattern)
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {v}")
-        return v
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        return check_side(v)
 
 
 class JobCreate(JobShape):
@@ -118,7 +157,7 @@ class JobCreate(JobShape):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    steps: int = Field(default=20, ge=1, le=150)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description=_MODEL_DEFAULT)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     priority: Priority = "normal"
     webhook_url: str | None = Field(
@@ -151,7 +190,8 @@ class JobCreate(JobShape):
 
 
 class JobParameters(BaseModel):
-    """The parameters a job runs with: the request after defaults (model and seed always filled in)."""
+    """The parameters a job runs with: the request after defaults (model, seed, and the model's own steps,
+    guidance and size for those left out, always filled in)."""
 
     prompt: str
     negative_prompt: str | None
@@ -278,6 +318,9 @@ class WorkerState(BaseModel):
     max_budget_bytes: int | None = Field(
         default=None, description="the configured budget: what `budget_bytes` comes back to when the host's "
         "owner leaves the memory free (with SDFLEET_BUDGET_FOLLOWS_AVAILABLE the announced one is lower meanwhile)")
+    defaults: ModelDefaults | None = Field(
+        default=None, description="the model's defaults and limits as this worker runs it (null while it loads "
+        "for the first time)")
 
 
 class WorkerPublic(WorkerState):
@@ -305,6 +348,8 @@ class ModelPublic(BaseModel):
     workers: int
     largest_budget_bytes: int
     runtimes: list[str] = Field(description="backend/precision/memory mode of the workers serving it")
+    defaults: ModelDefaults = Field(description="what a job that leaves steps, guidance or size out gets (the "
+                                    "largest live worker's, when workers disagree)")
     profiles: list[ProfilePublic]
 
 
@@ -341,7 +386,9 @@ class PlanPublic(BaseModel):
     model: str
     width: int
     height: int
-    guidance: bool = Field(description="whether the guidance scale runs classifier-free guidance (> 1)")
+    guidance_scale: float = Field(description="as given, or the model's default")
+    guidance: bool = Field(description="whether the job runs classifier-free guidance (a scale above 1, on a "
+                           "model whose guidance doubles the UNet's batch)")
     num_images: int = Field(description="images run one pass each: the peak does not grow with the count")
     admitted: bool
     memory_class_bytes: int | None = Field(description="the queue a submission would be routed to")

@@ -85,6 +85,12 @@ def guidance_on(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
+def job_shape(width: int, height: int, guidance_scale: float, guidance_doubles_batch: bool = True) -> "Shape":
+    """The shape a job runs in: its UNet batch doubles only for classifier-free guidance (a scale above 1 on a
+    model whose guidance is not an embedding, as an LCM's is)."""
+    return Shape(width, height, guidance_doubles_batch and guidance_on(guidance_scale))
+
+
 def latent_pixels(width: int, height: int) -> int:
     return (width // 8) * (height // 8)
 

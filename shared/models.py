@@ -135,6 +135,7 @@ class Worker(Base):
     state: Mapped[str] = mapped_column(String(16), default="ready")  # loading, ready, paused
     state_reason: Mapped[str | None] = mapped_column(Text)
     max_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    defaults: Mapped[dict | None] = mapped_column(JSON)  # ModelDefaults: its model's steps, guidance, size
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     backend: str = "optimum"  # "optimum", or "package.module:factory" for a custom Pipeline
     device: str = "CPU"
     warmup: bool = True  # one tiny generation at load, so weights are resident before the first job's meter
+    # A worker's defaults for jobs that leave them out, over its model's own (read from the pipeline's files:
+    # an LCM 4 steps at guidance 8, a turbo model 1 step without guidance, SD 1.5 20 at 7.5, ...).
+    default_steps: int | None = Field(default=None, ge=1, le=150)
+    default_guidance_scale: float | None = Field(default=None, ge=0, le=30)
+    default_width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
+    default_height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
 
     # The model a job gets when it names none (the API side).
     default_model: str | None = None

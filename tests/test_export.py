@@ -38,7 +38,7 @@ def torch_pipeline(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(torch_pipeline, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ir") / "tiny-fp16"
-    r = sdfleet("model", "export", torch_pipeline, out, "--weight-format", "fp16")
+    r = sdfleet("model", "export", torch_pipeline, out, "--weight-format", "fp16", "--split", "always")
     assert r.returncode == 0, r.stderr
     return out
 

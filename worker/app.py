@@ -15,6 +15,7 @@ from shared.memory import fmt_size, read_host_budget
 from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name
 from shared.retry import retrying
 from shared.settings import get_settings
+from worker import hub
 from worker.host import Beacon, Host, take_back_orphans
 from worker.owner import Consumers, lower_cpu_priority
 from worker.pipelines import get_pipeline
@@ -54,8 +55,12 @@ def _load_pipeline(**_kwargs) -> None:
 def preflight() -> str:
     """Refuse to start with a clear message rather than loop on a broken child."""
     name = settings.served_model_name
-    if settings.backend == "optimum" and os.path.sep in settings.model and not os.path.isdir(settings.model):
-        raise SystemExit(f"SDFLEET_MODEL={settings.model}: no such folder")
+    if settings.backend in ("optimum", "genai"):
+        # a hub ID is resolved (from the cache, or downloaded) once here: the pool children inherit the answer
+        try:
+            log.info("model %s", hub.describe(settings.model))
+        except hub.SourceError as exc:
+            raise SystemExit(f"SDFLEET_MODEL={exc}") from None
     engine = engine_for(settings.database_url)
     wait_for_database(engine)
     migrate(engine)

@@ -1,5 +1,6 @@
 """`sdfleet model export SRC OUT --weight-format fp16|int8|int4`: a diffusers pipeline to OpenVINO IR, one
-component per process, so that the export's peak is the largest component's, not the whole pipeline's.
+component per process, so that the export's peak is the largest component's, not the whole pipeline's
+(a pipeline under 1 GiB of weights, where that saves nothing, is converted in one child: `--split`).
 
 optimum-cli exports every component in one process: on a 24 GB machine an SDXL export is killed once the
 UNet has been written (the allocator keeps what the UNet's conversion used, and the VAE comes on top). Here
@@ -8,14 +9,20 @@ own export code in a fresh child process, which returns everything to the OS whe
 are NNCF weight compression of the fp16 IR, again one component per process. SRC may also be an OpenVINO IR
 folder (from optimum-cli or an earlier export): then only the compression runs.
 
+`--lora PATH [--lora-scale S]` fuses a LoRA (diffusers/PEFT or kohya safetensors: a file, a folder, or a hub
+ID) into the UNet, and into the text encoders it has weights for, before they are converted, as fastsdcpu does
+for LCM-LoRA; `--scheduler lcm` swaps the pipeline's scheduler (what an LCM-LoRA needs). SRC may be a hub ID
+(ORG/NAME), resolved through the Hugging Face cache (worker/hub.py).
+
 The result is written beside OUT and moved into place whole, with a stamp (sdfleet_export.json) recording the
-weight format and what each step measured.
+weight format, the LoRA and scheduler, and what each step measured.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -28,7 +35,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("fp16", "int8", "int4")
+# --scheduler: the name a user gives -> diffusers' class (from the pipeline's own scheduler config)
+SCHEDULERS = {"lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler-ancestral": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
+              "dpm++": "DPMSolverMultistepScheduler"}
 STAMP_FILE = "sdfleet_export.json"
+# A diffusers folder with at least this much weight is converted one component per child process ("auto");
+# below it (a tiny test model, say) one child converts all, which saves three children's imports (~10 s each).
+SPLIT_ABOVE_BYTES = 1 << 30
+SPLITS = ("auto", "always", "never")
 IR_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -82,8 +97,35 @@ def _empty_module(src: Path, name: str, entry: list):
         return cls(AutoConfig.from_pretrained(src / name))
 
 
-def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool) -> None:
-    """Child process: convert `parts` of the pipeline at `src` to fp16 IR in `out` with optimum-intel."""
+def _fuse_lora(pipe, lora: str, scale: float, names: list[str]) -> list[str]:
+    """Load the LoRA into those of `names` (UNet, text encoders) it has weights for, fuse it into their weights
+    at `scale` and remove its layers, so they convert as plain modules. Returns the components it changed."""
+    path = Path(lora)
+    state_dict, alphas = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+    if not state_dict or not all("lora" in k for k in state_dict):
+        raise ExportError(f"{lora}: not a LoRA (its keys do not name LoRA layers)")
+    fused = []
+    for name in names:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        if name == "unet":
+            pipe.load_lora_into_unet(dict(state_dict), alphas, unet=module, adapter_name="sdfleet", _pipeline=pipe)
+        else:
+            pipe.load_lora_into_text_encoder(dict(state_dict), alphas, text_encoder=module, prefix=name,
+                                             adapter_name="sdfleet", _pipeline=pipe)
+        if getattr(module, "peft_config", None):
+            fused.append(name)
+    if fused:
+        pipe.fuse_lora(components=fused, lora_scale=scale, adapter_names=["sdfleet"])
+        pipe.unload_lora_weights()
+    return fused
+
+
+def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool, lora: str | None = None,
+            lora_scale: float = 1.0, scheduler: str | None = None) -> dict:
+    """Child process: convert `parts` of the pipeline at `src` to fp16 IR in `out` with optimum-intel; with a
+    LoRA, fused first. Returns what it did beyond converting (the components the LoRA changed)."""
     import gc
 
     import torch
@@ -106,6 +148,17 @@ def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool) -> No
              if not want and (index.get(name) or [None])[0]}
     pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch.float16 if half else torch.float32,
                                              local_files_only=True, **empty)
+    done: dict = {}
+    if lora:
+        done["lora_fused"] = _fuse_lora(pipe, lora, lora_scale, [n for n, want in wanted.items() if want])
+    if scheduler and with_tokenizers:
+        import inspect
+
+        import diffusers
+
+        cls = getattr(diffusers, SCHEDULERS[scheduler])
+        takes = inspect.signature(cls.__init__).parameters  # the old scheduler's own settings are not carried over
+        pipe.scheduler = cls.from_config({k: v for k, v in pipe.scheduler.config.items() if k in takes})
     _, models = get_diffusion_models_for_export_ext(pipe, exporter="openvino")
     models = {k: v for k, v in models.items() if k in parts}
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +185,7 @@ def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool) -> No
                   output_names=[os.path.join(n, "openvino_model.xml") for n in models],
                   ov_config=OVConfig(dtype="fp16"), stateful=False, patch_16bit_model=half,
                   library_name="diffusers")
+    return done
 
 
 def compress(xml: Path, dest: Path, weight_format: str) -> None:
@@ -181,33 +235,90 @@ def _copy_non_weights(src: Path, dest: Path) -> None:
         shutil.copy2(path, dest / rel)
 
 
-def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_step=print) -> dict:
-    """Export `src` (a diffusers folder, or an IR folder to compress) to `out`; returns the stamp."""
+def _lora_file(path: Path) -> Path:
+    """The LoRA's safetensors file: the path itself, or the one in a folder (diffusers' name first)."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ExportError(f"--lora {path}: not a .safetensors file (pickled weights are not loaded)")
+        return path
+    found = sorted(path.glob("*.safetensors"))
+    named = [f for f in found if f.name == "pytorch_lora_weights.safetensors"]
+    if named or len(found) == 1:
+        return (named or found)[0]
+    raise ExportError(f"--lora {path}: " + (f"holds {len(found)} .safetensors files; name the one to fuse" if found
+                                            else "holds no .safetensors file"))
+
+
+def _source(spec: str | Path, what: str) -> Path:
+    """A local folder or file, or a hub ID's snapshot folder in the Hugging Face cache."""
+    from worker import hub
+
+    if os.path.exists(spec):
+        return Path(spec).absolute()
+    try:
+        return Path(hub.resolve(str(spec)))
+    except hub.SourceError as exc:
+        raise ExportError(f"{what} {exc}") from None
+
+
+def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_step=print, lora: str | Path | None = None,
+           lora_scale: float = 1.0, scheduler: str | None = None, split: str = "auto") -> dict:
+    """Export `src` (a diffusers folder, or an IR folder to compress; either may be a hub ID) to `out`, with a
+    LoRA fused and the scheduler swapped if asked; returns the stamp."""
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, not {weight_format!r}")
-    src, out = Path(src).absolute(), Path(out).absolute()
-    if not src.is_dir():
-        raise ExportError(f"{src} is not a folder (a diffusers pipeline or an OpenVINO IR)")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ExportError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+    if split not in SPLITS:
+        raise ExportError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if not math.isfinite(lora_scale):
+        raise ExportError(f"--lora-scale must be a number, not {lora_scale}")
+    out = Path(out).absolute()
     if out.exists():
         raise ExportError(f"{out} exists: remove it or choose another folder")
+    src = _source(src, "source")
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a folder (a diffusers pipeline or an OpenVINO IR)")
+    lora = _lora_file(_source(lora, "--lora")) if lora is not None else None
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     stamp: dict = {"source": str(src), "weight_format": weight_format, "steps": {}}
+    if lora is not None:
+        stamp["lora"] = {"path": str(lora), "scale": lora_scale, "fused_into": []}
+    if scheduler is not None:
+        stamp["scheduler"] = SCHEDULERS[scheduler]
     t0 = time.perf_counter()
     try:
         if is_ir_folder(src):
             if weight_format == "fp16":
                 raise ExportError(f"{src} is already OpenVINO IR: ask for int8 or int4 to compress it")
+            if lora is not None or scheduler is not None:
+                raise ExportError(f"{src} is already OpenVINO IR: --lora and --scheduler need the diffusers "
+                                  f"pipeline (the LoRA is fused into its weights before conversion)")
             ir = src
             staging.mkdir(parents=True)
             _copy_non_weights(src, staging)
         else:
             parts = _source_components(src)
-            groups = [[p for p in parts if p.startswith("text_encoder")], ["unet"], ["vae_decoder"], ["vae_encoder"]]
+            weights = sum(f.stat().st_size for f in src.rglob("*") if f.suffix in (".safetensors", ".bin"))
+            if split == "always" or split == "auto" and weights >= SPLIT_ABOVE_BYTES:
+                groups = [[p for p in parts if p.startswith("text_encoder")], ["unet"], ["vae_decoder"],
+                          ["vae_encoder"]]
+            else:  # a small pipeline: one child (the split saves memory, and costs the imports per child)
+                groups = [parts]
+            stamp["processes"] = len(groups)
+            extra = (["--lora", str(lora), "--lora-scale", repr(lora_scale)] if lora is not None else []) + \
+                (["--scheduler", scheduler] if scheduler else [])
             for i, group in enumerate(groups):
-                step = ["convert", str(src), str(staging), ",".join(group)] + (["--tokenizers"] if i == 0 else [])
+                step = ["convert", str(src), str(staging), ",".join(group)] + (["--tokenizers"] if i == 0 else []) + \
+                    (extra if not group[0].startswith("vae") else [])
                 stamp["steps"][f"convert {'+'.join(group)}"] = figures = _child(step)
+                if lora is not None:
+                    stamp["lora"]["fused_into"] += figures.pop("lora_fused", [])
                 on_step(f"converted {'+'.join(group)}: {figures['seconds']} s, peak {figures['peak_mb']} MB")
+            if lora is not None and not stamp["lora"]["fused_into"]:
+                raise ExportError(f"--lora {lora}: it has no weights for this pipeline's UNet or text encoders "
+                                  f"(a LoRA made for another architecture?)")
             ir = staging
         if weight_format != "fp16":
             for comp in IR_COMPONENTS:
@@ -232,13 +343,18 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
 def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     cmd, args = argv[0], argv[1:]
+    done: dict = {}
     if cmd == "convert":
-        convert(Path(args[0]), Path(args[1]), args[2].split(","), "--tokenizers" in args)
+        def opt(name: str) -> str | None:
+            return args[args.index(name) + 1] if name in args else None
+
+        done = convert(Path(args[0]), Path(args[1]), args[2].split(","), "--tokenizers" in args, lora=opt("--lora"),
+                       lora_scale=float(opt("--lora-scale") or 1.0), scheduler=opt("--scheduler"))
     elif cmd == "compress":
         compress(Path(args[0]), Path(args[1]), args[2])
     else:
         raise SystemExit(f"unknown step {cmd!r}")
-    print(json.dumps({"peak_mb": _maxrss_mb()}), flush=True)
+    print(json.dumps({"peak_mb": _maxrss_mb(), **done}), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from shared.db import session_factory
 from shared.memory import fmt_size, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
+from worker.family import worker_defaults
 from worker.meter import JobMeter, rss_bytes
 from worker.owner import Consumers, OwnerWatch
 from worker.pipelines import Pipeline
@@ -97,6 +98,7 @@ class Host:
         self.settings = settings
         self.pipeline = pipeline
         self.model = settings.served_model_name
+        self.defaults = worker_defaults(settings)  # the model's steps, guidance and size, and the operator's
         # a custom pipeline that does not say how it runs is taken as keeping everything resident
         self.memory_mode = getattr(pipeline, "memory_mode", "fast")
         self.name = worker_name()
@@ -123,6 +125,10 @@ class Host:
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_size(self.budget), fmt_size(self.cgroup_limit) if self.cgroup_limit else "none",
                  fmt_size(self.resident), pipeline.precision, self.memory_mode)
+        d = self.defaults
+        log.info("model family %s (%s, %s): defaults %d steps, guidance %g, %dx%d%s", d.family, d.pipeline, d.scheduler,
+                 d.steps, d.guidance_scale, d.width, d.height,
+                 f" (set by the operator: {', '.join(d.overridden)})" if d.overridden else "")
 
     def _resident(self) -> int:
         """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
@@ -166,6 +172,7 @@ class Host:
             total_ram_bytes=ram.total, available_bytes=ram.available,
             resident_bytes=self.resident, current_job_id=running.attempt.job_id if running else None,
             state=self.state, state_reason=self.state_reason, max_budget_bytes=self.configured_budget,
+            defaults=self.defaults,
         )
         with self._sessions.begin() as session:
             fleet.beat(session, hb, self.started_at)

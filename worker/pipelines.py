@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 from PIL import Image
 
 from shared.settings import Levers, Settings
+from worker import hub
 from worker.meter import FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ class OptimumPipeline:
 
     def model_files(self) -> list[str]:
         """Where this pipeline's weights are mapped from: the IR folders and the compiled-model cache."""
-        return sorted({str(Path(p.model_save_dir).parent) for p in self._parts.values()}) + \
+        folders = {str(Path(p.model_save_dir).parent) for p in self._parts.values()}
+        return sorted({root for f in folders for root in hub.storage_roots(f)}) + \
             ([self._config["CACHE_DIR"]] if self._config.get("CACHE_DIR") else [])
 
 
@@ -309,7 +311,7 @@ class GenaiPipeline:
             self._shape = shape
 
     def model_files(self) -> list[str]:
-        return [self._model] + ([self._props["CACHE_DIR"]] if self._props.get("CACHE_DIR") else [])
+        return hub.storage_roots(self._model) + ([self._props["CACHE_DIR"]] if self._props.get("CACHE_DIR") else [])
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
         raised: list[BaseException] = []
@@ -357,9 +359,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
     # Compiled blobs are cached per model, so a restarted worker (or a replaced pool child) skips compiling.
     cache = str(settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--"))
     if settings.backend == "optimum":
-        return OptimumPipeline(settings.model, settings.device, {"CACHE_DIR": cache}, settings.levers)
+        return OptimumPipeline(hub.resolve(settings.model), settings.device, {"CACHE_DIR": cache}, settings.levers)
     if settings.backend == "genai":
-        return GenaiPipeline(settings.model, settings.device, {"CACHE_DIR": cache}, settings.levers)
+        return GenaiPipeline(hub.resolve(settings.model), settings.device, {"CACHE_DIR": cache}, settings.levers)
     return _load_factory(settings.backend)(settings)
 
 
@@ -372,8 +374,9 @@ def get_pipeline(settings: Settings) -> Pipeline:
     if _loaded is None:
         # Loading and the warm-up read the weights through mmap while OpenVINO makes its own copy: with
         # drop_file_pages, the pages already read do not stay resident beside it (genai loads all at once).
-        roots = [settings.model, str(settings.cache_dir / "ov-cache")] \
-            if settings.levers.drop_file_pages and settings.model and os.path.isdir(settings.model) else []
+        folder = hub.resolve(settings.model) if settings.backend in ("optimum", "genai") and settings.model else None
+        roots = [*hub.storage_roots(folder), str(settings.cache_dir / "ov-cache")] \
+            if settings.levers.drop_file_pages and folder and os.path.isdir(folder) else []
         with FilePageTrimmer(roots):
             _loaded = load_pipeline(settings)
             _warm_up(_loaded, settings)

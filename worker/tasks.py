@@ -18,7 +18,7 @@ from shared import fleet, store
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
-from shared.memory import Shape, fmt_size, guidance_on, predict
+from shared.memory import Shape, fmt_size, job_shape, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from worker.host import HOST, Host, Running
@@ -38,8 +38,8 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def shape_of(params: JobParameters) -> Shape:
-    return Shape(params.width, params.height, guidance_on(params.guidance_scale))
+def shape_of(params: JobParameters, host: Host) -> Shape:
+    return job_shape(params.width, params.height, params.guidance_scale, host.defaults.guidance_doubles_batch)
 
 
 class Monitor:
@@ -179,7 +179,7 @@ def _expected(sessions, host: Host, params: JobParameters):
         with sessions() as session:
             return fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
 
-    return predict(shape_of(params), retrying(read_profiles), host.resident)
+    return predict(shape_of(params, host), retrying(read_profiles), host.resident)
 
 
 def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str | None:
@@ -250,7 +250,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
 
     if params.model != host.model:
         return end(ErrorCode.model_unavailable, f"this worker serves {host.model!r}, not {params.model!r}")
-    shape = shape_of(params)
+    shape = shape_of(params, host)
     pipeline = host.pipeline
     expected = _expected(sessions, host, params)
     if expected.bytes > host.budget:  # a redelivered job that was already running: checked here

@@ -1,6 +1,12 @@
-"""The tiny test model: a random-weight SD 1.x or SDXL pipeline built entirely locally (diffusers components
-and a CLIP tokenizer written from a small vocabulary, no hub access), exported to OpenVINO IR with
-optimum-intel. Tests and the demo share one cached copy; the loading code is the same as for a real model.
+"""The tiny test models: random-weight pipelines built entirely locally (diffusers components and a CLIP
+tokenizer written from a small vocabulary, no hub access), exported to OpenVINO IR with optimum-intel. Tests
+and the demo share one cached copy of each; the loading code is the same as for a real model.
+
+Architectures: `sd` (SD 1.5), `sdxl`, and the few-step models CPU users run: `lcm` (a latent consistency
+model: UNet with `time_cond_proj_dim`, LCMScheduler, guidance as an embedding), `sd-turbo` (SD 2.x-style:
+linear projections, GELU text encoder, Euler with trailing timesteps) and `sdxl-turbo` (SDXL with Euler
+ancestral, trailing). The few-step ones are saved as diffusers folders and exported by `sdfleet model
+export` (worker/export.py), the way a user converts a downloaded model.
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Bump when what `build` makes changes: cached copies of another version are rebuilt, not reused.
-TINY_VERSION = 1
-ARCHES = ("sd", "sdxl")
+TINY_VERSION = 2
+ARCHES = ("sd", "sdxl", "lcm", "sd-turbo", "sdxl-turbo")
+# Exported component by component by `sdfleet model export` (the others in one process, which is quicker)
+_BY_EXPORT = ("lcm", "sd-turbo", "sdxl-turbo")
+# The UNet's sample_size is only its default latent size (no weight depends on it): 64 latents, so the
+# pipelines' default image is 512x512 like SD 1.5's and the turbo models' (x8, the VAE's scale factor).
+_SAMPLE_SIZE = 64
 
 _WORDS = (
     "a photo of an astronaut riding horse on the moon cat dog red blue green painting portrait landscape "
@@ -105,31 +116,74 @@ def _vae(**extra):
     )
 
 
-def _scheduler(**extra):
-    from diffusers import EulerDiscreteScheduler
+_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
-    return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, **extra,
+
+def _scheduler(cls: str = "EulerDiscreteScheduler", **extra):
+    import diffusers
+
+    return getattr(diffusers, cls)(**_BETAS, steps_offset=1, **extra)
+
+
+def _sd_unet(**extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32, **{"attention_head_dim": 8, **extra},
     )
 
 
 def build_sd(tmp: Path):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer, bos, eos = _tokenizer(tmp / "tokenizer-files")
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-    )
     return StableDiffusionPipeline(
         vae=_vae(), text_encoder=CLIPTextModel(_text_config(bos, eos, "quick_gelu")), tokenizer=tokenizer,
-        unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        unet=_sd_unet(), scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_lcm(tmp: Path):
+    """A latent consistency model (LCM_Dreamshaper-like): the guidance scale is an embedding the UNet takes
+    (`time_cond_proj_dim`), so guidance never doubles the UNet's batch; LCMScheduler, a few steps."""
+    from diffusers import LatentConsistencyModelPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer, bos, eos = _tokenizer(tmp / "tokenizer-files")
+    return LatentConsistencyModelPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(bos, eos, "quick_gelu")), tokenizer=tokenizer,
+        unet=_sd_unet(time_cond_proj_dim=32),
+        scheduler=_scheduler("LCMScheduler", original_inference_steps=50, timestep_spacing="leading",
+                             clip_sample=False, set_alpha_to_one=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_sd_turbo(tmp: Path):
+    """SD-Turbo-like (SD 2.x architecture: linear projections, per-block heads, a GELU text encoder), with
+    Euler on trailing timesteps: one step, no guidance."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer, bos, eos = _tokenizer(tmp / "tokenizer-files")
+    return StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(bos, eos, "gelu")), tokenizer=tokenizer,
+        unet=_sd_unet(attention_head_dim=(2, 4), use_linear_projection=True),
+        scheduler=_scheduler(timestep_spacing="trailing"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sdxl_turbo(tmp: Path):
+    """SDXL-Turbo-like: the SDXL architecture with Euler ancestral on trailing timesteps."""
+    pipe = build_sdxl(tmp)
+    pipe.scheduler = _scheduler("EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
+    return pipe
 
 
 def build_sdxl(tmp: Path):
@@ -138,7 +192,7 @@ def build_sdxl(tmp: Path):
 
     tokenizer, bos, eos = _tokenizer(tmp / "tokenizer-files")
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
@@ -154,6 +208,10 @@ def build_sdxl(tmp: Path):
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(timestep_spacing="leading"),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "lcm": build_lcm, "sd-turbo": build_sd_turbo,
+            "sdxl-turbo": build_sdxl_turbo}
 
 
 def _stamp(arch: str) -> dict:
@@ -196,14 +254,18 @@ def make_tiny(out: Path, arch: str = "sd", seed: int = 0) -> Path:
 
         log.info("building the tiny %s model in %s", arch, out)
         torch.manual_seed(seed)
-        with tempfile.TemporaryDirectory(prefix="sdfleet-tiny-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="sdfleet-tiny-", dir=out.parent) as tmp:
             tmp = Path(tmp)
-            pipe = (build_sdxl if arch == "sdxl" else build_sd)(tmp)
-            pipe.save_pretrained(tmp / "torch")
+            BUILDERS[arch](tmp).save_pretrained(tmp / "torch")
             staged = tmp / "ir"
-            # convert_tokenizer writes tokenizer/openvino_tokenizer.xml, which openvino-genai needs
-            main_export(model_name_or_path=str(tmp / "torch"), output=staged, task="text-to-image",
-                        library_name="diffusers", ov_config=OVConfig(dtype="fp32"), convert_tokenizer=True)
+            if arch in _BY_EXPORT:
+                from worker.export import export
+
+                export(tmp / "torch", staged, "fp16", on_step=log.info)
+            else:
+                # convert_tokenizer writes tokenizer/openvino_tokenizer.xml, which openvino-genai needs
+                main_export(model_name_or_path=str(tmp / "torch"), output=staged, task="text-to-image",
+                            library_name="diffusers", ov_config=OVConfig(dtype="fp32"), convert_tokenizer=True)
             (staged / STAMP_FILE).write_text(json.dumps(_stamp(arch)))
             if out.exists():
                 shutil.rmtree(out)
@@ -213,3 +275,27 @@ def make_tiny(out: Path, arch: str = "sd", seed: int = 0) -> Path:
 
 def default_tiny_dir(cache_dir: Path, arch: str = "sd") -> Path:
     return Path(cache_dir) / "models" / f"tiny-{arch}"
+
+
+def make_tiny_lora(out: Path, arch: str = "sd", seed: int = 1, rank: int = 4) -> Path:
+    """A random-weight LoRA for the tiny `arch` pipeline's UNet (its attention projections), saved as diffusers
+    saves one (pytorch_lora_weights.safetensors, PEFT keys): what an LCM-LoRA from the hub is for a real model.
+    Its up-projections are random too (a trained LoRA's are; a fresh one's are zero), so it changes the output."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="sdfleet-lora-") as tmp:
+        pipe = BUILDERS[arch](Path(tmp))
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
-from api.admission import fits_on, refusal, serving_workers
+from api.admission import fits_on, model_defaults, refusal, serving_workers, shape_on, with_defaults
 from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
@@ -14,7 +14,7 @@ from shared.errors import InvalidRequest
 from shared.jobs import (
     JobParameters, JobShape, ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic,
 )
-from shared.memory import Shape, fmt_size, guidance_on, predict
+from shared.memory import fmt_size, predict
 from shared.queue import top_class
 
 router = APIRouter()
@@ -39,10 +39,10 @@ def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     if model is None:
         raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
                              [{"field": "model", "reason": "required when the API has no default model"}])
-    params = JobParameters(prompt="", negative_prompt=None, steps=1, seed=0,
-                           **shape.model_dump(exclude={"model"}), model=model)
     with ctx.sessions() as session:
         serving, live = serving_workers(session, model, ctx.settings.worker_stale_s)
+        fields = with_defaults(shape.model_dump(exclude={"model"}), model_defaults(serving), model)
+        params = JobParameters(prompt="", negative_prompt=None, seed=0, **fields, model=model)
         fits = fits_on(session, params, serving)
         fitting = [f for f in fits if f.fits]
         hints = [] if fitting else refusal(session, params, fits, live).details["hints"]
@@ -50,7 +50,7 @@ def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
         for row in fleet.all_profiles(session):
             if row.model == model:
                 runtimes.setdefault((row.backend, row.precision, row.memory_mode), []).append(fleet.profile_of(row))
-    job_shape = Shape(params.width, params.height, guidance_on(params.guidance_scale))
+    job_shape = shape_on(serving[0], params.width, params.height, params.guidance_scale)
     best = min(fitting, key=lambda f: f.memory_class_bytes) if fitting else None
     modes = []
     for (backend, precision, mode), known in sorted(runtimes.items()):
@@ -63,7 +63,8 @@ def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     else:
         message = f"refused: no live worker serving {model!r} fits a predicted {fmt_size(fits[0].prediction.bytes)}"
     return PlanPublic(
-        model=model, width=params.width, height=params.height, guidance=job_shape.guidance,
+        model=model, width=params.width, height=params.height, guidance_scale=params.guidance_scale,
+        guidance=job_shape.guidance,
         num_images=params.num_images, admitted=best is not None,
         memory_class_bytes=best.memory_class_bytes if best else None, message=message,
         workers=[WorkerPlan(name=f.worker.name, host=f.worker.host, state=f.worker.state, backend=f.worker.backend,
@@ -88,6 +89,7 @@ def list_models(caller: Caller, ctx: Ctx) -> list[ModelPublic]:
         out.append(ModelPublic(
             name=name, workers=len(ws), largest_budget_bytes=max(w.budget_bytes for w in ws),
             runtimes=sorted({f"{w.backend}/{w.precision}/{w.memory_mode}" for w in ws}),
+            defaults=model_defaults(ws),
             profiles=[ProfilePublic.model_validate(p, from_attributes=True) for p in profiles if p.model == name],
         ))
     return out

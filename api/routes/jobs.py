@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import admit
+from api.admission import admit, model_defaults, serving_workers, with_defaults
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from shared import fleet, store, webhooks
@@ -63,14 +63,15 @@ def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
             [{"field": "model", "reason": "required when the API has no default model"}],
         )
     _check_webhook(ctx, job.webhook_url)
-    params = JobParameters(
-        **job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
-        model=model,
-        seed=job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1),
-    )
+    seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
     try:
         with ctx.sessions.begin() as session:
-            admitted = admit(session, params, ctx.settings.worker_stale_s)
+            serving, live = serving_workers(session, model, ctx.settings.worker_stale_s)
+            # what the job leaves out is the model's own default, as its workers announce it now
+            fields = with_defaults(job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
+                                   model_defaults(serving), model)
+            params = JobParameters(**fields, model=model, seed=seed)
+            admitted = admit(session, params, serving, live)
             row = store.create_job(session, store.NewJob(
                 params=params, priority=job.priority, owner_key_id=owner_id(caller),
                 idempotency_key=key, request_hash=digest, webhook_url=job.webhook_url,
