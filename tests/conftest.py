@@ -96,20 +96,47 @@ def redis_url():
         stop([proc])
 
 
+def tiny(arch: str) -> Path:
+    """A tiny model (sd, sdxl, lcm, sd-turbo, sdxl-turbo), built by `sdfleet model make-tiny` once and cached
+    outside the repo (a current copy is reused)."""
+    path = default_cache_dir() / "models" / f"tiny-{arch}"
+    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(path), "--arch", arch], check=True,
+                   cwd=ROOT)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    """The tiny SD model, built by `sdfleet model make-tiny` once and cached outside the repo."""
-    path = default_cache_dir() / "models" / "tiny-sd"
-    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(path)], check=True, cwd=ROOT)
-    return path
+    return tiny("sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_model() -> Path:
-    path = default_cache_dir() / "models" / "tiny-sdxl"
-    subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(path), "--arch", "sdxl"],
-                   check=True, cwd=ROOT)
-    return path
+    return tiny("sdxl")
+
+
+def hub_cache(home: Path, repo_id: str, folder: Path, commit: str = "5d" * 20) -> Path:
+    """Put `folder` into a Hugging Face cache under HF_HOME=`home` as huggingface_hub lays out a download:
+    hub/models--ORG--NAME/blobs/<hash> holding the files, snapshots/<commit>/ linking to them, refs/main naming
+    the commit. Returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir():
+            continue
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def postgres_database():

@@ -1,9 +1,11 @@
 """`sdfleet model export`: a diffusers folder to OpenVINO IR one component per process, int8/int4 by NNCF, an IR
-folder compressed in place of an export, and clear refusals that leave nothing half-written."""
+folder compressed in place of an export, a LoRA fused before conversion (from a hub ID in the Hugging Face
+cache), and clear refusals that leave nothing half-written."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +86,69 @@ def test_export_refuses_clearly_and_leaves_nothing_behind(exported, torch_pipeli
     r = sdfleet("model", "export", torch_pipeline, tmp_path / "out", "--weight-format", "int2")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.fixture(scope="module")
+def lora_exports(torch_pipeline, tmp_path_factory) -> dict:
+    """An LCM-LoRA-style export of the tiny SDXL pipeline, both taken from a Hugging Face cache by hub ID:
+    a random LoRA fused at scale 1, and at scale 0, each with the LCM scheduler; and the base export's copy
+    with that same scheduler (what --scheduler changes: the scheduler's config and model_index.json)."""
+    from tests.conftest import hub_cache
+    from worker.tiny import make_tiny_lora
+
+    tmp = tmp_path_factory.mktemp("lora")
+    home = tmp / "hf-home"
+    hub_cache(home, "sdfleet-test/tiny-sdxl", torch_pipeline)
+    hub_cache(home, "sdfleet-test/tiny-lora", make_tiny_lora(tmp / "lora-src", "sdxl"))
+    out = {}
+    for name, scale in (("lora", "1"), ("lora0", "0")):
+        r = subprocess.run([sys.executable, "-m", "sdfleet", "model", "export", "sdfleet-test/tiny-sdxl", tmp / name,
+                            "--lora", "sdfleet-test/tiny-lora", "--lora-scale", scale, "--scheduler", "lcm"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 0, r.stderr
+        assert "LoRA fused into unet" in r.stdout
+        out[name] = tmp / name
+    return out
+
+
+def test_a_fused_lora_changes_the_images_and_at_scale_0_changes_nothing(exported, lora_exports, tmp_path):
+    import shutil
+
+    from worker.family import read_defaults
+
+    lora, lora0 = lora_exports["lora"], lora_exports["lora0"]
+    stamp = json.loads((lora / "sdfleet_export.json").read_text())
+    assert stamp["lora"]["scale"] == 1.0 and stamp["lora"]["fused_into"] == ["unet"]
+    assert stamp["scheduler"] == "LCMScheduler" and "/snapshots/" in stamp["source"]
+    # an LCM-LoRA: the LCM scheduler on a UNet without a guidance embedding -> 4 steps, guidance 1
+    d = read_defaults(lora)
+    assert (d.family, d.steps, d.guidance_scale, d.guidance_doubles_batch) == ("lcm-lora", 4, 1.0, True)
+    base = tmp_path / "base-lcm"  # the base export with the same scheduler
+    shutil.copytree(exported, base)
+    for rel in ("model_index.json", "scheduler/scheduler_config.json"):
+        shutil.copyfile(lora0 / rel, base / rel)
+
+    job = ImageRequest("a red car", None, 128, 128, 4, 1.0, 7)
+    images = {name: np.asarray(OptimumPipeline(str(path)).generate(job)).astype(int)
+              for name, path in (("base", base), ("lora", lora), ("lora0", lora0))}
+    assert np.abs(images["lora"] - images["base"]).mean() > 1.0  # the LoRA's weights are in the UNet
+    assert np.array_equal(images["lora0"], images["base"])  # at scale 0 the fused UNet is the base's
+    assert _bin_bytes(lora, "unet") == _bin_bytes(exported, "unet")  # fused, not added: no extra weights
+
+
+def test_lora_and_hub_sources_are_refused_clearly(exported, torch_pipeline, tmp_path):
+    (tmp_path / "l.safetensors").write_bytes(b"")
+    r = sdfleet("model", "export", exported, tmp_path / "x", "--weight-format", "int8", "--lora",
+                tmp_path / "l.safetensors")
+    assert r.returncode == 2 and "--lora and --scheduler need the diffusers pipeline" in r.stderr
+    (tmp_path / "two").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    r = sdfleet("model", "export", torch_pipeline, tmp_path / "y", "--lora", tmp_path / "two")
+    assert r.returncode == 2 and "holds 2 .safetensors files" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sdfleet", "model", "export", "sdfleet-test/absent", tmp_path / "z"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "sdfleet-test/absent: not in the Hugging Face cache" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "two"]  # nothing half-written
