@@ -283,8 +283,9 @@ def main() -> int:
     def measure(spec: dict, tag: str = "") -> dict:
         if spec["way"] == "sdfleet" and (spec["model"], spec["mode"]) not in primed:
             t0 = time.time()
-            # one unmeasured first image: fills the compile cache, as a worker's first start does
-            prime = run_row({**spec, "images": 0}, args.limit_gb, "-prime" + tag, args.timeout)
+            # one unmeasured first image of one step: fills the compile cache, as a worker's first start does
+            # (dynamic shapes: the compiled blobs do not depend on the job's steps)
+            prime = run_row({**spec, "images": 0, "steps": 1}, args.limit_gb, "-prime" + tag, args.timeout)
             note(f"primed {spec['arch']} {spec['row']} in {time.time() - t0:.0f} s"
                  + (f" (FAILED: {prime.get('error', '')[-300:]})" if prime.get("error") else ""))
             if prime.get("error"):

@@ -40,6 +40,9 @@ def _client(api: str | None) -> Client:
     return Client(api or settings.api_url, api_key=settings.api_key)
 
 
+MODEL_DEFAULT = "default: the model's own, as `sdfleet models` shows"
+
+
 def _api_default(field: str):
     return JobCreate.model_fields[field].default
 
@@ -55,13 +58,11 @@ def _size(text: str) -> tuple[int, int]:
 
 def _job_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--negative-prompt", help="what the image should not show")
-    p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 in 64..2048 (API default "
-                   f"{_api_default('width')})")
-    p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 in 64..2048 (API default "
-                   f"{_api_default('height')})")
-    p.add_argument("--steps", type=int, help=f"denoising steps, 1..150 (API default {_api_default('steps')})")
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 in 64..2048 ({MODEL_DEFAULT})")
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 in 64..2048 ({MODEL_DEFAULT})")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1..150 ({MODEL_DEFAULT})")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance, 0..30; 1 or less runs without "
-                   f"it (half the UNet's work and memory) (API default {_api_default('guidance_scale')})")
+                   f"it (half the UNet's work and memory; an LCM takes it as an embedding) ({MODEL_DEFAULT})")
     p.add_argument("--seed", type=int, help="0..2^32-1 (default: a random one, stored with the job)")
     p.add_argument("--num-images", type=int, help=f"images, 1..8 (API default {_api_default('num_images')})")
     p.add_argument("--model", help="the model's name (default: the API's SDFLEET_DEFAULT_MODEL)")
@@ -337,6 +338,26 @@ def cmd_workers(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    models = _client(args.api).models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("no live worker serves a model", file=sys.stderr)
+        return 0
+    rows = []
+    for m in models:
+        d = m["defaults"]
+        guidance = f"{d['guidance_scale']:g}" + ("" if d["guidance_doubles_batch"] else " (embedding)")
+        rows.append([m["name"], d["family"], f"{d['steps']} ({d['recommended_steps'][0]}-{d['recommended_steps'][1]})",
+                     guidance, f"{d['width']}x{d['height']}", ", ".join(d["overridden"]) or "-", str(m["workers"]),
+                     fmt_size(m["largest_budget_bytes"]), ", ".join(m["runtimes"])])
+    print(_table(["MODEL", "FAMILY", "STEPS (MADE FOR)", "GUIDANCE", "SIZE", "SET BY OPERATOR", "WORKERS",
+                  "LARGEST BUDGET", "RUNTIMES"], rows))
+    return 0
+
+
 def cmd_plan(args) -> int:
     width, height = args.size if args.size else (None, None)
     plan = _client(args.api).plan(model=args.model, width=width, height=height, guidance_scale=args.guidance,
@@ -346,7 +367,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan, indent=2))
         return rc
     images = plan.get("num_images") or args.images or _api_default("num_images")
-    scale = args.guidance if args.guidance is not None else _api_default("guidance_scale")
+    scale = plan["guidance_scale"]
     print(f"{plan['model']} {plan['width']}x{plan['height']}, {images} image{'s' if images != 1 else ''}, "
           f"guidance {'on' if plan['guidance'] else 'off'} (scale {scale:g}): {plan['message']}")
     rows = []
@@ -721,17 +742,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help=API_HELP)
     p.set_defaults(func=cmd_workers)
 
+    p = command("models", "list the models live workers serve: family, the defaults a job gets (steps, guidance, "
+                "size), workers and runtimes")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    p.add_argument("--api", help=API_HELP)
+    p.set_defaults(func=cmd_models)
+
     p = command("plan", "predict a job's peak memory on each live worker (the prediction the API admits jobs "
                 "with) and per memory mode with measured profiles, and say which hosts fit it; exits 1 when "
                 "none does")
     p.add_argument("--model", help="the model (default: the API's SDFLEET_DEFAULT_MODEL)")
-    p.add_argument("--size", type=_size, metavar="WxH", help=f"image size (API default {_api_default('width')}x"
-                   f"{_api_default('height')})")
+    p.add_argument("--size", type=_size, metavar="WxH", help=f"image size ({MODEL_DEFAULT})")
     p.add_argument("--images", "--num-images", type=int, dest="images",
                    help=f"images per job (API default {_api_default('num_images')})")
     p.add_argument("--guidance", "--guidance-scale", type=float, dest="guidance",
-                   help=f"guidance scale; 1 or less runs without guidance (API default "
-                   f"{_api_default('guidance_scale')})")
+                   help=f"guidance scale; 1 or less runs without guidance ({MODEL_DEFAULT})")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     p.add_argument("--api", help=API_HELP)
     p.set_defaults(func=cmd_plan)

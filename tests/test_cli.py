@@ -191,7 +191,8 @@ def test_help_describes_every_option_with_its_default():
     first_paragraph = " ".join(cli.__doc__.split("\n\n")[0].split())
     assert first_paragraph.endswith(".") and first_paragraph in " ".join(top.split())  # whole, not cut off
     submit = " ".join(sdfleet("submit", "--help").stdout.split())
-    assert "seconds to wait for the job (default: 600.0)" in submit and "(API default 512)" in submit
+    assert "seconds to wait for the job (default: 600.0)" in submit and "(API default 1)" in submit
+    assert "denoising steps, 1..150 (default: the model's own, as `sdfleet models` shows)" in submit
     assert "--priority {low,normal,high}" in submit and "--webhook-url URL" in submit
     assert "at most this many (default: 20)" in " ".join(sdfleet("jobs", "--help").stdout.split())
 

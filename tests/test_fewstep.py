@@ -114,6 +114,10 @@ def test_lcm_and_turbo_jobs_run_end_to_end_with_the_model_s_defaults(stack, tmp_
             p = done["parameters"]
             assert (p["steps"], p["guidance_scale"], p["width"], p["height"]) == (3, 1.0, 128, 128)
 
+        table = subprocess.run([sys.executable, "-m", "sdfleet", "models", "--api", stack.api_url], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+        row = next(line for line in table.splitlines() if line.startswith(names["lcm"] + " "))
+        assert row.split()[1:6] == ["lcm", "4", "(2-8)", "8", "(embedding)"]
         lcm = names["lcm"]
         # an LCM's guidance is an embedding: guidance 8 does not double the UNet's batch, so admission predicts
         # (and the profile records) the shape of a job without classifier-free guidance
@@ -135,9 +139,10 @@ def test_lcm_and_turbo_jobs_run_end_to_end_with_the_model_s_defaults(stack, tmp_
 def test_a_hub_id_that_is_not_cached_stops_the_worker_with_the_id_and_the_reason(tmp_path):
     def worker(**env) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SDFLEET_", "HF_"))}
+        env = {**base, "HF_HOME": str(tmp_path), "SDFLEET_MODEL": "sdfleet-test/absent",
+               "SDFLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", **env}
         return subprocess.run([sys.executable, "-m", "sdfleet", "worker"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120, env={**base, "HF_HOME": str(tmp_path), "SDFLEET_MODEL": "sdfleet-test/absent",
-                                                "SDFLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", **env})
+                              timeout=120, env=env)
 
     offline = worker(HF_HUB_OFFLINE="1")
     assert offline.returncode != 0

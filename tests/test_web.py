@@ -163,6 +163,13 @@ def test_form_takes_its_limits_and_defaults_from_the_api_schema(stack, page):
     assert page.input_value("#f-priority") == schema["priority"]["default"]
     options = page.eval_on_selector_all("#f-model option", "os => os.map(o => o.value)")
     assert stack.model in options and set(options) <= served_before | {m["name"] for m in stack.api.models()}
+    # steps, guidance and size left empty are the model's own (its workers announce them): shown as placeholders
+    page.select_option("#f-model", stack.model)
+    defaults = next(m for m in stack.api.models() if m["name"] == stack.model)["defaults"]
+    for name in ("width", "height", "steps", "guidance_scale"):
+        assert page.input_value(f"#f-{name}") == ""
+        assert page.get_attribute(f"#f-{name}", "placeholder") == f"{defaults[name]:g} (model's)", name
+    expect(page.locator("#model-defaults")).to_contain_text(f"{defaults['family']} · {defaults['pipeline']}")
 
     # a value the API refuses shows the API's own message beside the field
     fill_form(page, prompt="a cat", model=stack.model, width=500)

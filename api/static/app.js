@@ -1,5 +1,6 @@
 // sdfleet's web page: plain JS, no libraries, nothing fetched but this API. Hash routes: #/ (form and jobs),
-// #/gallery, #/job/<id>, #/fleet. The form's limits and defaults come from /openapi.json (JobCreate).
+// #/gallery, #/job/<id>, #/fleet. The form's limits and defaults come from /openapi.json (JobCreate), the
+// model's own defaults (steps, guidance, size) from /v1/models.
 "use strict";
 
 const KEY_STORE = "sdfleet.apiKey";
@@ -239,6 +240,7 @@ function initForm(props) {
     if (p.maximum !== undefined) input.max = p.maximum;
     if (p.maxLength !== undefined && input.tagName !== "SELECT") input.maxLength = p.maxLength;
     if (p.default !== undefined && p.default !== null && name !== "model") input.value = p.default;
+    if (name === "model") input.addEventListener("change", showModelDefaults);
     const limit = document.querySelector(`[data-limit="${name}"]`);
     if (limit) {
       let text = "";
@@ -265,6 +267,26 @@ async function loadModels() {
   if (!names.length) select.append(el("option", {value: "", text: "(no model served)"}));
   if (current && !names.includes(current)) select.append(el("option", {value: current, text: current}));
   if (current) select.value = current;
+  showModelDefaults();
+}
+
+// Steps, guidance and size left empty take the model's own defaults, which its workers announce
+// (/v1/models: an LCM 4 steps at guidance 8, a turbo model 1 step without guidance): shown as placeholders.
+const DEFAULTED = ["width", "height", "steps", "guidance_scale"];
+
+function showModelDefaults() {
+  const model = (state.models || []).find((m) => m.name === $("f-model").value);
+  const d = model && model.defaults;
+  for (const name of DEFAULTED) $(`f-${name}`).placeholder = d ? `${d[name]} (model's)` : "model's default";
+  const negative = $("f-negative_prompt");
+  const refused = !!d && !d.negative_prompt;
+  negative.disabled = refused;
+  negative.placeholder = refused ? `${d.family}: takes no negative prompt (its guidance is an embedding)` : "optional";
+  const note = $("model-defaults");
+  note.textContent = !d ? "" : `${d.family} · ${d.pipeline} · ${d.scheduler} · made for ` +
+    `${d.recommended_steps[0]}–${d.recommended_steps[1]} steps` +
+    (d.guidance_doubles_batch ? "" : " · guidance is an embedding (no second UNet pass)") +
+    (d.overridden.length ? ` · set by its operator: ${d.overridden.join(", ")}` : "");
 }
 
 function formBody() {
@@ -794,8 +816,11 @@ async function refreshFleet() {
   $("models").replaceChildren(...models.map((m) => el("div", {class: "model", "data-testid": "model", "data-model": m.name},
     el("h3", {}, m.name, el("span", {class: "muted small", text:
       ` · ${m.workers} worker(s) · largest budget ${fmtSize(m.largest_budget_bytes)} · ${m.runtimes.join(", ")}`})),
+    el("p", {class: "small", "data-testid": "model-defaults-line", text: `${m.defaults.family} (${m.defaults.pipeline}, ` +
+      `${m.defaults.scheduler}): by default ${m.defaults.steps} steps, guidance ${m.defaults.guidance_scale}` +
+      `${m.defaults.guidance_doubles_batch ? "" : " (an embedding)"}, ${m.defaults.width}×${m.defaults.height}`}),
     m.profiles.length ? el("div", {class: "scroll"}, el("table", {class: "grid", "data-testid": "profiles"},
-      el("thead", {}, el("tr", {}, ["Runtime", "Shape", "Images / pass", "Guidance", "Peak", "Base", "Jobs", "Updated"].map(
+      el("thead", {}, el("tr", {}, ["Runtime", "Shape", "Images / pass", "CFG (2× batch)", "Peak", "Base", "Jobs", "Updated"].map(
         (h, n) => el("th", {class: n >= 4 && n <= 6 ? "num" : null, text: h})))),
       el("tbody", {}, m.profiles.map((p) => el("tr", {"data-testid": "profile-row"},
         el("td", {text: `${p.backend}/${p.precision}/${p.memory_mode}`}), el("td", {text: `${p.width}×${p.height}`}),
