@@ -8,13 +8,15 @@ memory mode, with the process's peak RSS.
     .venv/bin/python bench/fewstep.py --prepare     # once: build + `sdfleet model export` what is missing
     .venv/bin/python bench/fewstep.py               # --arch sd15,lcm,sd-turbo,sdxl-turbo --rows fastsdcpu,balanced,low
     .venv/bin/python bench/fewstep.py --table       # reprint the table of bench/results/fewstep.jsonl
+    .venv/bin/python bench/fewstep.py --export-table   # the exports' times and peaks (sdfleet_export.json)
+    .venv/bin/python bench/fewstep.py --dry --arch sd15 --model-dir sd15=DIR   # a cheap check (64x64, 2 steps)
 
 Each row runs in a fresh process under bench/watchdog.py (killed past --limit-gb): load, a first image (timed
 from process start, imports included), then --images more images, each timed; s/image is their median,
 s/step the median interval between denoising steps of those images (the first step of each image excluded,
 as in bench/memory.py). sdfleet rows read OpenVINO's compile cache as a worker does after its first start:
-each (model, mode) is run once unmeasured first to fill it. The IR folders are ~/.cache/sdfleet/bench/
-<arch>-fp16 (diffusers folders from bench/fullsize.py, exported by `sdfleet model export`).
+each (model, mode) is run once unmeasured first (one 1-step image) to fill it. The IR folders are
+~/.cache/sdfleet/bench/<arch>-fp16 (diffusers folders from bench/fullsize.py, exported by `sdfleet model export`).
 """
 
 from __future__ import annotations
@@ -162,8 +164,8 @@ def table(rows: list[dict]) -> str:
         latest[(r.get("run"), r["arch"], r["row"])] = r
     rows = list(latest.values())
     out = ["| model | row | steps | guidance | precision | peak RSS | anon / file at peak | first image | "
-           "s/image (median of 3) | s/step | peak vs fastsdcpu | s/image vs fastsdcpu |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "timed images | s/image (median) | s/step | peak vs fastsdcpu | s/image vs fastsdcpu |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # the fastsdcpu way on the same arch in the same run (the same invocation)
         base = next((b for b in rows if b["row"] == "fastsdcpu" and b["arch"] == r["arch"]
@@ -178,10 +180,13 @@ def table(rows: list[dict]) -> str:
         split = f"{r['anon_mb'] / 1024:.2f} / {r['file_mb'] / 1024:.2f} GiB" if ok else ""
         peak_ratio = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and ok else ""
         time_ratio = f"{r['s_per_image'] / base['s_per_image']:.2f}x" if base and ok else ""
+        first = f"{r['first_image_s']:.1f} s" if ok else ""
+        per_image = f"{r['s_per_image']:.1f} s" if ok else ""
+        per_step = f"{r['s_per_step']:.2f} s" if ok and r.get("s_per_step") else ""
         out.append(f"| {NAMES.get(r['arch'], r['arch'])} {r['size']}px | {r['row']} | {r['steps']} | {r['guidance']} | "
                    f"{r.get('precision', '') if ok else ''} | {peak} | {split} | "
-                   f"{str(r['first_image_s']) + ' s' if ok else ''} | {str(r['s_per_image']) + ' s' if ok else ''} | "
-                   f"{r.get('s_per_step') or ''} | {peak_ratio} | {time_ratio} |")
+                   f"{first} | {len(r.get('image_s') or [])} | {per_image} | {per_step} | {peak_ratio} | "
+                   f"{time_ratio} |")
     return "\n".join(out)
 
 
@@ -289,7 +294,8 @@ def main() -> int:
             note(f"primed {spec['arch']} {spec['row']} in {time.time() - t0:.0f} s"
                  + (f" (FAILED: {prime.get('error', '')[-300:]})" if prime.get("error") else ""))
             if prime.get("error"):
-                row = {**prime, "images": spec["images"], "run": run, "error": "priming: " + prime["error"]}
+                row = {**prime, "images": spec["images"], "steps": spec["steps"], "run": run,
+                       "error": "priming: " + prime["error"]}
             else:
                 primed.add((spec["model"], spec["mode"]))
         if (spec["model"], spec["mode"]) in primed or spec["way"] == "fastsdcpu":

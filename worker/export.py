@@ -1,6 +1,7 @@
 """`sdfleet model export SRC OUT --weight-format fp16|int8|int4`: a diffusers pipeline to OpenVINO IR, one
 component per process, so that the export's peak is the largest component's, not the whole pipeline's
-(a pipeline under 1 GiB of weights, where that saves nothing, is converted in one child: `--split`).
+(a pipeline under 1 GiB of weights, where that saves nothing, is converted and compressed in one child:
+`--split`).
 
 optimum-cli exports every component in one process: on a 24 GB machine an SDXL export is killed once the
 UNet has been written (the allocator keeps what the UNet's conversion used, and the VAE comes on top). Here
@@ -188,8 +189,13 @@ def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool, lora:
     return done
 
 
-def compress(xml: Path, dest: Path, weight_format: str) -> None:
-    """Child process: NNCF weight compression of one IR component, written to `dest`."""
+def compress(pairs: list[tuple[Path, Path]], weight_format: str) -> None:
+    """Child process: NNCF weight compression of IR components (xml -> dest, one after the other)."""
+    for xml, dest in pairs:
+        _compress_one(xml, dest, weight_format)
+
+
+def _compress_one(xml: Path, dest: Path, weight_format: str) -> None:
     import nncf
     import openvino as ov
 
@@ -321,16 +327,23 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
                                   f"(a LoRA made for another architecture?)")
             ir = staging
         if weight_format != "fp16":
-            for comp in IR_COMPONENTS:
-                xml = ir / comp / "openvino_model.xml"
-                if not xml.is_file():
-                    continue
-                dest = staging / comp / f"openvino_model.{weight_format}.xml"
-                stamp["steps"][f"compress {comp}"] = figures = _child(["compress", str(xml), str(dest), weight_format])
-                final = staging / comp / "openvino_model.xml"
-                for suffix in (".xml", ".bin"):
-                    os.replace(dest.with_suffix(suffix), final.with_suffix(suffix))
-                on_step(f"compressed {comp} to {weight_format}: {figures['seconds']} s, peak {figures['peak_mb']} MB")
+            comps = [c for c in IR_COMPONENTS if (ir / c / "openvino_model.xml").is_file()]
+            size = sum((ir / c / "openvino_model.bin").stat().st_size for c in comps
+                       if (ir / c / "openvino_model.bin").is_file())
+            # one component per child (the peak is one component's), but one child for a small IR (as above)
+            groups = [[c] for c in comps] if split == "always" or split == "auto" and size >= SPLIT_ABOVE_BYTES \
+                else [comps]
+            for group in groups:
+                pairs = [(ir / c / "openvino_model.xml", staging / c / f"openvino_model.{weight_format}.xml")
+                         for c in group]
+                step = ["compress", weight_format, *(str(path) for pair in pairs for path in pair)]
+                stamp["steps"][f"compress {'+'.join(group)}"] = figures = _child(step)
+                for comp, (_, dest) in zip(group, pairs):
+                    final = staging / comp / "openvino_model.xml"
+                    for suffix in (".xml", ".bin"):
+                        os.replace(dest.with_suffix(suffix), final.with_suffix(suffix))
+                on_step(f"compressed {'+'.join(group)} to {weight_format}: {figures['seconds']} s, "
+                        f"peak {figures['peak_mb']} MB")
         stamp["seconds"] = round(time.perf_counter() - t0, 1)
         stamp["peak_mb"] = max((s["peak_mb"] for s in stamp["steps"].values()), default=0)
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
@@ -351,7 +364,7 @@ def _main(argv: list[str]) -> None:
         done = convert(Path(args[0]), Path(args[1]), args[2].split(","), "--tokenizers" in args, lora=opt("--lora"),
                        lora_scale=float(opt("--lora-scale") or 1.0), scheduler=opt("--scheduler"))
     elif cmd == "compress":
-        compress(Path(args[0]), Path(args[1]), args[2])
+        compress([(Path(x), Path(d)) for x, d in zip(args[1::2], args[2::2])], args[0])
     else:
         raise SystemExit(f"unknown step {cmd!r}")
     print(json.dumps({"peak_mb": _maxrss_mb(), **done}), flush=True)
