@@ -23,14 +23,14 @@ def _family(model: str) -> str:
     return _FORMAT_TOKENS.sub("", model.lower().rsplit("/", 1)[-1])
 
 
-def worker_defaults(worker: Worker) -> ModelDefaults:
+def announced_defaults(worker: Worker) -> ModelDefaults:
     """What the worker announced of its model (a row from before defaults were announced: SD 1.5's)."""
     return ModelDefaults.model_validate(worker.defaults) if worker.defaults else FALLBACK_DEFAULTS
 
 
 def model_defaults(serving: list[Worker]) -> ModelDefaults:
     """A model's defaults: its largest live worker's (`serving` is largest first)."""
-    return worker_defaults(serving[0]) if serving else FALLBACK_DEFAULTS
+    return announced_defaults(serving[0]) if serving else FALLBACK_DEFAULTS
 
 
 _DEFAULTED = ("width", "height", "steps", "guidance_scale")
@@ -49,7 +49,7 @@ def with_defaults(fields: dict, defaults: ModelDefaults, model: str) -> dict:
 def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> Shape:
     """The job's shape on this worker's model: guidance doubles the UNet's batch unless the model takes it
     as an embedding (LCM)."""
-    return job_shape(width, height, guidance_scale, worker_defaults(worker).guidance_doubles_batch)
+    return job_shape(width, height, guidance_scale, announced_defaults(worker).guidance_doubles_batch)
 
 
 def _predict_on(session: Session, worker: Worker, model: str, shape: Shape) -> Prediction:

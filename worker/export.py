@@ -45,6 +45,11 @@ STAMP_FILE = "sdfleet_export.json"
 # below it (a tiny test model, say) one child converts all, which saves three children's imports (~10 s each).
 SPLIT_ABOVE_BYTES = 1 << 30
 SPLITS = ("auto", "always", "never")
+
+
+def _per_component(split: str, weight_bytes: int) -> bool:
+    """Whether each component gets its own child process (see SPLIT_ABOVE_BYTES)."""
+    return split == "always" or split == "auto" and weight_bytes >= SPLIT_ABOVE_BYTES
 IR_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -307,7 +312,7 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
         else:
             parts = _source_components(src)
             weights = sum(f.stat().st_size for f in src.rglob("*") if f.suffix in (".safetensors", ".bin"))
-            if split == "always" or split == "auto" and weights >= SPLIT_ABOVE_BYTES:
+            if _per_component(split, weights):
                 groups = [[p for p in parts if p.startswith("text_encoder")], ["unet"], ["vae_decoder"],
                           ["vae_encoder"]]
             else:  # a small pipeline: one child (the split saves memory, and costs the imports per child)
@@ -331,8 +336,7 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
             size = sum((ir / c / "openvino_model.bin").stat().st_size for c in comps
                        if (ir / c / "openvino_model.bin").is_file())
             # one component per child (the peak is one component's), but one child for a small IR (as above)
-            groups = [[c] for c in comps] if split == "always" or split == "auto" and size >= SPLIT_ABOVE_BYTES \
-                else [comps]
+            groups = [[c] for c in comps] if _per_component(split, size) else [comps]
             for group in groups:
                 pairs = [(ir / c / "openvino_model.xml", staging / c / f"openvino_model.{weight_format}.xml")
                          for c in group]
