@@ -4,14 +4,15 @@ to need; otherwise the refusal carries the numbers and concrete changes that wou
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
 from shared import fleet
 from shared.errors import InsufficientMemory, InvalidRequest, ModelUnavailable
 from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults
-from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
+from shared.memory import Profile, Prediction, Shape, fmt_size, job_shape, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
 
@@ -52,8 +53,37 @@ def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> 
     return job_shape(width, height, guidance_scale, announced_defaults(worker).guidance_doubles_batch)
 
 
-def _predict_on(session: Session, worker: Worker, model: str, shape: Shape) -> Prediction:
-    known = fleet.profiles(session, model, worker.backend, worker.precision, worker.memory_mode)
+@dataclass
+class FleetView:
+    """What admission decides by, read in one go: the live workers (largest budget first) and the memory
+    profiles of the models they serve. The submit path keeps one for about a second (SDFLEET_FLEET_CACHE_S)
+    and decides every job it admits on it; a refusal is always decided on a fresh read."""
+
+    live: list[Worker]
+    profiles: dict[tuple[str, str, str, str], list[Profile]]
+    read_at: float = field(default_factory=time.monotonic)
+    decided: dict = field(default_factory=dict)  # (model, width, height, guidance) -> Admission, on this view
+
+    @classmethod
+    def read(cls, session: Session, stale_s: float) -> "FleetView":
+        live = fleet.live_workers(session, stale_s)
+        return cls(live, fleet.profiles_of(session, {w.model for w in live}))
+
+    def serving(self, model: str) -> list[Worker]:
+        """The live workers serving `model`, largest budget first. Raises when none serves it."""
+        serving = [w for w in self.live if w.model == model]
+        if not serving:
+            served = sorted({w.model for w in self.live})
+            raise ModelUnavailable(
+                f"no live worker serves model {model!r}"
+                + (f"; served now: {', '.join(served)}" if served else "; no worker is live"),
+                {"model": model, "served_models": served},
+            )
+        return serving
+
+
+def _predict_on(view: FleetView, worker: Worker, model: str, shape: Shape) -> Prediction:
+    known = view.profiles.get((model, worker.backend, worker.precision, worker.memory_mode), [])
     return predict(shape, known, worker.resident_bytes)
 
 
@@ -68,7 +98,7 @@ def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> di
             "predicted_bytes": prediction.bytes, "fits": prediction.bytes <= budget}
 
 
-def hints(session: Session, params: JobParameters, worker: Worker, live: list[Worker]) -> list[dict]:
+def hints(view: FleetView, params: JobParameters, worker: Worker) -> list[dict]:
     """Changes of this job, each with its predicted peak on the largest worker, the ones that fit first."""
     shape = shape_on(worker, params.width, params.height, params.guidance_scale)
     budget = top_class(worker.budget_bytes)
@@ -76,21 +106,21 @@ def hints(session: Session, params: JobParameters, worker: Worker, live: list[Wo
     no_cfg = Shape(shape.width, shape.height, False)
     if shape.guidance:
         out.append(_hint("guidance_scale 1", {"guidance_scale": 1.0},
-                         _predict_on(session, worker, params.model, no_cfg), budget))
+                         _predict_on(view, worker, params.model, no_cfg), budget))
     for side in _SIZES:
         if side * side >= params.width * params.height:
             continue
         out.append(_hint(f"{side}x{side}", {"width": side, "height": side},
-                         _predict_on(session, worker, params.model, Shape(side, side, shape.guidance)), budget))
+                         _predict_on(view, worker, params.model, Shape(side, side, shape.guidance)), budget))
         if shape.guidance:
             out.append(_hint(f"{side}x{side} with guidance_scale 1",
                              {"width": side, "height": side, "guidance_scale": 1.0},
-                             _predict_on(session, worker, params.model, Shape(side, side, False)), budget))
+                             _predict_on(view, worker, params.model, Shape(side, side, False)), budget))
     family = _family(params.model)
-    for other in {w.model for w in live if w.model != params.model and _family(w.model) == family}:
+    for other in {w.model for w in view.live if w.model != params.model and _family(w.model) == family}:
         kind = "int4" if "int4" in other.lower() else "int8" if "int8" in other.lower() else "other"
-        best = max((w for w in live if w.model == other), key=lambda w: w.budget_bytes)
-        pred = _predict_on(session, best, other, shape)
+        best = max((w for w in view.live if w.model == other), key=lambda w: w.budget_bytes)
+        pred = _predict_on(view, best, other, shape)
         out.append({"message": f"the {kind} variant of this model ({other}) would need ~{fmt_size(pred.bytes)}",
                     "change": {"model": other}, "predicted_bytes": pred.bytes,
                     "fits": pred.bytes <= top_class(best.budget_bytes)})
@@ -108,48 +138,39 @@ class WorkerFit:
     fits: bool
 
 
-def serving_workers(session: Session, model: str, stale_s: float) -> tuple[list[Worker], list[Worker]]:
-    """(the live workers serving `model`, largest budget first; all live workers). Raises when none serves it."""
-    live = fleet.live_workers(session, stale_s)
-    serving = [w for w in live if w.model == model]
-    if not serving:
-        served = sorted({w.model for w in live})
-        raise ModelUnavailable(
-            f"no live worker serves model {model!r}"
-            + (f"; served now: {', '.join(served)}" if served else "; no worker is live"),
-            {"model": model, "served_models": served},
-        )
-    return serving, live
-
-
-def fits_on(session: Session, params: JobParameters, serving: list[Worker]) -> list[WorkerFit]:
+def fits_on(view: FleetView, params: JobParameters, serving: list[Worker]) -> list[WorkerFit]:
     """The prediction admission uses, on each worker: what `sdfleet plan` shows and what `admit` decides by."""
     out = []
     for worker in serving:
         shape = shape_on(worker, params.width, params.height, params.guidance_scale)
-        prediction = _predict_on(session, worker, params.model, shape)
+        prediction = _predict_on(view, worker, params.model, shape)
         ceiling = memory_class(prediction.bytes)
         out.append(WorkerFit(worker, prediction, ceiling,
                              ceiling is not None and ceiling <= top_class(worker.budget_bytes)))
     return out
 
 
-def admit(session: Session, params: JobParameters, serving: list[Worker], live: list[Worker]) -> Admission:
-    """Route the job among the live workers serving its model (`serving_workers`): on each, its predicted peak
-    and the memory class that holds it; the smallest class some worker covers wins (a job never waits for a
-    bigger worker than it needs). Raises when none covers the class its job needs."""
-    fits = fits_on(session, params, serving)
+def admit(view: FleetView, params: JobParameters) -> Admission:
+    """Route the job among the live workers serving its model: on each, its predicted peak and the memory
+    class that holds it; the smallest class some worker covers wins (a job never waits for a bigger worker
+    than it needs). Raises when none covers the class its job needs. The decision depends on the model and
+    the shape only, so it is kept on the view for the next job of the same shape."""
+    memo = (params.model, params.width, params.height, params.guidance_scale)
+    if memo in view.decided:
+        return view.decided[memo]
+    fits = fits_on(view, params, view.serving(params.model))
     fitting = [f for f in fits if f.fits]
     if fitting:
         best = min(fitting, key=lambda f: f.memory_class_bytes)
-        return Admission(best.prediction, best.memory_class_bytes)
-    raise refusal(session, params, fits, live)
+        view.decided[memo] = Admission(best.prediction, best.memory_class_bytes)
+        return view.decided[memo]
+    raise refusal(view, params, fits)
 
 
-def refusal(session: Session, params: JobParameters, fits: list[WorkerFit], live: list[Worker]) -> InsufficientMemory:
+def refusal(view: FleetView, params: JobParameters, fits: list[WorkerFit]) -> InsufficientMemory:
     """Why no worker can take the job, with the changes that would fit on the largest one."""
     first, largest = fits[0].prediction, fits[0].worker
-    tips = hints(session, params, largest, live)
+    tips = hints(view, params, largest)
     fitting = [h["message"] for h in tips if h["fits"]]
     usable = top_class(largest.budget_bytes)
     return InsufficientMemory(

@@ -38,13 +38,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large_error = PayloadTooLarge(f"the body is larger than {self.limit} bytes (SDFLEET_MAX_BODY_BYTES)",
-                                          {"max_body_bytes": self.limit})
-        too_large = errors.render(Request(scope), 413, too_large_error.code, too_large_error.message,
-                                  too_large_error.details)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         seen = 0
         started = False
 
@@ -54,7 +50,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise too_large_error
+                    raise self._error()
             return message
 
         async def tracking_send(message):
@@ -66,7 +62,16 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge:  # read outside FastAPI's body parser (which reports it as its cause)
             if not started:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the body is larger than {self.limit} bytes (SDFLEET_MAX_BODY_BYTES)",
+                               {"max_body_bytes": self.limit})
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self._error()
+        response = errors.render(Request(scope), 413, error.code, error.message, error.details)
+        await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:

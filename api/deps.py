@@ -14,11 +14,14 @@ from typing import Annotated, Callable
 import redis
 from celery import Celery
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.admission import FleetView
+from api.submit import FleetCache, Submitter
 from shared import keys
 from shared.errors import InvalidRequest, NotFound, RateLimited, Unauthorized
 from shared.jobs import is_job_id
@@ -27,6 +30,7 @@ from shared.queue import RATE_LIMIT_PREFIX
 from shared.settings import Settings
 
 KEYS_RECHECK_S = 5.0  # a key created on one host takes effect on every API host within this
+KEY_CACHE_ENTRIES = 10_000  # keys remembered per process (cleared whole when full)
 
 
 @dataclass
@@ -39,6 +43,13 @@ class Context:
     resolver: Callable = socket.getaddrinfo  # webhook hosts (tests pass one that never leaves the machine)
     _auth: dict = field(default_factory=lambda: {"required": False, "checked": -math.inf})
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _keys: dict = field(default_factory=dict)  # SHA-256 of a token -> (its key, monotonic expiry)
+    fleet: FleetCache = field(init=False)
+    submitter: Submitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fleet = FleetCache(self.read_fleet, self.settings.api_cache_s)
+        self.submitter = Submitter(self.sessions, self.celery)
 
     @classmethod
     def build(cls, settings: Settings, sessions, celery: Celery, resolver=None) -> "Context":
@@ -47,6 +58,32 @@ class Context:
                                socket_connect_timeout=2)
         return cls(settings, sessions, celery, broker, MovingWindowRateLimiter(storage),
                    resolver or socket.getaddrinfo)
+
+    def read_fleet(self) -> FleetView:
+        with self.sessions() as session:
+            return FleetView.read(session, self.settings.worker_stale_s)
+
+    async def key_for(self, token: str) -> ApiKey | None:
+        """The live key with this token. A key found is trusted for SDFLEET_API_CACHE_S (a revocation takes
+        effect on every API host within that); a token not found is asked of the database every time."""
+        digest = keys.hash_token(token)
+        hit = self._keys.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+
+        def lookup() -> ApiKey | None:
+            with self.sessions() as session:
+                return keys.lookup_hash(session, digest)
+
+        key = await run_in_threadpool(lookup)
+        if key is None:
+            self._keys.pop(digest, None)
+        elif self.settings.api_cache_s > 0:
+            if len(self._keys) >= KEY_CACHE_ENTRIES:
+                self._keys.clear()
+            self._keys[digest] = (key, now + self.settings.api_cache_s)
+        return key
 
     def auth_required(self) -> bool:
         """Fixed by SDFLEET_AUTH=required|off; with auto, required beyond loopback or once any key was ever
@@ -65,22 +102,24 @@ class Context:
         return state["required"]
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
     return request.app.state.ctx
 
 
 Ctx = Annotated[Context, Depends(context)]
 
 
-def principal(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> ApiKey | None:
-    """The caller's key; None when the API is open (SDFLEET_AUTH off, or auto on loopback with no key ever)."""
-    if not ctx.auth_required():
+async def principal(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> ApiKey | None:
+    """The caller's key; None when the API is open (SDFLEET_AUTH off, or auto on loopback with no key ever).
+    Runs on the event loop: the database is asked (in the thread pool) only when a cache is out of date."""
+    state = ctx._auth
+    fresh = state["required"] or time.monotonic() - state["checked"] <= KEYS_RECHECK_S
+    if not (state["required"] if fresh else await run_in_threadpool(ctx.auth_required)):
         return None
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-    with ctx.sessions() as session:
-        key = keys.lookup(session, token.strip())
+    key = await ctx.key_for(token.strip())
     if key is None:
         raise Unauthorized("unknown or revoked API key")
     return key
@@ -106,7 +145,7 @@ def enforce_rate_limit(ctx: Context, caller: ApiKey | None) -> None:
                           retry)
 
 
-def job_id_path(job_id: str, _caller: Caller) -> str:
+async def job_id_path(job_id: str, _caller: Caller) -> str:
     """A job ID that is not a UUID names no job: 404 without asking the database (after authentication, so
     an unauthenticated caller learns nothing from the difference)."""
     if not is_job_id(job_id):
@@ -117,7 +156,7 @@ def job_id_path(job_id: str, _caller: Caller) -> str:
 JobId = Annotated[str, Depends(job_id_path)]
 
 
-def idempotency_key(idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> str | None:
+async def idempotency_key(idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> str | None:
     if idempotency_key is None:
         return None
     if not idempotency_key.strip() or any(not 0x21 <= ord(c) <= 0x7E for c in idempotency_key):

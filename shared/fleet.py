@@ -91,6 +91,15 @@ def profiles(session: Session, model: str, backend: str, precision: str, memory_
     return [profile_of(r) for r in rows]
 
 
+def profiles_of(session: Session, models: set[str]) -> dict[tuple[str, str, str, str], list[Profile]]:
+    """Every memory profile of these models in one query, by (model, backend, precision, memory mode)."""
+    out: dict[tuple[str, str, str, str], list[Profile]] = {}
+    if models:
+        for row in session.scalars(select(MemoryProfile).where(MemoryProfile.model.in_(sorted(models)))):
+            out.setdefault((row.model, row.backend, row.precision, row.memory_mode), []).append(profile_of(row))
+    return out
+
+
 def all_profiles(session: Session) -> list[MemoryProfile]:
     return list(session.scalars(select(MemoryProfile).order_by(
         MemoryProfile.model, MemoryProfile.memory_mode, MemoryProfile.width, MemoryProfile.height,

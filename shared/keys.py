@@ -45,8 +45,9 @@ def any_key_ever(session: Session) -> bool:
     return session.scalar(select(ApiKey.id).limit(1)) is not None
 
 
-def lookup(session: Session, token: str) -> ApiKey | None:
-    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token), ApiKey.revoked_at.is_(None)))
+def lookup_hash(session: Session, digest: str) -> ApiKey | None:
+    """The live (not revoked) key whose token hashes to `digest`."""
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
 
 
 def revoke(session: Session, name: str) -> bool:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # POST /v1/images/generations (the OpenAI-compatible route) waits this long for its job, then answers
     # an error naming the job ID (the job goes on; poll GET /v1/jobs/{id})
     images_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    # How long an API process trusts what it read of the fleet (live workers, memory profiles: what it admits
+    # jobs by) and of an API key it found (a revocation takes effect within this). A refusal is always
+    # decided on a fresh read. 0 reads both for every request.
+    api_cache_s: float = Field(default=1.0, ge=0, le=60)
 
     # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
     # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").

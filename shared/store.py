@@ -3,13 +3,14 @@ processes (an API and a worker, or two workers after a redelivery) can never bot
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from shared import ids
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
     PRIORITY_ORDER, TERMINAL, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
@@ -92,11 +93,30 @@ class NewJob:
     memory_class_bytes: int | None = None
 
 
+_JOB_COLUMNS = tuple(c.key for c in Job.__table__.columns)
+
+
+def new_job_values(new: NewJob) -> dict:
+    """Every column of a queued job's row (its ID, delivery ID, creation and enqueue time are set here): what
+    `Job.__table__.insert()` takes, and, as `as_record`, what `to_public` reads."""
+    now = utcnow()
+    values = dict.fromkeys(_JOB_COLUMNS)
+    values.update(new.params.model_dump(), id=ids.uuid4(), status=JobStatus.queued.value,
+                  priority=new.priority, owner_key_id=new.owner_key_id, idempotency_key=new.idempotency_key,
+                  request_hash=new.request_hash, webhook_url=new.webhook_url,
+                  predicted_peak_bytes=new.predicted_peak_bytes, prediction_source=new.prediction_source,
+                  memory_class_bytes=new.memory_class_bytes, delivery_id=new_delivery_id(), created_at=now,
+                  enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0)
+    return values
+
+
+def as_record(values: dict) -> SimpleNamespace:
+    """A stored row's values read like a Job with no images (for `to_public` and `queue_position`)."""
+    return SimpleNamespace(**values, images=[])
+
+
 def create_job(session: Session, new: NewJob) -> Job:
-    fields = {k: v for k, v in asdict(new).items() if k != "params"}
-    job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value, **new.params.model_dump(), **fields,
-              attempts=0, images=[], delivery_id=new_delivery_id(), enqueued_at=utcnow(), webhook_attempts=0,
-              handoffs=0)
+    job = Job(**new_job_values(new), images=[])
     session.add(job)
     session.flush()
     return job
@@ -295,14 +315,29 @@ def sync_running(session: Session, attempt: Attempt, progress: tuple[int, int, i
 
 
 def queue_position(session: Session, job: Job) -> int:
-    """1 for the next job its model's workers will take: higher priorities first, then by enqueue time."""
-    rank = case(*((Job.priority == p, r) for p, r in PRIORITY_ORDER.items()), else_=len(PRIORITY_ORDER))
+    """1 for the next job its model's workers will take: higher priorities first, then by enqueue time
+    (ix_jobs_queue: one index range per priority ahead)."""
     mine = PRIORITY_ORDER[job.priority]
+    higher = [p for p, rank in PRIORITY_ORDER.items() if rank < mine]
     ahead = select(func.count()).select_from(Job).where(
-        Job.status == JobStatus.queued.value, Job.model == job.model, Job.id != job.id,
-        or_(rank < mine, and_(rank == mine, Job.enqueued_at < job.enqueued_at)),
+        Job.model == job.model, Job.status == JobStatus.queued.value, Job.id != job.id,
+        or_(Job.priority.in_(higher), and_(Job.priority == job.priority, Job.enqueued_at < job.enqueued_at)),
     )
     return session.scalar(ahead) + 1
+
+
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """`queue_position` of jobs stored together (in enqueue order): one count per model and priority, for the
+    first of them; each later one of the same model and priority has exactly the earlier ones more ahead."""
+    out, first = {}, {}
+    for job in jobs:
+        group = (job.model, job.priority)
+        if group not in first:
+            first[group] = (job, queue_position(session, job), 0)
+        head, position, seen = first[group]
+        out[job.id] = position + seen
+        first[group] = (head, position, seen + 1)
+    return out
 
 
 def finish_succeeded(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
-from api.admission import fits_on, model_defaults, refusal, serving_workers, shape_on, with_defaults
+from api.admission import FleetView, fits_on, model_defaults, refusal, shape_on, with_defaults
 from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
@@ -40,12 +40,13 @@ def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
         raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
                              [{"field": "model", "reason": "required when the API has no default model"}])
     with ctx.sessions() as session:
-        serving, live = serving_workers(session, model, ctx.settings.worker_stale_s)
+        view = FleetView.read(session, ctx.settings.worker_stale_s)
+        serving = view.serving(model)
         fields = with_defaults(shape.model_dump(exclude={"model"}), model_defaults(serving), model)
         params = JobParameters(prompt="", negative_prompt=None, seed=0, **fields, model=model)
-        fits = fits_on(session, params, serving)
+        fits = fits_on(view, params, serving)
         fitting = [f for f in fits if f.fits]
-        hints = [] if fitting else refusal(session, params, fits, live).details["hints"]
+        hints = [] if fitting else refusal(view, params, fits).details["hints"]
         runtimes: dict[tuple[str, str, str], list] = {}
         for row in fleet.all_profiles(session):
             if row.model == model:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import Caller, Ctx, owner_id
 from api.errors import openai_error
-from api.routes.jobs import submit_job
+from api.routes.jobs import submit
 from shared import store
 from shared.errors import InvalidRequest
 from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobStatus, Priority
@@ -109,7 +109,7 @@ def _pngs(ctx, job: JobPublic, owner: str | None) -> list[bytes]:
 async def generate_images(body: ImageGenerationRequest, request: Request, caller: Caller, ctx: Ctx) -> Response:
     """OpenAI-compatible image generation: submit a job, wait for it, answer with its images."""
     job = _job_request(body)
-    submitted = await run_in_threadpool(submit_job, job, Response(), caller, ctx, None)
+    submitted, _ = await submit(ctx, job, caller, None)
     owner = owner_id(caller)
     deadline = time.monotonic() + ctx.settings.images_wait_s
     record = submitted

@@ -6,21 +6,22 @@ import base64
 import binascii
 import hashlib
 import json
-import secrets
+import random
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import admit, model_defaults, serving_workers, with_defaults
+from api.admission import Admission, FleetView, admit, model_defaults, with_defaults
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from shared import fleet, store, webhooks
-from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound, ServiceUnavailable
+from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, ModelUnavailable, NotFound
 from shared.jobs import MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus
 from shared.models import Job, Worker
-from shared.queue import send_generate, send_webhook
+from shared.queue import send_webhook
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,56 +42,72 @@ def _check_webhook(ctx, url: str | None) -> None:
 @router.post("", status_code=202, response_model=JobPublic,
              responses={200: {"model": JobPublic, "description": "an Idempotency-Key replay: the same job"},
                         **responses(409, 413, 422, 429, 503)})
-def submit_job(job: JobCreate, response: Response, caller: Caller, ctx: Ctx,
-               key: Annotated[str | None, Depends(idempotency_key)]) -> JobPublic:
+async def submit_job(job: JobCreate, caller: Caller, ctx: Ctx,
+                     key: Annotated[str | None, Depends(idempotency_key)]) -> Response:
     """Queue a text-to-image job; answers at once with its ID (poll GET /v1/jobs/{id})."""
-    digest = request_hash(job)
+    record, status = await submit(ctx, job, caller, key)
+    return Response(record.model_dump_json(), status_code=status, media_type="application/json",
+                    headers={"Location": f"/v1/jobs/{record.id}"})
+
+
+async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> tuple[JobPublic, int]:
+    """Validate, admit, store and enqueue a job: (its record, 202); or (the earlier job, 200) for an
+    Idempotency-Key replay. On the event loop: the database and Redis are reached only through the thread
+    pool, the fleet cache and the submitter's thread."""
+    digest = request_hash(job) if key is not None else None
     if key is not None:
-        with ctx.sessions() as session:
-            earlier = store.find_idempotent(session, owner_id(caller), key)
-            if earlier is not None:
-                if earlier.request_hash != digest:
-                    raise IdempotencyConflict("this Idempotency-Key was used with a different body",
-                                              {"job_id": earlier.id})
-                response.status_code = 200
-                response.headers["Location"] = f"/v1/jobs/{earlier.id}"
-                return store.to_public(earlier)
-    enforce_rate_limit(ctx, caller)
+        earlier = await run_in_threadpool(_earlier, ctx, caller, key, digest)
+        if earlier is not None:
+            return earlier, 200
+    if caller is not None and caller.rate_limit_per_min:
+        await run_in_threadpool(enforce_rate_limit, ctx, caller)
     model = job.model or ctx.settings.default_model
     if model is None:
         raise InvalidRequest(
             "model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
             [{"field": "model", "reason": "required when the API has no default model"}],
         )
-    _check_webhook(ctx, job.webhook_url)
-    seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    if job.webhook_url is not None:
+        await run_in_threadpool(_check_webhook, ctx, job.webhook_url)
+    seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
+    view = await ctx.fleet.get()
     try:
-        with ctx.sessions.begin() as session:
-            serving, live = serving_workers(session, model, ctx.settings.worker_stale_s)
-            # what the job leaves out is the model's own default, as its workers announce it now
-            fields = with_defaults(job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
-                                   model_defaults(serving), model)
-            params = JobParameters(**fields, model=model, seed=seed)
-            admitted = admit(session, params, serving, live)
-            row = store.create_job(session, store.NewJob(
-                params=params, priority=job.priority, owner_key_id=owner_id(caller),
-                idempotency_key=key, request_hash=digest, webhook_url=job.webhook_url,
-                predicted_peak_bytes=admitted.prediction.bytes, prediction_source=admitted.prediction.source,
-                memory_class_bytes=admitted.memory_class_bytes,
-            ))
+        params, admitted = _admit(view, job, model, seed)
+    except (ModelUnavailable, InsufficientMemory):
+        # a refusal is decided on a fresh read: a worker may have come up, or its profiles changed
+        params, admitted = _admit(await ctx.fleet.get(fresh=True), job, model, seed)
+    values = store.new_job_values(store.NewJob(
+        params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
+        request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
+        prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
+    ))
+    try:
+        position = await ctx.submitter.submit(values)
     except IntegrityError:  # the same key submitted concurrently: the other request won
         if key is None:
             raise
-        return submit_job(job, response, caller, ctx, key)
-    try:
-        send_generate(ctx.celery, row.id, row.delivery_id, model, job.priority, row.memory_class_bytes)
-    except Exception as exc:  # the broker is down: keep nothing the client was not told about
-        with ctx.sessions.begin() as session:
-            session.delete(session.get(Job, row.id))
-        raise ServiceUnavailable(f"the job queue is unreachable ({type(exc).__name__}); nothing was stored") from exc
-    response.headers["Location"] = f"/v1/jobs/{row.id}"
-    with ctx.sessions() as session:  # where it waits now, among the jobs queued for its model
-        return store.to_public(row, queue_position=store.queue_position(session, row))
+        return await submit(ctx, job, caller, key)
+    return store.to_public(store.as_record(values), queue_position=position), 202
+
+
+def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission]:
+    serving = view.serving(model)
+    # what the job leaves out is the model's own default, as its workers announce it now
+    fields = with_defaults(job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
+                           model_defaults(serving), model)
+    params = JobParameters(**fields, model=model, seed=seed)
+    return params, admit(view, params)
+
+
+def _earlier(ctx: Ctx, caller: Caller, key: str, digest: str) -> JobPublic | None:
+    """The job this Idempotency-Key already made, if any (a different body is a 409)."""
+    with ctx.sessions() as session:
+        earlier = store.find_idempotent(session, owner_id(caller), key)
+        if earlier is None:
+            return None
+        if earlier.request_hash != digest:
+            raise IdempotencyConflict("this Idempotency-Key was used with a different body", {"job_id": earlier.id})
+        return store.to_public(earlier)
 
 
 def _encode_cursor(job: Job) -> str:
