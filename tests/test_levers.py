@@ -6,6 +6,7 @@ bench/memory.py on full-size models, not asserted here."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from shared.db import engine_for, migrate
 from shared.settings import Settings
 from tests.conftest import POSTGRES_URL, postgres_database, wait_for
 from worker.meter import drop_file_pages
-from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, tiled_decode
+from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, load_pipeline, tiled_decode
 
 
 def test_modes_pick_their_levers_and_a_lever_set_apart_shows_in_the_profile_key():
@@ -177,3 +178,23 @@ def test_profiles_stored_before_memory_modes_are_kept_as_the_fast_mode_s(kind, t
                 " 512, 1, true, 99, 40, 1, CURRENT_TIMESTAMP)"))
             assert conn.execute(text("SELECT count(*) FROM memory_profiles")).scalar() == 2
         engine.dispose()
+
+
+def test_the_compile_cache_is_kept_apart_by_precision_and_the_real_precision_is_read_back(tiny_model, tmp_path):
+    # OpenVINO's CPU plugin keys a cached blob by the device name only: a worker switched from bf16 to f32
+    # must not import the bf16 blobs, so each precision compiles into its own folder. And what the worker
+    # reports is what the compiled UNet runs at: a bf16 hint on a CPU without bf16 runs f32.
+    import openvino as ov
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    folders = {}
+    for asked, runs in (("bf16", "bf16" if has_bf16 else "f32"), ("f32", "f32")):
+        settings = Settings(model=str(tiny_model), cache_dir=tmp_path, inference_precision=asked, warmup=False)
+        pipe = load_pipeline(settings)
+        pipe.generate(ImageRequest("a cat", None, 64, 64, 1, 1.0, 3))
+        assert pipe.precision == runs
+        (folder,) = [f for f in pipe.model_files() if str(tmp_path) in f]
+        assert folder.endswith(f"CPU-{asked}-threads_auto-dynamic")
+        assert any(Path(folder).glob("*.blob")), "the compiled blobs are cached in the keyed folder"
+        folders[asked] = folder
+    assert folders["bf16"] != folders["f32"]

@@ -59,7 +59,7 @@ class ImageRequest:
 
 class Pipeline(Protocol):
     backend: str
-    precision: str  # the inference precision OpenVINO runs the UNet at (bf16 on AMX CPUs, else f32)
+    precision: str  # the precision the compiled UNet runs at, read back from it (genai: the hint or the default)
     memory_mode: str  # Levers.key: what memory profiles are kept apart by
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image: ...
@@ -155,6 +155,8 @@ class OptimumPipeline:
                 part.request = self._core.compile_model(str(xml), self._device, self._config)
             else:
                 part.compile()
+        if name == "unet":  # what the compiled UNet really runs at (a bf16 hint on a CPU without bf16: f32)
+            self.precision = part.request.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def prepare(self, request: ImageRequest) -> None:
         """Static shapes: reshape the UNet and text encoders for this job (a no-op when the shape is the same)."""
@@ -353,11 +355,27 @@ def _load_factory(spec: str) -> Callable[[Settings], Pipeline]:
     return getattr(importlib.import_module(module), attr)
 
 
+def compile_key(device: str, levers: Levers) -> str:
+    """The compile-cache folder's name for what this worker asks OpenVINO to compile with: the device, the
+    inference precision ("auto" resolved to the device's default), the compile threads and static shapes.
+    OpenVINO's CPU plugin keys a cached blob by the device's name only (its CACHING_PROPERTIES), so a cache
+    filled at bf16 would be imported as is by a worker switched to f32: each set of properties gets its own."""
+    import openvino as ov
+
+    precision = levers.precision
+    if precision == "auto":
+        precision = ov.Core().get_property(device, "INFERENCE_PRECISION_HINT").to_string()
+    threads = levers.compile_threads or "auto"
+    return f"{device}-{precision}-threads_{threads}-{'static' if levers.static_shape else 'dynamic'}".replace("/", "_")
+
+
 def load_pipeline(settings: Settings) -> Pipeline:
     if not settings.model:
         raise ValueError("SDFLEET_MODEL is not set: a worker must be told which model it serves")
-    # Compiled blobs are cached per model, so a restarted worker (or a replaced pool child) skips compiling.
-    cache = str(settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--"))
+    # Compiled blobs are cached per model and compile properties, so a restarted worker (or a replaced pool
+    # child) skips compiling, and a worker whose properties changed never imports another's blobs.
+    cache = str(settings.cache_dir / "ov-cache" / settings.served_model_name.replace("/", "--")
+                / compile_key(settings.device, settings.levers))
     if settings.backend == "optimum":
         return OptimumPipeline(hub.resolve(settings.model), settings.device, {"CACHE_DIR": cache}, settings.levers)
     if settings.backend == "genai":
