@@ -38,7 +38,7 @@ PROMPT = "a lighthouse on a cliff in a storm, oil painting"
 JOBS = {"sd15": dict(size=512, steps=3), "sdxl": dict(size=1024, steps=2)}
 
 # name: (way, overrides). way "fastsdcpu" or "sdfleet"; overrides: weights, precision, guidance, images,
-# mode, backend, static, cold
+# mode, backend, static, cold, split (split_guidance: None = the mode's own; low splits, the others do not)
 ROWS = {
     "fastsdcpu": ("fastsdcpu", {}),
     "fastsdcpu g7.5": ("fastsdcpu", {"guidance": 7.5}),
@@ -54,6 +54,12 @@ ROWS = {
     "low static": ("sdfleet", {"mode": "low", "static": True}),
     "low int8": ("sdfleet", {"mode": "low", "weights": "int8"}),
     "low f32": ("sdfleet", {"mode": "low", "precision": "f32"}),
+    "low f32 g7.5": ("sdfleet", {"mode": "low", "precision": "f32", "guidance": 7.5}),
+    "low f32 g7.5 unsplit": ("sdfleet", {"mode": "low", "precision": "f32", "guidance": 7.5, "split": False}),
+    "low int8 f32": ("sdfleet", {"mode": "low", "weights": "int8", "precision": "f32"}),
+    "low int8 f32 g7.5": ("sdfleet", {"mode": "low", "weights": "int8", "precision": "f32", "guidance": 7.5}),
+    "low int8 f32 g7.5 unsplit": ("sdfleet", {"mode": "low", "weights": "int8", "precision": "f32", "guidance": 7.5,
+                                              "split": False}),
     "genai balanced": ("sdfleet", {"mode": "balanced", "backend": "genai"}),
 }
 BASELINES = ("fastsdcpu", "fastsdcpu g7.5", "fastsdcpu g7.5 x4")
@@ -130,7 +136,7 @@ def child(spec: dict) -> dict:
 
         settings = Settings(model=spec["model"], backend=spec["backend"], memory_mode=spec["mode"],
                             static_shape=spec["static"], inference_precision=spec["precision"],
-                            cache_dir=spec["cache_dir"])
+                            cache_dir=spec["cache_dir"], split_guidance=spec.get("split"))
         pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, settle
         precision = pipeline.precision
         for i in range(n):
@@ -151,7 +157,8 @@ def child(spec: dict) -> dict:
 def spec_for(arch: str, name: str) -> dict:
     way, over = ROWS[name]
     spec = {"arch": arch, "row": name, "way": way, "weights": "fp16", "precision": "auto", "guidance": 1.0,
-            "images": 1, "mode": None, "backend": "optimum", "static": False, "cold": False, **JOBS[arch], **over}
+            "images": 1, "mode": None, "backend": "optimum", "static": False, "cold": False, "split": None,
+            **JOBS[arch], **over}
     spec["model"] = str(CACHE / f"{arch}-{spec['weights']}")
     spec["cache_dir"] = str(CACHE / ("ov-cache-cold" if spec["cold"] else "ov-cache"))
     return spec

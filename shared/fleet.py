@@ -95,7 +95,8 @@ def profiles_of(session: Session, models: set[str]) -> dict[tuple[str, str, str,
     """Every memory profile of these models in one query, by (model, backend, precision, memory mode)."""
     out: dict[tuple[str, str, str, str], list[Profile]] = {}
     if models:
-        for row in session.scalars(select(MemoryProfile).where(MemoryProfile.model.in_(sorted(models)))):
+        for row in session.scalars(select(MemoryProfile).where(MemoryProfile.model.in_(sorted(models))).order_by(
+                MemoryProfile.width, MemoryProfile.height, MemoryProfile.guidance)):
             out.setdefault((row.model, row.backend, row.precision, row.memory_mode), []).append(profile_of(row))
     return out
 

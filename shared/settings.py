@@ -36,6 +36,8 @@ class Levers:
       first inference, and after each job.
     - vae_tiles: decode the latents in overlapping 512x512-pixel tiles (an image's decoder activations are
       the largest single allocation at 1024x1024).
+    - split_guidance: classifier-free guidance runs the UNet as two batch-1 passes (unconditional, then
+      conditional) instead of one batch-2 pass: the UNet's activations are those of no guidance.
     """
 
     mode: str
@@ -43,6 +45,7 @@ class Levers:
     release_all: bool
     drop_file_pages: bool
     vae_tiles: bool
+    split_guidance: bool
     static_shape: bool
     precision: str  # "auto": the device's default (bf16 on CPUs with AMX or AVX512-BF16, else f32)
     compile_threads: int | None
@@ -56,15 +59,17 @@ class Levers:
         return self.mode + "".join(flips) + ("+static" if self.static_shape else "")
 
     def describe(self) -> str:
-        on = [name for name in ("release_encoders", "release_all", "drop_file_pages", "vae_tiles", "static_shape")
-              if getattr(self, name)]
+        on = [name for name in ("release_encoders", "release_all", "drop_file_pages", "vae_tiles", "split_guidance",
+                                "static_shape") if getattr(self, name)]
         return f"{self.mode} ({', '.join(on) or 'everything resident'}; precision {self.precision}, mmap {self.mmap})"
 
 
 _MODE_PRESETS = {
-    "fast": dict(release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False),
-    "balanced": dict(release_encoders=True, release_all=False, drop_file_pages=True, vae_tiles=False),
-    "low": dict(release_encoders=True, release_all=True, drop_file_pages=True, vae_tiles=True),
+    "fast": dict(release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False,
+                 split_guidance=False),
+    "balanced": dict(release_encoders=True, release_all=False, drop_file_pages=True, vae_tiles=False,
+                     split_guidance=False),
+    "low": dict(release_encoders=True, release_all=True, drop_file_pages=True, vae_tiles=True, split_guidance=True),
 }
 
 
@@ -152,6 +157,7 @@ class Settings(BaseSettings):
     release_all: bool | None = None
     drop_file_pages: bool | None = None
     vae_tiles: bool | None = None
+    split_guidance: bool | None = None
     static_shape: bool = False  # compile for each job's exact shape (recompiled when the next one differs)
     inference_precision: Literal["auto", "bf16", "f16", "f32"] = "auto"
     compile_threads: int | None = Field(default=None, ge=1, le=1024)

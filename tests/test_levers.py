@@ -6,6 +6,7 @@ bench/memory.py on full-size models, not asserted here."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from shared.db import engine_for, migrate
 from shared.settings import Settings
 from tests.conftest import POSTGRES_URL, postgres_database, wait_for
 from worker.meter import drop_file_pages
-from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, load_pipeline, tiled_decode
+from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, load_pipeline, one_by_one, tiled_decode
 
 
 def test_modes_pick_their_levers_and_a_lever_set_apart_shows_in_the_profile_key():
@@ -198,3 +199,25 @@ def test_the_compile_cache_is_kept_apart_by_precision_and_the_real_precision_is_
         assert any(Path(folder).glob("*.blob")), "the compiled blobs are cached in the keyed folder"
         folders[asked] = folder
     assert folders["bf16"] != folders["f32"]
+
+
+def test_split_guidance_runs_the_unet_one_image_at_a_time_and_makes_the_same_image(model, tmp_path_factory):
+    job = ImageRequest("a dog", "blurry", 96, 64, 3, 7.5, 4)
+    whole = _load(model, tmp_path_factory, memory_mode="fast")
+    split = _load(model, tmp_path_factory, memory_mode="fast", split_guidance=True)
+    assert split.memory_mode == "fast+split_guidance" and _load(model, tmp_path_factory, memory_mode="low").levers.split_guidance
+    unet = split._parts["unet"]
+    inner, batches = unet.forward.args[0], []
+
+    def counting(sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return inner(sample, *args, **kwargs)
+
+    unet.forward = functools.partial(one_by_one, counting)
+    a, b = np.asarray(whole.generate(job)).astype(int), np.asarray(split.generate(job)).astype(int)
+    assert batches == [1] * 6  # 3 steps, each an unconditional and a conditional pass
+    assert np.abs(a - b).max() <= 2, "the same image, up to rounding"
+    # without guidance nothing is split: one pass per step
+    batches.clear()
+    split.generate(ImageRequest("a dog", None, 96, 64, 3, 1.0, 4))
+    assert batches == [1] * 3

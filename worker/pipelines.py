@@ -112,6 +112,8 @@ class OptimumPipeline:
         if self.levers.vae_tiles:
             decoder = self._parts["vae_decoder"]
             decoder.forward = functools.partial(tiled_decode, decoder.forward)
+        if self.levers.split_guidance:
+            self._parts["unet"].forward = functools.partial(one_by_one, self._parts["unet"].forward)
         self.precision = self.levers.precision if self.levers.precision != "auto" else \
             core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
@@ -173,7 +175,8 @@ class OptimumPipeline:
             if name == "unet":
                 # optimum-intel doubles the batch for guidance unconditionally: set it from the job's guidance
                 model = pipe._reshape_unet(part.model, 1, request.height, request.width, 1, max_len)
-                batch = 2 if guidance and "timestep_cond" not in {i.get_any_name() for i in model.inputs} else 1
+                batch = 2 if guidance and not self.levers.split_guidance \
+                    and "timestep_cond" not in {i.get_any_name() for i in model.inputs} else 1
                 model.reshape({i: [batch, *list(i.get_partial_shape())[1:]] for i in model.inputs
                                if i.get_partial_shape().rank.get_length() > 0 and i.get_any_name() != "timestep"})
                 part.model = model
@@ -215,6 +218,32 @@ class OptimumPipeline:
         folders = {str(Path(p.model_save_dir).parent) for p in self._parts.values()}
         return sorted({root for f in folders for root in hub.storage_roots(f)}) + \
             ([self._config["CACHE_DIR"]] if self._config.get("CACHE_DIR") else [])
+
+
+def one_by_one(forward: Callable, sample, timestep, encoder_hidden_states, *args, return_dict: bool = False,
+               **kwargs):
+    """A UNet call of batch N as N calls of batch 1, concatenated (classifier-free guidance's unconditional
+    and conditional halves one after the other): the activations are those of one image. Every input whose
+    first dimension is the batch is sliced (an SDXL's text_embeds and time_ids among added_cond_kwargs)."""
+    import torch
+    from transformers.modeling_outputs import ModelOutput
+
+    n = sample.shape[0]
+    if n == 1:
+        return forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+
+    def part(x, i):
+        if isinstance(x, dict):
+            return {k: part(v, i) for k, v in x.items()}
+        if getattr(x, "ndim", 0) > 0 and x.shape[0] == n:
+            return x[i:i + 1]
+        return x
+
+    outs = [forward(part(sample, i), part(timestep, i), part(encoder_hidden_states, i),
+                    *(part(a, i) for a in args), return_dict=True, **{k: part(v, i) for k, v in kwargs.items()})
+            for i in range(n)]
+    merged = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return merged if return_dict else ModelOutput(**merged)
 
 
 def _ramp(n: int, width: int):
@@ -273,10 +302,12 @@ class GenaiPipeline:
 
         levers = levers or Settings().levers
         # genai keeps its components compiled and decodes whole: only these levers apply
-        unsupported = [k for k in ("release_encoders", "release_all", "vae_tiles") if getattr(levers, k)]
+        unsupported = [k for k in ("release_encoders", "release_all", "vae_tiles", "split_guidance")
+                       if getattr(levers, k)]
         if unsupported:
             log.warning("openvino-genai backend: %s not applied (components stay resident)", ", ".join(unsupported))
-        self.levers = dataclasses.replace(levers, release_encoders=False, release_all=False, vae_tiles=False)
+        self.levers = dataclasses.replace(levers, release_encoders=False, release_all=False, vae_tiles=False,
+                                          split_guidance=False)
         self.memory_mode = self.levers.key
         props = dict(properties or {})
         if levers.precision != "auto":

@@ -10,7 +10,7 @@ from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
 from shared import fleet
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, ModelUnavailable
 from shared.jobs import (
     JobParameters, JobShape, ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic,
 )
@@ -31,26 +31,34 @@ def list_workers(caller: Caller, ctx: Ctx) -> list[WorkerPublic]:
 
 
 @router.post("/v1/plan", response_model=PlanPublic, responses=responses(422, 503), tags=["fleet"])
-def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
+async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     """What admission would decide for a job of this shape: each live worker's predicted peak (the same
-    prediction a submission is admitted by), its memory class and whether it fits; the prediction of each
-    runtime with measured profiles; and, when none fits, the changes that would."""
+    prediction a submission is admitted by, on the same cached view of the fleet), its memory class and
+    whether it fits; the prediction of each runtime with measured profiles; and, when none fits, the changes
+    that would."""
     model = shape.model or ctx.settings.default_model
     if model is None:
         raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
                              [{"field": "model", "reason": "required when the API has no default model"}])
-    with ctx.sessions() as session:
-        view = FleetView.read(session, ctx.settings.worker_stale_s)
+
+    def decide(view: FleetView):
         serving = view.serving(model)
         fields = with_defaults(shape.model_dump(exclude={"model"}), model_defaults(serving), model)
         params = JobParameters(prompt="", negative_prompt=None, seed=0, **fields, model=model)
         fits = fits_on(view, params, serving)
-        fitting = [f for f in fits if f.fits]
-        hints = [] if fitting else refusal(view, params, fits).details["hints"]
-        runtimes: dict[tuple[str, str, str], list] = {}
-        for row in fleet.all_profiles(session):
-            if row.model == model:
-                runtimes.setdefault((row.backend, row.precision, row.memory_mode), []).append(fleet.profile_of(row))
+        return view, serving, params, fits
+
+    try:
+        decided = decide(await ctx.fleet.get())
+    except ModelUnavailable:
+        decided = None
+    if decided is None or not any(f.fits for f in decided[3]):  # a refusal is decided on a fresh read
+        decided = decide(await ctx.fleet.get(fresh=True))
+    view, serving, params, fits = decided
+    fitting = [f for f in fits if f.fits]
+    hints = [] if fitting else refusal(view, params, fits).details["hints"]
+    runtimes = {(backend, precision, mode): known
+                for (name, backend, precision, mode), known in view.profiles.items() if name == model}
     job_shape = shape_on(serving[0], params.width, params.height, params.guidance_scale)
     best = min(fitting, key=lambda f: f.memory_class_bytes) if fitting else None
     modes = []
