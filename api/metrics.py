@@ -1,31 +1,29 @@
 """Prometheus metrics, computed at scrape time from the database (the truth) and Redis (queue depth), so
-every API host reports the same numbers and no process has to survive to keep a count."""
+every API host reports the same numbers and no process has to survive to keep a count. The job counts and
+histograms come from the statistics the database keeps as jobs change state (shared/jobstats.py): a scrape
+costs the same at ten jobs and at a million."""
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import func, select
 
-from shared import fleet
+from shared import fleet, jobstats
 from shared.jobs import JobStatus
-from shared.models import Job
 from shared.queue import queue_depth
 
-DURATION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-RSS_BUCKETS = tuple(g * 2**30 for g in (0.5, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 
-
-def _histogram(name: str, doc: str, buckets: tuple, values_by_model: dict) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, buckets: tuple, by_model: dict) -> HistogramMetricFamily:
     h = HistogramMetricFamily(name, doc, labels=["model"])
-    for model, values in sorted(values_by_model.items()):
-        values = sorted(values)
-        cumulative = [(str(b), bisect.bisect_right(values, b)) for b in buckets] + [("+Inf", len(values))]
-        h.add_metric([model], cumulative, sum(values))
+    for model, (per_bucket, total) in sorted(by_model.items()):
+        cumulative, running = [], 0
+        for bound, n in zip([*map(str, buckets), "+Inf"], per_bucket):
+            running += n
+            cumulative.append((bound, running))
+        h.add_metric([model], cumulative, total)
     return h
 
 
@@ -35,13 +33,14 @@ class _Collector:
 
     def collect(self):
         with self.sessions() as session:
-            by_state = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            queued_models = set(session.scalars(select(Job.model).where(Job.status == JobStatus.queued.value)
-                                                .distinct()))
-            finished = session.execute(select(Job.model, Job.generation_s, Job.created_at, Job.started_at,
-                                              Job.peak_rss_bytes).where(Job.status == JobStatus.succeeded.value)).all()
+            by_model_state = jobstats.counts(session)
+            histograms = jobstats.histograms(session)
             workers = fleet.workers(session)
             now = fleet.db_now(session)
+        by_state = defaultdict(int)
+        for (_model, state), n in by_model_state.items():
+            by_state[state] += n
+        queued_models = {m for (m, state), n in by_model_state.items() if state == JobStatus.queued.value and n > 0}
         jobs = GaugeMetricFamily("sdfleet_jobs", "Jobs by state", labels=["state"])
         for state in JobStatus:
             jobs.add_metric([state.value], by_state.get(state.value, 0))
@@ -53,18 +52,12 @@ class _Collector:
             depth.add_metric([model], queue_depth(self.broker, model))
         yield depth
 
-        durations, waits, peaks = defaultdict(list), defaultdict(list), defaultdict(list)
-        for model, generation_s, created, started, peak in finished:
-            if generation_s is not None:
-                durations[model].append(generation_s)
-            if started is not None:
-                waits[model].append((started - created).total_seconds())
-            if peak is not None:
-                peaks[model].append(peak)
-        yield _histogram("sdfleet_job_duration_seconds", "Generation time of succeeded jobs", DURATION_BUCKETS,
-                         durations)
-        yield _histogram("sdfleet_job_queue_wait_seconds", "Queue wait of succeeded jobs", DURATION_BUCKETS, waits)
-        yield _histogram("sdfleet_job_peak_rss_bytes", "Peak RSS of succeeded jobs", RSS_BUCKETS, peaks)
+        yield _histogram("sdfleet_job_duration_seconds", "Generation time of succeeded jobs",
+                         jobstats.DURATION_BUCKETS, histograms.get("duration", {}))
+        yield _histogram("sdfleet_job_queue_wait_seconds", "Queue wait of succeeded jobs", jobstats.DURATION_BUCKETS,
+                         histograms.get("wait", {}))
+        yield _histogram("sdfleet_job_peak_rss_bytes", "Peak RSS of succeeded jobs", jobstats.RSS_BUCKETS,
+                         histograms.get("peak", {}))
 
         count = GaugeMetricFamily("sdfleet_workers", "Workers by model and liveness", labels=["model", "alive"])
         tally = defaultdict(int)

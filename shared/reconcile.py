@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from shared import fleet, store
+from shared import fleet, jobstats, store
 from shared.jobs import JobStatus, WebhookStatus
 from shared.models import Job, utcnow
 from shared.memory import fmt_size
@@ -34,6 +34,7 @@ class Report:
     failed_unplaceable: list[str] = field(default_factory=list)  # no live worker's memory class holds it
     webhooks_resent: list[str] = field(default_factory=list)
     workers_forgotten: int = 0  # rows of workers silent for SDFLEET_WORKER_FORGET_S
+    stats_folded: int = 0  # job statistics' deltas folded into their totals (shared/jobstats.py)
 
 
 def reconcile(sessions, broker, celery, settings: Settings) -> Report:
@@ -101,7 +102,9 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
             report.webhooks_resent.append(job_id)
     with sessions.begin() as session:
         report.workers_forgotten = fleet.forget_workers(session, settings.worker_forget_s)
-    if any(vars(report).values()):
+    with sessions.begin() as session:
+        report.stats_folded = jobstats.compact(session)
+    if any(v for k, v in vars(report).items() if k != "stats_folded"):
         log.info("reconciled: %s", report)
     return report
 
