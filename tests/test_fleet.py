@@ -107,12 +107,28 @@ def test_job_that_fits_no_budget_is_422_with_numbers_and_hints_and_a_hint_that_f
     assert done["peak_rss_bytes"] <= budget
 
 
+PLAN_FIELDS = ("model", "width", "height", "guidance_scale", "num_images")
+
+
+def until_admission_knows(stack, sources: tuple[str, ...], **shape) -> None:
+    """Wait until admission predicts this shape from measurements: an API process reads the fleet's profiles
+    once per SDFLEET_API_CACHE_S (1 s), so a profile a job just recorded reaches admission within that."""
+    deadline = time.monotonic() + 15
+    while True:
+        plan = stack.api.http.post("/v1/plan", json={k: v for k, v in shape.items() if k in PLAN_FIELDS}).json()
+        if plan["workers"][0]["prediction_source"] in sources:
+            return
+        assert time.monotonic() < deadline, plan
+        time.sleep(0.1)
+
+
 @pytest.mark.one_database  # the profile SQL races on both databases in test_hardening
 def test_predictions_improve_as_profiles_fill(stack, spawn_worker):
     model, _ = spawn_worker("learning")
     params = dict(prompt="a forest river", model=model, width=384, height=256, steps=2, guidance_scale=7.5)
     first = stack.api.wait(stack.api.submit(**params)["id"], timeout=120)
     assert first["prediction_source"] == "prior"
+    until_admission_knows(stack, ("profile",), **params)
     second = stack.api.wait(stack.api.submit(**params)["id"], timeout=120)
     assert second["prediction_source"] == "profile"
     assert abs(second["predicted_peak_bytes"] - second["peak_rss_bytes"]) <= 0.10 * second["peak_rss_bytes"]
@@ -202,6 +218,7 @@ def test_after_one_measured_shape_predictions_of_others_are_within_15_percent(st
     base = dict(prompt="a lighthouse", model=model, steps=2)
     first = stack.api.wait(stack.api.submit(**base, width=256, height=256, guidance_scale=7.5)["id"], timeout=120)
     assert first["status"] == "succeeded"
+    until_admission_knows(stack, ("scaled", "profile"), **base, width=512, height=512, guidance_scale=7.5)
     for shape in (dict(width=512, height=512, guidance_scale=7.5), dict(width=384, height=256, guidance_scale=7.5),
                   dict(width=256, height=256, guidance_scale=1.0), dict(width=512, height=384, guidance_scale=1.0),
                   dict(width=256, height=256, guidance_scale=7.5, num_images=3),

@@ -66,7 +66,7 @@ END $$""",
 
 
 def _sqlite_triggers() -> list[str]:
-    wait = "((julianday(NEW.started_at) - julianday(NEW.created_at)) * 86400.0)"
+    wait = "round((julianday(NEW.started_at) - julianday(NEW.created_at)) * 86400.0, 3)"  # ms: no float noise
     return [
         "CREATE TRIGGER jobs_stats_insert AFTER INSERT ON jobs BEGIN "
         "INSERT INTO job_count_deltas (model, status, n) VALUES (NEW.model, NEW.status, 1); END",
@@ -97,7 +97,7 @@ def _backfill(dialect: str) -> None:
     if dialect == "postgresql":
         wait = "EXTRACT(EPOCH FROM started_at - created_at)"
     else:
-        wait = "((julianday(started_at) - julianday(created_at)) * 86400.0)"
+        wait = "round((julianday(started_at) - julianday(created_at)) * 86400.0, 3)"
     for metric, value, buckets in (("duration", "generation_s", DURATION_BUCKETS), ("wait", wait, DURATION_BUCKETS),
                                    ("peak", "peak_rss_bytes", RSS_BUCKETS)):
         op.execute(f"INSERT INTO job_histograms (model, metric, bucket, n, total) "
