@@ -56,7 +56,7 @@ def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> 
 @dataclass
 class FleetView:
     """What admission decides by, read in one go: the live workers (largest budget first) and the memory
-    profiles of the models they serve. The submit path keeps one for about a second (SDFLEET_FLEET_CACHE_S)
+    profiles of the models they serve. The submit path keeps one for about a second (SDFLEET_API_CACHE_S)
     and decides every job it admits on it; a refusal is always decided on a fresh read."""
 
     live: list[Worker]

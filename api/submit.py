@@ -1,6 +1,6 @@
 """The submit path's two shared pieces, one of each per API process:
 
-- `FleetCache`: the fleet as admission sees it (`FleetView`), read at most once per SDFLEET_FLEET_CACHE_S by
+- `FleetCache`: the fleet as admission sees it (`FleetView`), read at most once per SDFLEET_API_CACHE_S by
   one request while the others wait for that read, never by each request.
 - `Submitter`: group commit. Submissions hand their new job to one writer thread, which stores every job
   waiting at that moment in one transaction, publishes their messages to Redis on one producer, counts their
@@ -47,13 +47,15 @@ class FleetCache:
         view = self._view
         if not fresh and view is not None and time.monotonic() - view.read_at <= self.max_age_s:
             return view
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, self._read))
+        loop = asyncio.get_running_loop()
+        if self._pending is None or self._pending.get_loop() is not loop:  # (a test client's loop per request)
+            self._pending = asyncio.ensure_future(loop.run_in_executor(None, self._read))
             self._pending.add_done_callback(self._settle)
         return await asyncio.shield(self._pending)
 
     def _settle(self, future: asyncio.Future) -> None:
-        self._pending = None
+        if self._pending is future:
+            self._pending = None
         if not future.cancelled() and future.exception() is None:
             self._view = future.result()
 
@@ -131,7 +133,7 @@ class Submitter:
             _answer(p, result=positions.get(p.values["id"]))
 
     def _store(self, batch: list[_Pending]) -> list[_Pending]:
-        """Insert the batch in one statement and transaction; if one of them breaks a constraint (an
+        """Insert the batch in one transaction (one executemany: one round trip); if one of them breaks a constraint (an
         Idempotency-Key that another request took meanwhile), each in its own, and that one hears it."""
         try:
             with self.sessions.begin() as session:
@@ -161,4 +163,7 @@ def _answer(p: _Pending, result=None, exc: BaseException | None = None) -> None:
         else:
             p.future.set_result(result)
 
-    p.loop.call_soon_threadsafe(settle)
+    try:
+        p.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # its event loop is closed: nobody waits for the answer any more
+        pass
