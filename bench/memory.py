@@ -38,7 +38,8 @@ PROMPT = "a lighthouse on a cliff in a storm, oil painting"
 JOBS = {"sd15": dict(size=512, steps=3), "sdxl": dict(size=1024, steps=2)}
 
 # name: (way, overrides). way "fastsdcpu" or "sdfleet"; overrides: weights, precision, guidance, images,
-# mode, backend, static, cold, split (split_guidance: None = the mode's own; low splits, the others do not)
+# mode, backend, static, cold, split (split_guidance: None = the mode's own; low splits, the others do not),
+# levers (other Settings fields, e.g. one lever set against the mode)
 ROWS = {
     "fastsdcpu": ("fastsdcpu", {}),
     "fastsdcpu g7.5": ("fastsdcpu", {"guidance": 7.5}),
@@ -52,6 +53,10 @@ ROWS = {
     "low g7.5": ("sdfleet", {"mode": "low", "guidance": 7.5}),
     "low g7.5 x4": ("sdfleet", {"mode": "low", "guidance": 7.5, "images": 4}),
     "low static": ("sdfleet", {"mode": "low", "static": True}),
+    "low -drop_file_pages": ("sdfleet", {"mode": "low", "levers": {"drop_file_pages": False}}),
+    "low -release_all": ("sdfleet", {"mode": "low", "levers": {"release_all": False}}),
+    "low -vae_tiles": ("sdfleet", {"mode": "low", "levers": {"vae_tiles": False}}),
+    "low -split_guidance": ("sdfleet", {"mode": "low", "levers": {"split_guidance": False}}),
     "low int8": ("sdfleet", {"mode": "low", "weights": "int8"}),
     "low f32": ("sdfleet", {"mode": "low", "precision": "f32"}),
     "low f32 g7.5": ("sdfleet", {"mode": "low", "precision": "f32", "guidance": 7.5}),
@@ -136,7 +141,7 @@ def child(spec: dict) -> dict:
 
         settings = Settings(model=spec["model"], backend=spec["backend"], memory_mode=spec["mode"],
                             static_shape=spec["static"], inference_precision=spec["precision"],
-                            cache_dir=spec["cache_dir"], split_guidance=spec.get("split"))
+                            cache_dir=spec["cache_dir"], split_guidance=spec.get("split"), **spec.get("levers", {}))
         pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, settle
         precision = pipeline.precision
         for i in range(n):

@@ -481,6 +481,19 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_export_tiny_vae(args) -> int:
+    from worker.export import ExportError, export_tiny_vae
+
+    try:
+        stamp = export_tiny_vae(args.src, args.out)
+    except ExportError as exc:
+        print(f"sdfleet model export-tiny-vae: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: TAESD decoder, fp16, in {stamp['seconds']} s (peak {stamp['peak_mb']} MB); "
+          f"serve it with SDFLEET_TINY_VAE={args.out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from worker.export import ExportError, export
 
@@ -783,6 +796,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one child process per component (always), one for all (never), or per component from "
                    "1 GiB of weights up (auto)")
     m.set_defaults(func=cmd_export)
+    m = msub.add_parser("export-tiny-vae", help="export a tiny autoencoder (TAESD, TAESDXL) to OpenVINO IR, for "
+                                                "SDFLEET_TINY_VAE", formatter_class=HelpFormatter)
+    m.add_argument("src", help="a diffusers AutoencoderTiny folder or hub ID: madebyollin/taesd for SD 1.x/2.x "
+                   "models, madebyollin/taesdxl for SDXL")
+    m.add_argument("out", type=Path, help="the new folder (must not exist); its decoder goes in vae_decoder/")
+    m.set_defaults(func=cmd_export_tiny_vae)
 
     p = command("db", "database tools")
     dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -38,6 +38,8 @@ class Levers:
       the largest single allocation at 1024x1024).
     - split_guidance: classifier-free guidance runs the UNet as two batch-1 passes (unconditional, then
       conditional) instead of one batch-2 pass: the UNet's activations are those of no guidance.
+    - tiny_vae: a TAESD / TAESDXL decoder (an OpenVINO IR folder or hub ID) decodes instead of the model's own
+      VAE: a fraction of its decode time and memory, at some loss of fine detail.
     """
 
     mode: str
@@ -50,17 +52,20 @@ class Levers:
     precision: str  # "auto": the device's default (bf16 on CPUs with AMX or AVX512-BF16, else f32)
     compile_threads: int | None
     mmap: bool
+    tiny_vae: str | None = None
 
     @property
     def key(self) -> str:
         """What memory profiles are keyed by: the mode, and any lever set against it ("low-vae_tiles")."""
         preset = _MODE_PRESETS[self.mode]
         flips = [("+" if getattr(self, k) else "-") + k for k, v in preset.items() if getattr(self, k) != v]
-        return self.mode + "".join(flips) + ("+static" if self.static_shape else "")
+        return self.mode + "".join(flips) + ("+static" if self.static_shape else "") + \
+            ("+tiny_vae" if self.tiny_vae else "")
 
     def describe(self) -> str:
         on = [name for name in ("release_encoders", "release_all", "drop_file_pages", "vae_tiles", "split_guidance",
                                 "static_shape") if getattr(self, name)]
+        on += [f"tiny VAE {self.tiny_vae}"] if self.tiny_vae else []
         return f"{self.mode} ({', '.join(on) or 'everything resident'}; precision {self.precision}, mmap {self.mmap})"
 
 
@@ -162,6 +167,9 @@ class Settings(BaseSettings):
     inference_precision: Literal["auto", "bf16", "f16", "f32"] = "auto"
     compile_threads: int | None = Field(default=None, ge=1, le=1024)
     enable_mmap: bool = True  # read IR weights by mmap (file-backed, reclaimable) rather than into memory
+    # A TAESD / TAESDXL decoder in OpenVINO IR (a folder or a hub ID, e.g. fastsdcpu's deinferno/taesd-openvino;
+    # `sdfleet model export-tiny-vae` converts madebyollin/taesd) that decodes instead of the model's own VAE
+    tiny_vae: str | None = None
 
     memory_sample_interval_s: float = Field(default=0.02, gt=0, le=5)
 
@@ -254,7 +262,8 @@ class Settings(BaseSettings):
         preset = _MODE_PRESETS[self.memory_mode]
         chosen = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
         return Levers(mode=self.memory_mode, static_shape=self.static_shape, precision=self.inference_precision,
-                      compile_threads=self.compile_threads, mmap=self.enable_mmap, **chosen)
+                      compile_threads=self.compile_threads, mmap=self.enable_mmap, tiny_vae=self.tiny_vae or None,
+                      **chosen)
 
     @property
     def broker_visibility_timeout(self) -> int:

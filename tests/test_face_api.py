@@ -49,11 +49,21 @@ def test_job_list_pages_newest_first_filters_by_status_and_refuses_bad_cursors(s
 
 def test_the_memory_timeline_carries_the_prediction_and_the_workers_budget(stack):
     job = stack.api.wait(stack.api.submit(prompt="a plot", width=64, height=64, steps=2)["id"], timeout=120)
-    memory = stack.api.memory(job["id"])
-    (worker,) = [w for w in stack.api.workers() if w["model"] == stack.model]
+    # The budget follows the host's available memory, so it may change with any heartbeat: the timeline's
+    # budget is the worker's as announced now, i.e. between two reads of /v1/workers that agree.
+    for _ in range(20):
+        before = _budget(stack)
+        memory = stack.api.memory(job["id"])
+        if _budget(stack) == before:
+            break
+    assert memory["worker_budget_bytes"] == before > 0
     assert memory["predicted_peak_bytes"] == job["predicted_peak_bytes"] > 0
-    assert memory["worker_budget_bytes"] == worker["budget_bytes"]
     assert {s["phase"] for s in memory["samples"]} >= {"encode", "denoise", "decode"}
+
+
+def _budget(stack) -> int:
+    (worker,) = [w for w in stack.api.workers() if w["model"] == stack.model]
+    return worker["budget_bytes"]
 
 
 def test_a_finished_job_cannot_be_cancelled_and_says_so(stack):

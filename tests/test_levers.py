@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,16 +136,81 @@ def test_dropping_the_weights_file_pages_lowers_rss_and_the_next_image_is_the_sa
 
 
 @pytest.mark.one_database
-def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_profile(stack, spawn_worker):
-    model, _ = spawn_worker("low", SDFLEET_MEMORY_MODE="low")
+def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_profile(stack, spawn_worker, tiny_vae):
+    # low mode with a tiny VAE: the profile key names both, and the job decodes through the TAESD
+    model, _ = spawn_worker("low", SDFLEET_MEMORY_MODE="low", SDFLEET_TINY_VAE=tiny_vae)
     (w,) = [w for w in stack.api.workers() if w["model"] == model]
-    assert w["memory_mode"] == "low"
+    assert w["memory_mode"] == "low+tiny_vae"
     job = stack.api.submit(prompt="a red car", model=model, width=128, height=96, steps=2, seed=1)
     done = wait_for(stack, job["id"], "status", "succeeded")
     assert done["peak_rss_bytes"] > 0
+    assert "decode" in {s["phase"] for s in stack.api.memory(job["id"])["samples"]}
     (m,) = [m for m in stack.api.models() if m["name"] == model]
-    assert [p["memory_mode"] for p in m["profiles"]] == ["low"]
-    assert m["runtimes"] == [f"optimum/{w['precision']}/low"]
+    assert [p["memory_mode"] for p in m["profiles"]] == ["low+tiny_vae"]
+    assert m["runtimes"] == [f"optimum/{w['precision']}/low+tiny_vae"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> str:
+    """A random-weight TAESD (diffusers folder, as madebyollin/taesd is), exported by the CLI as a user would."""
+    from worker.tiny import make_tiny_taesd
+
+    root = tmp_path_factory.mktemp("taesd")
+    make_tiny_taesd(root / "taesd")
+    out = subprocess.run([sys.executable, "-m", "sdfleet", "model", "export-tiny-vae", str(root / "taesd"),
+                          str(root / "taesd-ov")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"SDFLEET_TINY_VAE={root / 'taesd-ov'}" in out.stdout
+    return str(root / "taesd-ov")
+
+
+def _taesd_decode(tiny_vae: str, latents) -> np.ndarray:
+    """What diffusers' own AutoencoderTiny (torch, the source weights) makes of the latents, as 8-bit pixels."""
+    from diffusers import AutoencoderTiny
+
+    source = json.loads((Path(tiny_vae) / "sdfleet_tiny_vae.json").read_text())["source"]
+    with torch.no_grad():
+        x = AutoencoderTiny.from_pretrained(source).decode(torch.as_tensor(latents)).sample
+    return ((x[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().numpy()
+
+
+@pytest.mark.parametrize("mode", ["fast", "low"])
+def test_a_tiny_vae_decodes_the_unets_latents_as_torch_taesd_does(model, mode, tiny_vae, tmp_path_factory):
+    job = ImageRequest("a lighthouse", None, 128, 96, 3, 7.5, 5)
+    full = _load(model, tmp_path_factory, memory_mode=mode)
+    tiny = _load(model, tmp_path_factory, memory_mode=mode, tiny_vae=tiny_vae)
+    assert tiny.memory_mode == f"{mode}+tiny_vae" and full.memory_mode == mode
+    image = np.asarray(tiny.generate(job)).astype(int)
+    assert image.shape == (96, 128, 3) and image.std() > 1
+    assert np.abs(image - np.asarray(full.generate(job))).mean() > 10, "the model's own VAE did the decoding"
+    # the same latents, decoded by torch's TAESD: the UNet's latents reach the tiny decoder unscaled
+    latents = tiny._pipe(prompt=job.prompt, width=job.width, height=job.height, num_inference_steps=job.steps,
+                         guidance_scale=job.guidance_scale, generator=torch.Generator("cpu").manual_seed(job.seed),
+                         output_type="latent").images
+    assert np.abs(image - _taesd_decode(tiny_vae, latents)).max() <= 2
+    assert np.array_equal(np.asarray(tiny.generate(job)), image), "job after job"
+
+
+def test_a_tiny_vae_that_is_not_one_is_refused_with_the_reason(tiny_model, tiny_vae, tmp_path):
+    with pytest.raises(ValueError, match="no TAESD decoder in OpenVINO IR here"):
+        OptimumPipeline(str(tiny_model), levers=Settings(tiny_vae=str(tmp_path)).levers)
+    # the model's own (full) VAE decoder is not a tiny one
+    with pytest.raises(ValueError, match="not a tiny autoencoder .*AutoencoderKL"):
+        OptimumPipeline(str(tiny_model), levers=Settings(tiny_vae=str(Path(tiny_model) / "vae_decoder")).levers)
+    with pytest.raises(ValueError, match="genai backend decodes with the model's own VAE only"):
+        GenaiPipeline(str(tiny_model), levers=Settings(tiny_vae=tiny_vae).levers)
+    out = subprocess.run([sys.executable, "-m", "sdfleet", "model", "export-tiny-vae", str(Path(tiny_model)),
+                          str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "not a diffusers model folder" in out.stderr, out.stderr
+    assert not (tmp_path / "x").exists()
+    # a worker told to use one refuses to start, with the reason, before touching anything
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
+    env.update(SDFLEET_MODEL=str(tiny_model), SDFLEET_TINY_VAE=str(Path(tiny_model) / "vae_decoder"),
+               SDFLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+    worker = subprocess.run([sys.executable, "-m", "sdfleet", "worker"], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert worker.returncode != 0 and "not a tiny autoencoder" in worker.stderr, worker.stderr
+    assert not (tmp_path / "x.db").exists()
 
 
 @contextlib.contextmanager

@@ -61,6 +61,16 @@ def preflight() -> str:
             log.info("model %s", hub.describe(settings.model))
         except hub.SourceError as exc:
             raise SystemExit(f"SDFLEET_MODEL={exc}") from None
+    if settings.tiny_vae:
+        from worker.pipelines import model_latent_channels, tiny_vae_folder
+
+        if settings.backend != "optimum":
+            raise SystemExit(f"SDFLEET_TINY_VAE={settings.tiny_vae}: only the optimum backend decodes with a tiny "
+                             f"VAE (SDFLEET_BACKEND={settings.backend})")
+        try:
+            tiny_vae_folder(settings.tiny_vae, model_latent_channels(hub.resolve(settings.model)))
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     engine = engine_for(settings.database_url)
     wait_for_database(engine)
     migrate(engine)

@@ -357,6 +357,78 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
     return stamp
 
 
+TINY_VAE_FILE = "sdfleet_tiny_vae.json"
+
+
+def tiny_vae_decoder(folder: str | Path) -> Path:
+    """The decoder folder of a TAESD / TAESDXL in OpenVINO IR: `folder/vae_decoder` (the layout
+    `export_tiny_vae` writes, and fastsdcpu's deinferno/taesd-openvino and rupeshs/taesdxl-openvino), or `folder`
+    itself when it holds the decoder. Raises ExportError naming what is missing."""
+    folder = Path(folder)
+    for cand in (folder / "vae_decoder", folder):
+        if (cand / "openvino_model.xml").is_file():
+            try:
+                config = json.loads((cand / "config.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise ExportError(f"{cand}: a tiny VAE decoder needs its config.json ({exc})") from None
+            if config.get("_class_name") != "AutoencoderTiny":
+                raise ExportError(f"{cand}: not a tiny autoencoder (config.json names "
+                                  f"{config.get('_class_name')!r}, not AutoencoderTiny)")
+            return cand
+    raise ExportError(f"{folder}: no TAESD decoder in OpenVINO IR here (expected vae_decoder/openvino_model.xml; "
+                      f"`sdfleet model export-tiny-vae` converts a diffusers TAESD such as madebyollin/taesd)")
+
+
+def export_tiny_vae(src: str | Path, out: str | Path) -> dict:
+    """Convert a diffusers AutoencoderTiny (TAESD for SD 1.x/2.x, TAESDXL for SDXL; a folder or a hub ID) to
+    OpenVINO IR: its decoder, fp16 weights, dynamic batch and size, in `out/vae_decoder` with its config.json
+    (input `latent_sample`, output `sample`, as optimum-intel's VAE decoder). One process: ~10 MB of weights."""
+    import openvino as ov
+    import torch
+    from diffusers import AutoencoderTiny
+
+    out = Path(out).absolute()
+    if out.exists():
+        raise ExportError(f"{out} exists: remove it or choose another folder")
+    src = _source(src, "source")
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{src}: not a diffusers model folder (config.json: {exc})") from None
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ExportError(f"{src}: not a tiny autoencoder (its config.json names {config.get('_class_name')!r}, "
+                          f"not AutoencoderTiny: madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
+    t0 = time.perf_counter()
+    vae = AutoencoderTiny.from_pretrained(src, torch_dtype=torch.float32).eval()
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        model = ov.convert_model(Decoder(), example_input={"latent_sample": torch.randn(1, channels, 8, 8)},
+                                 input=[("latent_sample", ov.PartialShape([-1, channels, -1, -1]))])
+    model.outputs[0].get_tensor().set_names({"sample"})
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "vae_decoder").mkdir(parents=True)
+        ov.save_model(model, staging / "vae_decoder" / "openvino_model.xml", compress_to_fp16=True)
+        vae.save_config(staging / "vae_decoder")
+        stamp = {"source": str(src), "weight_format": "fp16", "seconds": round(time.perf_counter() - t0, 1),
+                 "peak_mb": _maxrss_mb()}
+        (staging / TINY_VAE_FILE).write_text(json.dumps(stamp, indent=2))
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stamp
+
+
 def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     cmd, args = argv[0], argv[1:]

@@ -13,6 +13,7 @@ import fcntl
 import functools
 import gc
 import importlib
+import json
 import logging
 import os
 import time
@@ -69,6 +70,30 @@ PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3"
           "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
 
 
+def tiny_vae_folder(spec: str, latent_channels: int | None = None) -> Path:
+    """SDFLEET_TINY_VAE's decoder folder (see worker.export.tiny_vae_decoder), checked against the number of
+    latent channels the model's UNet makes; ValueError with the reason."""
+    from worker.export import ExportError, tiny_vae_decoder
+
+    try:
+        folder = tiny_vae_decoder(hub.resolve(spec))
+    except (ExportError, hub.SourceError) as exc:
+        raise ValueError(f"SDFLEET_TINY_VAE={spec}: {exc}") from None
+    channels = json.loads((folder / "config.json").read_text()).get("latent_channels", 4)
+    if latent_channels is not None and channels != latent_channels:
+        raise ValueError(f"SDFLEET_TINY_VAE={spec}: it decodes {channels}-channel latents; this model's UNet makes "
+                         f"{latent_channels}")
+    return folder
+
+
+def model_latent_channels(model_folder: str) -> int | None:
+    """The latent channels of an IR folder's UNet (None when its config cannot be read)."""
+    try:
+        return json.loads((Path(model_folder) / "unet" / "config.json").read_text()).get("out_channels", 4)
+    except (OSError, ValueError):
+        return None
+
+
 class OptimumPipeline:
     """optimum-intel's OVDiffusionPipeline family: the class (SD 1.x/2.x, SDXL, LCM, ...) is read from the
     folder's model_index.json, so one loader serves every architecture, from a local IR folder or a hub ID.
@@ -102,6 +127,8 @@ class OptimumPipeline:
         t0 = time.perf_counter()
         self._pipe = OVDiffusionPipeline.from_pretrained(model, device=device, ov_config=config, compile=False)
         self._pipe.set_progress_bar_config(disable=True)
+        if self.levers.tiny_vae:
+            self._use_tiny_vae(self.levers.tiny_vae)
         self._parts = {name: part for name in PHASES if (part := getattr(self._pipe, name, None)) is not None}
         self._transient = {n for n in self._parts if self.levers.release_all
                            or (self.levers.release_encoders and PHASES[n] == "encode")}
@@ -118,6 +145,19 @@ class OptimumPipeline:
             core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
                  self.levers.describe(), time.perf_counter() - t0)
+
+    def _use_tiny_vae(self, spec: str) -> None:
+        """Decode with a TAESD / TAESDXL decoder instead of the model's VAE. Its config (AutoencoderTiny's:
+        scaling factor 1) becomes the pipeline's `vae.config`, so the UNet's latents reach it unscaled, as TAESD
+        expects; the VAE encoder (image-to-image) stays the model's own."""
+        from optimum.intel.openvino.modeling_diffusion import OVModelVae, OVModelVaeDecoder
+
+        pipe = self._pipe
+        folder = tiny_vae_folder(spec, pipe.unet.config.get("out_channels", 4))
+        # model_name is joined to the pipeline's folder: an absolute path names the TAESD's own folder
+        pipe.vae_decoder = OVModelVaeDecoder(self._core.read_model(folder / "openvino_model.xml"), pipe,
+                                             str(folder.absolute()))
+        pipe.vae = OVModelVae(decoder=pipe.vae_decoder, encoder=getattr(pipe, "vae_encoder", None))
 
     def _phased(self, name: str, forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -301,6 +341,9 @@ class GenaiPipeline:
         import openvino_genai
 
         levers = levers or Settings().levers
+        if levers.tiny_vae:
+            raise ValueError(f"SDFLEET_TINY_VAE={levers.tiny_vae}: the genai backend decodes with the model's own "
+                             f"VAE only; use SDFLEET_BACKEND=optimum for a tiny VAE")
         # genai keeps its components compiled and decodes whole: only these levers apply
         unsupported = [k for k in ("release_encoders", "release_all", "vae_tiles", "split_guidance")
                        if getattr(levers, k)]

@@ -277,6 +277,19 @@ def default_tiny_dir(cache_dir: Path, arch: str = "sd") -> Path:
     return Path(cache_dir) / "models" / f"tiny-{arch}"
 
 
+def make_tiny_taesd(out: Path, seed: int = 2) -> Path:
+    """A random-weight tiny autoencoder (TAESD's architecture, narrower) saved as a diffusers folder, what
+    madebyollin/taesd is for a real model: `sdfleet model export-tiny-vae` converts it. Three upsamplings: the
+    VAE scale factor of 8 the tiny pipelines have."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(out)
+    return Path(out)
+
+
 def make_tiny_lora(out: Path, arch: str = "sd", seed: int = 1, rank: int = 4) -> Path:
     """A random-weight LoRA for the tiny `arch` pipeline's UNet (its attention projections), saved as diffusers
     saves one (pytorch_lora_weights.safetensors, PEFT keys): what an LCM-LoRA from the hub is for a real model.
