@@ -211,6 +211,7 @@ def main() -> int:
     ap.add_argument("--arch", default="sd15,sdxl")
     ap.add_argument("--rows", help="comma-separated row names (default: the arch's matrix)")
     ap.add_argument("--limit-gb", type=float, default=21.0)
+    ap.add_argument("--steps", type=int, help="denoising steps per image (default: the arch's, SD 1.5 3, SDXL 2)")
     ap.add_argument("--child")
     ap.add_argument("--table", action="store_true", help="print the table of the rows in results/memory.jsonl")
     args = ap.parse_args()
@@ -226,6 +227,8 @@ def main() -> int:
         shutil.rmtree(CACHE / "ov-cache-cold", ignore_errors=True)
         for name in (args.rows.split(",") if args.rows else DEFAULT_ROWS[arch]):
             spec = spec_for(arch, name)
+            if args.steps:
+                spec["steps"] = args.steps
             if not Path(spec["model"]).is_dir():
                 print(f"skipping {arch} {name}: no {spec['model']} (run bench/export_bench.py)", flush=True)
                 continue

@@ -132,14 +132,25 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
 def run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
     """Run one delivered job; returns the status it ended in (or 'skipped', 'handed on'). Messages this
     sends (a webhook's hand-out to the ops workers, a job handed on to a larger class) go through `celery`."""
+    host.settled = True  # until a job starts generating
     try:
         return _run_job(job_id, delivery_id, host, celery)
     finally:
-        host.running = None
-        gc.collect()
-        release_free_memory()
-        settle(host.pipeline)
-        host.try_beat()  # at once: admission predicts the next jobs from what this one left resident
+        _settle(host)  # a job that raised past its own settling (it settles before writing its result)
+
+
+def _settle(host: Host) -> None:
+    """After a job's generation, once: the job's garbage and freed heap go back to the OS, the weights' file
+    pages are dropped (with the levers that say so), and a heartbeat at once: admission predicts the next jobs
+    from what this one left resident."""
+    host.running = None
+    if host.settled:
+        return
+    host.settled = True
+    gc.collect()
+    release_free_memory()
+    settle(host.pipeline)
+    host.try_beat()
 
 
 def _notify_if_due(sessions, job_id: str, celery: Celery) -> None:
@@ -182,11 +193,13 @@ def _expected(sessions, host: Host, params: JobParameters):
     return predict(shape_of(params, host), retrying(read_profiles), host.resident)
 
 
-def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str | None:
+def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Host,
+                        celery: Celery) -> tuple[str | None, tuple | None]:
     """The worker's own pre-check, before it claims the job: profiles may have grown since admission, and
     this worker may run another memory mode than the one admission predicted for. A job it cannot fit goes
     to the queue of the memory class that holds this worker's prediction, if a live worker covers it, else
-    it ends insufficient_memory. Returns what happened, or None to run it here."""
+    it ends insufficient_memory. Returns what happened (None to run it here), and the parameters and
+    prediction it checked (None when the job was not queued)."""
     def read():
         with sessions() as session:
             job = store.queued_job(session, job_id, delivery_id)
@@ -194,10 +207,10 @@ def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Ho
 
     params, job = retrying(read)
     if params is None:
-        return None  # not queued (a redelivery after a lost worker, or nothing to run): the claim decides
+        return None, None  # not queued (a redelivery after a lost worker, or nothing to run): the claim decides
     expected = _expected(sessions, host, params)
     if expected.bytes <= host.budget:
-        return None
+        return None, (params, expected)
     target = memory_class(expected.bytes)
 
     def move():
@@ -218,7 +231,7 @@ def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Ho
                  fmt_size(expected.bytes), fmt_size(host.budget), fmt_size(target))
     elif outcome == "failed" and done:
         _notify_if_due(sessions, job_id, celery)
-    return outcome
+    return outcome, None
 
 
 def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
@@ -229,7 +242,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
         # the queue for another worker, after a moment so that a lost cancel cannot spin
         time.sleep(1)
         raise Reject(f"paused: {host.state_reason}", requeue=True)
-    moved = _hand_on_if_too_big(sessions, job_id, delivery_id, host, celery)
+    moved, checked = _hand_on_if_too_big(sessions, job_id, delivery_id, host, celery)
     if moved:
         return moved
     attempt = _claim(sessions, job_id, delivery_id, host)
@@ -252,8 +265,10 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
         return end(ErrorCode.model_unavailable, f"this worker serves {host.model!r}, not {params.model!r}")
     shape = shape_of(params, host)
     pipeline = host.pipeline
-    expected = _expected(sessions, host, params)
-    if expected.bytes > host.budget:  # a redelivered job that was already running: checked here
+    # the pre-check's prediction for the job it read queued; a redelivered job that was already running
+    # (the pre-check saw it not queued) is checked here
+    expected = checked[1] if checked and checked[0] == params else _expected(sessions, host, params)
+    if expected.bytes > host.budget:
         return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) "
                    f"exceeds this worker's budget of {fmt_size(host.budget)}")
 
@@ -266,7 +281,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     t0 = time.perf_counter()
     try:
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
-            host.running = Running(attempt, meter)
+            host.running, host.settled = Running(attempt, meter), False
             host.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
             images = _generate_all(host, params, meter, monitor, clock)
     except JobCancelled:
@@ -300,11 +315,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     # Settle and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it.
-    host.running = None
-    gc.collect()
-    release_free_memory()
-    settle(pipeline)
-    host.try_beat()
+    _settle(host)
 
     def finish() -> bool:
         with sessions.begin() as session:
