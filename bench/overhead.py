@@ -1,7 +1,10 @@
 """What the service costs on top of the pipeline, side by side in one run.
 
-1. The same N jobs on the tiny model: a bare loop over the pipeline in one fresh process, then through
-   API + Redis + worker + SQLite (real processes). Throughput ratio and per-job overhead.
+1. The same N jobs on the tiny model: a bare loop over the pipeline in one fresh process, loaded as the
+   worker loads it (the same settings from the same environment: compile cache, memory mode, levers;
+   get_pipeline, then generate + settle per job), then through API + Redis + worker + SQLite (real
+   processes). Throughput ratio and per-job overhead, split into the worker's generation (the pipeline,
+   the PNG, the start-of-job heartbeat), what the worker does around it, and the gap between two jobs.
 2. The API's submission throughput with concurrent clients (jobs/s, p50/p99 latency), with 1 and 2 API
    processes; the jobs are admitted against a live worker's heartbeat and queued for a model nobody serves,
    so only the API, SQLite and Redis are measured.
@@ -229,10 +232,11 @@ def main() -> None:
           f"| the same, first start to last done (the worker alone) | "
           f"{report['worker_jobs_per_s']:.2f} jobs/s (ratio {report['worker_throughput_ratio']:.3f}) |\n"
           f"| overhead per job (wall) | {report['overhead_ms_per_job']:.0f} ms |\n"
-          f"| in a worker, per job beside the pipeline (claim, PNG, store; median) | "
+          f"| in a worker, per job beside its generation (settle, heartbeat, profile, result; median) | "
           f"{report['worker_overhead_ms_median']:.1f} ms |\n"
-          f"| between two jobs in a worker (ack, fetch, dispatch; median) | {report['between_jobs_ms_median']:.1f} ms |\n"
-          f"| one job's generation: bare loop (generate + settle) / in the worker (median) | "
+          f"| between two jobs in a worker (ack, fetch, dispatch, pre-check, claim; median) | "
+          f"{report['between_jobs_ms_median']:.1f} ms |\n"
+          f"| one job: bare loop (generate + settle) / the worker's generation (+ PNG, start beat; median) | "
           f"{report['bare_job_ms_median']:.1f} / {report['stack_generation_ms_median']:.1f} ms |")
     for n, r in report["submit"].items():
         print(f"| submissions, {args.clients} clients, {n} API process(es) | {r['jobs_per_s']:.0f} jobs/s, "

@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from shared.db import engine_for, migrate
+from shared.db import engine_for, migrate, session_factory
 from shared.settings import Settings
 from tests.conftest import POSTGRES_URL, postgres_database, wait_for
 from worker.meter import drop_file_pages
@@ -174,8 +174,9 @@ def _taesd_decode(tiny_vae: str, latents) -> np.ndarray:
     return ((x[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().numpy()
 
 
-@pytest.mark.parametrize("mode", ["fast", "low"])
-def test_a_tiny_vae_decodes_the_unets_latents_as_torch_taesd_does(model, mode, tiny_vae, tmp_path_factory):
+def test_a_tiny_vae_decodes_the_unets_latents_as_torch_taesd_does(model, tiny_vae, tmp_path_factory):
+    # SD in fast mode (whole decode), SDXL in low mode (the decoder compiled per phase, tiles above 512 px)
+    mode = "low" if "sdxl" in Path(model).name else "fast"
     job = ImageRequest("a lighthouse", None, 128, 96, 3, 7.5, 5)
     full = _load(model, tmp_path_factory, memory_mode=mode)
     tiny = _load(model, tmp_path_factory, memory_mode=mode, tiny_vae=tiny_vae)
@@ -225,6 +226,33 @@ def _fresh_database(kind: str, tmp_path):
         yield next(gen)
     finally:
         gen.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_worker_with_every_lever_set_apart_beats_and_learns_on_both_databases(kind, tmp_path):
+    """The longest memory-mode key (every lever against its mode, static shapes, a tiny VAE) fits the columns
+    that hold it: PostgreSQL enforces their length (64 before migration 0010 refused such a worker)."""
+    from shared import fleet
+    from shared.memory import Shape
+    from shared.models import utcnow
+
+    flips = dict(release_encoders=True, release_all=True, drop_file_pages=True, vae_tiles=True, split_guidance=True)
+    key = Settings(memory_mode="fast", static_shape=True, tiny_vae="/some/taesd", **flips).levers.key
+    assert len(key) > 64 and key.endswith("+static+tiny_vae")
+    with _fresh_database(kind, tmp_path) as url:
+        migrate(engine_for(url))
+        sessions = session_factory(url)
+        hb = fleet.Heartbeat(name="w1", host="h", model="m", backend="optimum", precision="bf16", memory_mode=key,
+                             budget_bytes=1 << 30, cgroup_limit_bytes=None, total_ram_bytes=1 << 34,
+                             available_bytes=1 << 33, resident_bytes=1 << 28, current_job_id=None, state="ready",
+                             state_reason=None, max_budget_bytes=1 << 30, defaults=None)
+        with sessions.begin() as s:
+            fleet.beat(s, hb, utcnow())
+            fleet.record_profile(s, "m", "optimum", "bf16", key, Shape(512, 512, True), 3 << 30, 2 << 30)
+        with sessions() as s:
+            assert [p.peak_bytes for p in fleet.profiles(s, "m", "optimum", "bf16", key)] == [3 << 30]
+            assert [w.memory_mode for w in fleet.live_workers(s, 60, "m")] == [key]
+        engine_for(url).dispose()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
