@@ -59,21 +59,10 @@ def prepare() -> dict:
         import torch
         from fullsize import _vae
 
+        from worker.export import convert_vae_decoder
+
         torch.manual_seed(0)
-        vae = _vae(512, scaling_factor=0.18215).eval()
-
-        class Decoder(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.vae = vae
-
-            def forward(self, latent_sample):
-                return self.vae.decode(latent_sample, return_dict=False)[0]
-
-        with torch.no_grad():
-            model = ov.convert_model(Decoder(), example_input={"latent_sample": torch.randn(1, 4, 64, 64)},
-                                     input=[("latent_sample", ov.PartialShape([-1, 4, -1, -1]))])
-        model.outputs[0].get_tensor().set_names({"sample"})
+        model = convert_vae_decoder(_vae(512, scaling_factor=0.18215).eval(), 4)
         full.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, full, compress_to_fp16=True)
     if not tiny.is_dir():

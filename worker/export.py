@@ -360,6 +360,19 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
 TINY_VAE_FILE = "sdfleet_tiny_vae.json"
 
 
+def _tiny_config(folder: Path, missing: str) -> dict:
+    """The config.json of a tiny autoencoder in `folder`; ExportError (`missing` says what was expected) when
+    there is none, or when it names another class (a full VAE, say)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{folder}: {missing} ({exc})") from None
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ExportError(f"{folder}: not a tiny autoencoder (its config.json names {config.get('_class_name')!r}, "
+                          f"not AutoencoderTiny: madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
+    return config
+
+
 def tiny_vae_decoder(folder: str | Path) -> Path:
     """The decoder folder of a TAESD / TAESDXL in OpenVINO IR: `folder/vae_decoder` (the layout
     `export_tiny_vae` writes, and fastsdcpu's deinferno/taesd-openvino and rupeshs/taesdxl-openvino), or `folder`
@@ -367,16 +380,31 @@ def tiny_vae_decoder(folder: str | Path) -> Path:
     folder = Path(folder)
     for cand in (folder / "vae_decoder", folder):
         if (cand / "openvino_model.xml").is_file():
-            try:
-                config = json.loads((cand / "config.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise ExportError(f"{cand}: a tiny VAE decoder needs its config.json ({exc})") from None
-            if config.get("_class_name") != "AutoencoderTiny":
-                raise ExportError(f"{cand}: not a tiny autoencoder (config.json names "
-                                  f"{config.get('_class_name')!r}, not AutoencoderTiny)")
+            _tiny_config(cand, "a tiny VAE decoder needs its config.json")
             return cand
     raise ExportError(f"{folder}: no TAESD decoder in OpenVINO IR here (expected vae_decoder/openvino_model.xml; "
                       f"`sdfleet model export-tiny-vae` converts a diffusers TAESD such as madebyollin/taesd)")
+
+
+def convert_vae_decoder(vae, latent_channels: int):
+    """A diffusers VAE's decoder (AutoencoderKL or AutoencoderTiny) as an OpenVINO model, traced as optimum-intel
+    traces it (`vae.decode`): input `latent_sample` of any batch and size, output `sample`."""
+    import openvino as ov
+    import torch
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    with torch.no_grad():
+        model = ov.convert_model(Decoder(), example_input={"latent_sample": torch.randn(1, latent_channels, 8, 8)},
+                                 input=[("latent_sample", ov.PartialShape([-1, latent_channels, -1, -1]))])
+    model.outputs[0].get_tensor().set_names({"sample"})
+    return model
 
 
 def export_tiny_vae(src: str | Path, out: str | Path) -> dict:
@@ -391,29 +419,10 @@ def export_tiny_vae(src: str | Path, out: str | Path) -> dict:
     if out.exists():
         raise ExportError(f"{out} exists: remove it or choose another folder")
     src = _source(src, "source")
-    try:
-        config = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{src}: not a diffusers model folder (config.json: {exc})") from None
-    if config.get("_class_name") != "AutoencoderTiny":
-        raise ExportError(f"{src}: not a tiny autoencoder (its config.json names {config.get('_class_name')!r}, "
-                          f"not AutoencoderTiny: madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
+    _tiny_config(src, "not a diffusers model folder (config.json)")
     t0 = time.perf_counter()
     vae = AutoencoderTiny.from_pretrained(src, torch_dtype=torch.float32).eval()
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent_sample):
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    channels = vae.config.latent_channels
-    with torch.no_grad():
-        model = ov.convert_model(Decoder(), example_input={"latent_sample": torch.randn(1, channels, 8, 8)},
-                                 input=[("latent_sample", ov.PartialShape([-1, channels, -1, -1]))])
-    model.outputs[0].get_tensor().set_names({"sample"})
+    model = convert_vae_decoder(vae, vae.config.latent_channels)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
