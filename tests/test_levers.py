@@ -112,13 +112,34 @@ def test_a_tiled_decode_stitches_tiles_back_exactly():
     assert torch.equal(tiled_decode(decode, small)["sample"], decode(small)["sample"])
 
 
+def _counting_decoder(pipe: OptimumPipeline) -> list:
+    """Count the decoder's calls under the vae_tiles wrapper (one per tile, or one for a whole decode)."""
+    decoder, calls = pipe._parts["vae_decoder"], []
+    inner = decoder.forward.args[0]
+
+    def counting(latent_sample, *args, **kwargs):
+        calls.append(tuple(latent_sample.shape[-2:]))
+        return inner(latent_sample, *args, **kwargs)
+
+    decoder.forward = functools.partial(pipe._decode, counting)
+    return calls
+
+
 def test_tiled_vae_decode_of_a_large_image_matches_the_whole_decode_closely(tiny_sdxl_model, tmp_path_factory):
     job = ImageRequest("a castle", None, 1024, 768, 1, 1.0, 5)
     whole = np.asarray(_load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast").generate(job), float)
-    tiled = np.asarray(_load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast", vae_tiles=True)
-                       .generate(job), float)
+    pipe = _load(str(tiny_sdxl_model), tmp_path_factory, memory_mode="fast", vae_tiles=True)
+    calls = _counting_decoder(pipe)
+    pipe.decode_bytes_per_pixel = 1e12  # a whole decode would raise the peak: tiles
+    tiled = np.asarray(pipe.generate(job), float)
+    assert calls == [(64, 64)] * 6  # 128x96 latents: 3 x 2 overlapping tiles
     assert tiled.shape == whole.shape == (768, 1024, 3)
     assert np.abs(tiled - whole).mean() < 3  # of 255: group norms see a tile, not the image
+    # where the job's peak so far leaves room for a whole decode, it decodes whole: the same image as without
+    # the lever, in one call
+    calls.clear()
+    pipe.decode_bytes_per_pixel = 1e-9
+    assert np.array_equal(np.asarray(pipe.generate(job), float), whole) and calls == [(96, 128)]
 
 
 def _rss_file() -> int:

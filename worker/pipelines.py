@@ -25,7 +25,9 @@ from PIL import Image
 
 from shared.settings import Levers, Settings
 from worker import hub
-from worker.meter import FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark
+from worker.meter import (
+    FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark, rss_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +140,35 @@ class OptimumPipeline:
             part.forward = self._phased(name, part.forward)
         if self.levers.vae_tiles:
             decoder = self._parts["vae_decoder"]
-            decoder.forward = functools.partial(tiled_decode, decoder.forward)
+            decoder.forward = functools.partial(self._decode, decoder.forward)
+        self.decode_bytes_per_pixel: float | None = None  # a whole decode's cost per latent pixel, once measured
         if self.levers.split_guidance:
             self._parts["unet"].forward = functools.partial(one_by_one, self._parts["unet"].forward)
         self.precision = self.levers.precision if self.levers.precision != "auto" else \
             core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
                  self.levers.describe(), time.perf_counter() - t0)
+
+    def _decode(self, forward: Callable, latent_sample, *args, **kwargs):
+        """vae_tiles: decode whole when that cannot raise the job's peak, else in tiles. A whole decode of
+        large latents takes fewer seconds (SDXL at 1024x1024: 32 s against 59 s in tiles, bench/taesd.py), and
+        where the UNet's phase peaked higher (SDXL, with its 5 GB of weights released before the decode), the
+        tiles save nothing. The decode phase starts first (in low mode the UNet is released), then its cost is
+        estimated (DECODE_BYTES_PER_LATENT_PIXEL, or what a whole decode measured here) and compared with the
+        headroom under the job's peak so far (VmHWM, which the job's meter reset at its start)."""
+        _, _, h, w = latent_sample.shape
+        if h <= VAE_TILE and w <= VAE_TILE:
+            return forward(latent_sample, *args, **kwargs)
+        self._enter("decode")
+        peak, rss = high_water_mark_bytes(), rss_bytes()
+        per_pixel = self.decode_bytes_per_pixel or DECODE_BYTES_PER_LATENT_PIXEL[self.precision in ("bf16", "f16")]
+        if peak is None or rss + per_pixel * h * w > peak:
+            return tiled_decode(forward, latent_sample, *args, tile=VAE_TILE, **kwargs)
+        out = forward(latent_sample, *args, **kwargs)
+        after = high_water_mark_bytes() or peak
+        if after > peak:  # it did raise the peak: the estimate was low; learn what it took
+            self.decode_bytes_per_pixel = max(per_pixel, (after - rss) / (h * w))
+        return out
 
     def _use_tiny_vae(self, spec: str) -> None:
         """Decode with a TAESD / TAESDXL decoder instead of the model's VAE. Its config (AutoencoderTiny's:
@@ -294,7 +318,14 @@ def _ramp(n: int, width: int):
     return torch.clamp(torch.minimum(i + 1, n - i) / width, 1e-3, 1.0)
 
 
-def tiled_decode(decode: Callable, latent_sample, *args, tile: int = 64, overlap: int = 16, **kwargs):
+VAE_TILE = 64  # latent pixels: 512 image pixels
+# What a whole VAE decode adds, compiling the decoder included, per latent pixel, kept above what was measured:
+# SD's (and SDXL's) full VAE decoder at 1024x1024 took 2.36 GiB at bf16 (147 KiB per latent pixel,
+# bench/taesd.py); f32 doubles the activations. Indexed by "16-bit inference".
+DECODE_BYTES_PER_LATENT_PIXEL = {True: 192 * 1024, False: 384 * 1024}
+
+
+def tiled_decode(decode: Callable, latent_sample, *args, tile: int = VAE_TILE, overlap: int = 16, **kwargs):
     """Decode latents in overlapping tiles of `tile` latent pixels (512 image pixels), blended linearly where
     they overlap, so the decoder's activations are those of one tile whatever the image size. Latents that
     fit one tile are decoded whole (the result is then identical)."""

@@ -314,7 +314,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
         host.encode_bytes = encode_bytes
     # Settle and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
-    # from before it.
+    # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
     _settle(host)
 
     def finish() -> bool:
