@@ -57,6 +57,8 @@ ROWS = {
     "low -release_all": ("sdfleet", {"mode": "low", "levers": {"release_all": False}}),
     "low -vae_tiles": ("sdfleet", {"mode": "low", "levers": {"vae_tiles": False}}),
     "low -split_guidance": ("sdfleet", {"mode": "low", "levers": {"split_guidance": False}}),
+    # TAESD's published architecture at full size, as bench/taesd.py exports it (run that first)
+    "low tiny_vae": ("sdfleet", {"mode": "low", "levers": {"tiny_vae": str(CACHE / "taesd" / "taesd-ov")}}),
     "low int8": ("sdfleet", {"mode": "low", "weights": "int8"}),
     "low f32": ("sdfleet", {"mode": "low", "precision": "f32"}),
     "low f32 g7.5": ("sdfleet", {"mode": "low", "precision": "f32", "guidance": 7.5}),
