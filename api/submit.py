@@ -133,8 +133,9 @@ class Submitter:
             _answer(p, result=positions.get(p.values["id"]))
 
     def _store(self, batch: list[_Pending]) -> list[_Pending]:
-        """Insert the batch in one transaction (one executemany: one round trip); if one of them breaks a constraint (an
-        Idempotency-Key that another request took meanwhile), each in its own, and that one hears it."""
+        """Insert the batch in one transaction (one executemany: one round trip); if one of them breaks a
+        constraint (an Idempotency-Key that another request took meanwhile), each in its own, and that one
+        hears it."""
         try:
             with self.sessions.begin() as session:
                 session.execute(Job.__table__.insert(), [p.values for p in batch])

@@ -121,7 +121,6 @@ class Host:
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
         self.running: Running | None = None
-        self.settled = True  # False while a job has generated and its memory is not handed back yet (tasks._settle)
         self._sessions = session_factory(settings.database_url)
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_size(self.budget), fmt_size(self.cgroup_limit) if self.cgroup_limit else "none",

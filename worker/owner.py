@@ -55,11 +55,8 @@ class OwnerWatch:
         processes), so the list is kept for 10 s; this process (the pool child) is always in it."""
         now = time.monotonic()
         if self._family_at is None or now - self._family_at > 10:
-            me = os.getpid()
-            self._family_list = [self._worker, psutil.Process(), *(p for p in self._worker.children(recursive=True)
-                                                                   if p.pid != me and p.pid != self._worker.pid)]
-            if me == self._worker.pid:
-                self._family_list = self._family_list[1:]
+            family = [self._worker, psutil.Process(), *self._worker.children(recursive=True)]
+            self._family_list = list({p.pid: p for p in family}.values())
             self._family_at = now
         return self._family_list
 

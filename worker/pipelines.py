@@ -161,7 +161,8 @@ class OptimumPipeline:
             return forward(latent_sample, *args, **kwargs)
         self._enter("decode")
         peak, rss = high_water_mark_bytes(), rss_bytes()
-        per_pixel = self.decode_bytes_per_pixel or DECODE_BYTES_PER_LATENT_PIXEL[self.precision in ("bf16", "f16")]
+        per_pixel = self.decode_bytes_per_pixel or \
+            DECODE_BYTES_PER_LATENT_PIXEL * (1 if self.precision in ("bf16", "f16") else 2)
         if peak is None or rss + per_pixel * h * w > peak:
             return tiled_decode(forward, latent_sample, *args, tile=VAE_TILE, **kwargs)
         out = forward(latent_sample, *args, **kwargs)
@@ -321,8 +322,8 @@ def _ramp(n: int, width: int):
 VAE_TILE = 64  # latent pixels: 512 image pixels
 # What a whole VAE decode adds, compiling the decoder included, per latent pixel, kept above what was measured:
 # SD's (and SDXL's) full VAE decoder at 1024x1024 took 2.36 GiB at bf16 (147 KiB per latent pixel,
-# bench/taesd.py); f32 doubles the activations. Indexed by "16-bit inference".
-DECODE_BYTES_PER_LATENT_PIXEL = {True: 192 * 1024, False: 384 * 1024}
+# bench/taesd.py). At 16-bit inference; f32 doubles it.
+DECODE_BYTES_PER_LATENT_PIXEL = 192 * 1024
 
 
 def tiled_decode(decode: Callable, latent_sample, *args, tile: int = VAE_TILE, overlap: int = 16, **kwargs):

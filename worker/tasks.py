@@ -132,7 +132,6 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
 def run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
     """Run one delivered job; returns the status it ended in (or 'skipped', 'handed on'). Messages this
     sends (a webhook's hand-out to the ops workers, a job handed on to a larger class) go through `celery`."""
-    host.settled = True  # until a job starts generating
     try:
         return _run_job(job_id, delivery_id, host, celery)
     finally:
@@ -140,13 +139,12 @@ def run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) ->
 
 
 def _settle(host: Host) -> None:
-    """After a job's generation, once: the job's garbage and freed heap go back to the OS, the weights' file
-    pages are dropped (with the levers that say so), and a heartbeat at once: admission predicts the next jobs
-    from what this one left resident."""
-    host.running = None
-    if host.settled:
+    """After a job's generation, once (a job is running until then): the job's garbage and freed heap go back
+    to the OS, the weights' file pages are dropped (with the levers that say so), and a heartbeat at once:
+    admission predicts the next jobs from what this one left resident."""
+    if host.running is None:
         return
-    host.settled = True
+    host.running = None
     gc.collect()
     release_free_memory()
     settle(host.pipeline)
@@ -281,7 +279,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     t0 = time.perf_counter()
     try:
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
-            host.running, host.settled = Running(attempt, meter), False
+            host.running = Running(attempt, meter)
             host.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
             images = _generate_all(host, params, meter, monitor, clock)
     except JobCancelled:
