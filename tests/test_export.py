@@ -49,6 +49,56 @@ def _bin_bytes(folder: Path, component: str) -> int:
     return (folder / component / "openvino_model.bin").stat().st_size
 
 
+def _fixed_feed(model, latent_hw: tuple[int, int], pixels: bool) -> dict:
+    """A fixed input for each of `model`'s inputs: batch 1, 77 tokens, a latent of `latent_hw` (or its image,
+    8x, for a VAE encoder's `pixels`), timestep 500."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for port in model.inputs:
+        dims = port.get_partial_shape()
+        hw = [side * 8 for side in latent_hw] if pixels else list(latent_hw)
+        shape = [d.get_length() if d.is_static else 1 if i == 0 else hw[i - 2] if len(dims) == 4 else 77
+                 for i, d in enumerate(dims)]
+        dtype = port.get_element_type().to_dtype()
+        if port.get_any_name() == "timestep":
+            feed[port.get_any_name()] = np.full(shape, 500, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feed[port.get_any_name()] = rng.integers(0, 1000, shape).astype(dtype)
+        else:
+            feed[port.get_any_name()] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def test_every_component_computes_what_optimum_cli_exports(exported, torch_pipeline, tmp_path):
+    """`sdfleet model export` traces the UNet and the VAE with small inputs (worker.export.TRACE_LATENT_SIDE: the
+    tiny model's own size is twice that), where optimum-cli traces them at the model's sample size, to convert at
+    a fraction of the memory. The IR must not depend on it: on the same input, at a size neither traced (and not
+    square), each component gives what optimum-cli's own fp16 export gives."""
+    import openvino as ov
+
+    from worker.export import TRACE_LATENT_SIDE
+
+    assert json.loads((torch_pipeline / "unet" / "config.json").read_text())["sample_size"] > TRACE_LATENT_SIDE
+    cli = tmp_path / "cli"
+    r = subprocess.run([str(Path(sys.executable).parent / "optimum-cli"), "export", "openvino", "--model",
+                        str(torch_pipeline), "--task", "text-to-image", "--weight-format", "fp16", str(cli)],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    core = ov.Core()
+    for comp in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"):
+        outs = []
+        for folder in (exported, cli):
+            model = core.read_model(folder / comp / "openvino_model.xml")
+            feed = _fixed_feed(model, (24, 40), pixels=comp == "vae_encoder")
+            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            outs.append(compiled(feed)[compiled.outputs[0]])
+        ours, theirs = outs
+        assert ours.shape == theirs.shape, comp
+        if comp == "unet":
+            assert ours.shape == (1, 4, 24, 40)
+        assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max()), comp
+
+
 def test_an_exported_folder_serves_both_backends_and_records_each_step(exported):
     stamp = json.loads((exported / "sdfleet_export.json").read_text())
     assert stamp["weight_format"] == "fp16"

@@ -51,6 +51,14 @@ def _per_component(split: str, weight_bytes: int) -> bool:
     """Whether each component gets its own child process (see SPLIT_ABOVE_BYTES)."""
     return split == "always" or split == "auto" and weight_bytes >= SPLIT_ABOVE_BYTES
 IR_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# optimum-intel traces each image model once with a dummy input of the model's own sample size (SDXL's UNet: a
+# 127x127 latent at batch 2, its VAE encoder a 1023x1023 image). The IR does not depend on that size (height and
+# width are dynamic, and the trace records them as shape ops, as it must for the IR to run at any size), but the
+# trace's memory does: SDXL's UNet trace held ~9 GiB of activations that the allocator kept through the save,
+# 16 GiB in all. Traced at most this big (a latent's side; x8 for the VAE encoder's pixels), the same UNet
+# converts at under half of that (bench/README.md, "Export"). An odd side stays odd: optimum-intel makes the
+# UNet's odd on purpose, so that the trace takes the upsampling path that follows the skip connections' sizes.
+TRACE_LATENT_SIDE = 32
 
 
 class ExportError(RuntimeError):
@@ -128,6 +136,25 @@ def _fuse_lora(pipe, lora: str, scale: float, names: list[str]) -> list[str]:
     return fused
 
 
+def _small_trace_inputs(export_config, side: int) -> None:
+    """Make `export_config` (an optimum-intel export config) trace with image inputs of at most side x side
+    (see TRACE_LATENT_SIDE)."""
+    import torch
+
+    generate = export_config.generate_dummy_inputs
+
+    def small(*args, **kwargs):
+        inputs = generate(*args, **kwargs)
+        for name in ("sample", "latent_sample"):
+            t = inputs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and max(t.shape[-2:]) > side:
+                h, w = (min(d, side - d % 2) for d in t.shape[-2:])
+                inputs[name] = torch.randn(*t.shape[:2], h, w, dtype=t.dtype)
+        return inputs
+
+    export_config.generate_dummy_inputs = small
+
+
 def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool, lora: str | None = None,
             lora_scale: float = 1.0, scheduler: str | None = None) -> dict:
     """Child process: convert `parts` of the pipeline at `src` to fp16 IR in `out` with optimum-intel; with a
@@ -186,6 +213,9 @@ def convert(src: Path, out: Path, parts: list[str], with_tokenizers: bool, lora:
             setattr(pipe, name, None)
     del pipe, keep
     gc.collect()
+    for name, (_, export_config) in models.items():
+        if name in ("unet", "vae_decoder", "vae_encoder"):
+            _small_trace_inputs(export_config, TRACE_LATENT_SIDE * (8 if name == "vae_encoder" else 1))
     _set_runtime_options(models, "text-to-image", "diffusers", False)
     export_models(models_and_export_configs=models, output_dir=out,
                   output_names=[os.path.join(n, "openvino_model.xml") for n in models],
