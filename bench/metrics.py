@@ -146,14 +146,33 @@ def measure(db_url: str, redis_url: str, n: int, scrapes: int) -> dict:
         with engine_for(db_url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM job_count_deltas, job_histogram_deltas"))
     out = {"jobs": n, "fill_s": round(fill_s, 1), "fold_s": round(fold_s, 3), "folded": folded}
+    # where a scrape's time goes: each statement's time on the database connection (cursor execute to
+    # result), by the statement's first words
+    from sqlalchemy import event
+
+    spent: dict[str, list[float]] = defaultdict(list)
+
+    def before(conn, cursor, statement, *args):
+        conn.info["sdfleet_t0"] = time.perf_counter()
+
+    def after(conn, cursor, statement, *args):
+        spent[" ".join(statement.split())[:60]].append(time.perf_counter() - conn.info.pop("sdfleet_t0"))
+
+    engine = engine_for(db_url)
     for way, scrape in (("statistics", lambda: render_metrics(sessions, broker, settings)[0]),
                         ("scan", lambda: old_scrape(sessions, broker, settings))):
         times = []
+        spent.clear()
+        event.listen(engine, "before_cursor_execute", before)
+        event.listen(engine, "after_cursor_execute", after)
         for _ in range(scrapes):
             t = time.perf_counter()
             body = scrape()
             times.append(time.perf_counter() - t)
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
         out[f"{way}_ms"] = round(statistics.median(times) * 1000, 2)
+        out[f"{way}_statements_ms"] = {k: round(statistics.median(v) * 1000, 2) for k, v in spent.items()}
         out[f"{way}_succeeded"] = next(float(l.split()[1]) for l in body.decode().splitlines()
                                        if l.startswith('sdfleet_jobs{state="succeeded"}'))
     assert out["statistics_succeeded"] == out["scan_succeeded"], out  # the same answer both ways

@@ -130,11 +130,14 @@ def one_round(side: str, db_url: str, redis_url: str, token: str, args, workdir:
     else:
         cmd = [sys.executable, "-m", "sdfleet", "api", "--port", str(port), "--workers", str(args.api_processes),
                "--quiet"]
+        if args.sdfleet_root:  # another checkout's API (an earlier commit, say), on a database it migrated
+            env["PYTHONPATH"] = str(args.sdfleet_root)
         auth = f'wrk.headers["Authorization"] = "Bearer {token}"'
     script = workdir / f"{side}.lua"
     script.write_text(WRK_SCRIPT % {"model": MODEL, "auth": auth})
     log = open(workdir / f"{side}.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    cwd = args.sdfleet_root if side == "sdfleet" and args.sdfleet_root else ROOT
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_up(url, proc)
@@ -176,7 +179,8 @@ def table(rows: list[dict]) -> str:
         s = row["summary"]
         for side in ("naive", "sdfleet"):
             m = s[side]
-            lines.append(f"| {row['database']} | {row['api_processes']} | {side} | {m['req_per_s']:.0f} | "
+            name = f"{side} ({row['sdfleet_commit']})" if side == "sdfleet" and row.get("sdfleet_commit") else side
+            lines.append(f"| {row['database']} | {row['api_processes']} | {name} | {m['req_per_s']:.0f} | "
                          f"{m['p50_ms']:.1f} ms | {m['p99_ms']:.1f} ms | {m['non_202']} | "
                          + (f"{s['ratio']:.2f}x |" if side == "sdfleet" else "|"))
     return "\n".join(lines)
@@ -192,6 +196,9 @@ def main() -> None:
     ap.add_argument("--api-processes", type=int, default=1)
     ap.add_argument("--pg-admin-url", default=os.environ.get("SDFLEET_BENCH_PG_ADMIN_URL",
                                                              "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--sdfleet-root", type=Path, default=None,
+                    help="run sdfleet's API from this checkout (e.g. a git worktree of an earlier commit); the "
+                         "database is migrated by that checkout's code")
     ap.add_argument("--table", action="store_true", help="reprint the rows of bench/results/submit.jsonl")
     args = ap.parse_args()
     if args.table:
@@ -213,7 +220,14 @@ def main() -> None:
                 else:
                     db_url = postgres_database(args.pg_admin_url, "sdfleet_bench_submit", create=True)
                 try:
-                    token = prepare_database(db_url)
+                    if args.sdfleet_root:  # that checkout's migrations, key and heartbeat
+                        token = subprocess.run(
+                            [sys.executable, "-c", "import sys; from bench.submit import prepare_database; "
+                             "print(prepare_database(sys.argv[1]))", db_url], cwd=args.sdfleet_root, check=True,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(args.sdfleet_root)}
+                        ).stdout.strip().splitlines()[-1]
+                    else:
+                        token = prepare_database(db_url)
                     rounds = []
                     for i in range(args.rounds):
                         rnd = {}
@@ -231,6 +245,9 @@ def main() -> None:
                        "api_processes": args.api_processes, "connections": args.connections,
                        "threads": args.threads, "seconds": args.seconds, "rounds": rounds,
                        "summary": summarize(rounds)}
+                if args.sdfleet_root:
+                    row["sdfleet_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.sdfleet_root,
+                                                           capture_output=True, text=True).stdout.strip()
                 rows.append(row)
                 with RESULTS.open("a") as f:
                     f.write(json.dumps(row) + "\n")
