@@ -33,8 +33,6 @@ from shared.queue import send_generate
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # jobs in one transaction at most
-# rows per INSERT statement: a statement's bound parameters stay under SQLite's limit (32,766 since 3.32)
-ROWS_PER_INSERT = 30_000 // len(Job.__table__.columns)
 
 
 class FleetCache:
@@ -135,15 +133,12 @@ class Submitter:
             _answer(p, result=positions.get(p.values["id"]))
 
     def _store(self, batch: list[_Pending]) -> list[_Pending]:
-        """Insert the batch in one transaction, as one multi-row INSERT (one statement: an executemany is a
-        statement per row on psycopg, and PostgreSQL's statistics trigger then fires per row, not per batch:
-        migration 0011); if one of them breaks a constraint (an Idempotency-Key that another request took
-        meanwhile), each in its own, and that one hears it."""
+        """Insert the batch in one transaction (one executemany: one round trip); if one of them breaks a
+        constraint (an Idempotency-Key that another request took meanwhile), each in its own, and that one
+        hears it."""
         try:
             with self.sessions.begin() as session:
-                rows = [p.values for p in batch]
-                for i in range(0, len(rows), ROWS_PER_INSERT):
-                    session.execute(Job.__table__.insert().values(rows[i:i + ROWS_PER_INSERT]))
+                session.execute(Job.__table__.insert(), [p.values for p in batch])
             return batch
         except IntegrityError as exc:
             if len(batch) == 1:

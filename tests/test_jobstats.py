@@ -113,27 +113,20 @@ def test_jobs_stored_before_the_statistics_are_counted_once(fresh_url):  # noqa:
 
 
 def test_a_batch_of_submissions_and_a_bulk_delete_are_counted_per_job(fresh_url):  # noqa: F811
-    """The API stores submissions in batches (one multi-row INSERT per group commit, api/submit.py) and
-    retention deletes in bulk: the counts follow both, job by job. On PostgreSQL a statement appends one delta
-    per (model, status) it touched, not one per job (migration 0011): the statistics cost the submit path one
-    small insert per batch."""
+    """The API stores submissions in batches (one executemany per group commit, api/submit.py) and retention
+    deletes in bulk: the counts follow both, job by job, before and after a fold."""
     db = session_factory(fresh_url)
     rows = [store.new_job_values(store.NewJob(PARAMS.model_copy(update={"model": m})))
             for m in ["m-a"] * 30 + ["m-b"] * 10]
     with db.begin() as s:
-        s.execute(Job.__table__.insert().values(rows))  # what the API's group commit runs
+        s.execute(Job.__table__.insert(), rows)  # what the API's group commit runs
     with db() as s:
         assert jobstats.counts(s) == {("m-a", "queued"): 30, ("m-b", "queued"): 10} == _truth(s)[0]
-        deltas = s.scalar(select(func.count()).select_from(jobstats.job_count_deltas))
-    if engine_for(fresh_url).dialect.name == "postgresql":
-        assert deltas == 2
-    else:
-        assert deltas == 40  # SQLite has no statement triggers
     with db.begin() as s:
         s.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows[:20]] + [rows[-1]["id"]])))
     with db() as s:
         assert jobstats.counts(s) == {("m-a", "queued"): 10, ("m-b", "queued"): 9} == _truth(s)[0]
     with db.begin() as s:
-        jobstats.compact(s)
+        assert jobstats.compact(s) > 0
     with db() as s:
         assert jobstats.counts(s) == {("m-a", "queued"): 10, ("m-b", "queued"): 9}
