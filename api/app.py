@@ -79,11 +79,11 @@ _frozen = False
 
 
 def _freeze_startup_objects() -> None:
-    """Move what start-up made (modules, routes, the ORM's and pydantic's machinery, ~hundreds of thousands of
-    objects that live as long as the process) out of the cyclic collector's sight, once per process. Every full
-    collection under load walked all of them: ~95 ms each, with the event loop and every request in flight
-    stopped (17 in 20 s at 1,000 submissions/s), which was the submit path's p99; after this, ~4 ms
-    (bench/README.md, "Submit path")."""
+    """Move what start-up made (modules, routes, the ORM's and pydantic's machinery: objects that live as long
+    as the process) out of the cyclic collector's sight, once per process. Every full collection under load
+    walked all of them: ~95 ms each, with the event loop and every request in flight stopped (17 in a 15 s
+    run at ~1,000 submissions/s), which was the submit path's p99; after this, ~4 ms (bench/README.md,
+    "Submit path")."""
     global _frozen
     if not _frozen:
         _frozen = True

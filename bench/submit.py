@@ -246,8 +246,9 @@ def main() -> None:
                        "threads": args.threads, "seconds": args.seconds, "rounds": rounds,
                        "summary": summarize(rounds)}
                 if args.sdfleet_root:
-                    row["sdfleet_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.sdfleet_root,
-                                                           capture_output=True, text=True).stdout.strip()
+                    row["sdfleet_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                           cwd=args.sdfleet_root, capture_output=True,
+                                                           text=True).stdout.strip()
                 rows.append(row)
                 with RESULTS.open("a") as f:
                     f.write(json.dumps(row) + "\n")
