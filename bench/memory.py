@@ -51,6 +51,7 @@ ROWS = {
     "low cold cache": ("sdfleet", {"mode": "low", "cold": True}),
     "low": ("sdfleet", {"mode": "low"}),
     "low g7.5": ("sdfleet", {"mode": "low", "guidance": 7.5}),
+    "low g7.5 unsplit": ("sdfleet", {"mode": "low", "guidance": 7.5, "split": False}),
     "low g7.5 x4": ("sdfleet", {"mode": "low", "guidance": 7.5, "images": 4}),
     "low static": ("sdfleet", {"mode": "low", "static": True}),
     "low -drop_file_pages": ("sdfleet", {"mode": "low", "levers": {"drop_file_pages": False}}),
@@ -186,13 +187,42 @@ def run_row(spec: dict, limit_gb: float) -> dict:
     return row
 
 
+def combine(results: list[dict]) -> dict:
+    """One row measured in several rounds: the median of each figure (the anon / file split of the round whose
+    peak is the median), and every round's figures under "per_round" for ratios taken round by round."""
+    ok = [r for r in results if not r.get("error") and not r.get("killed")]
+    if len(results) == 1 or not ok:
+        return results[-1]
+    mid = sorted(ok, key=lambda r: r["peak_mb"])[(len(ok) - 1) // 2]
+    row = dict(mid, rounds=len(results), failed_rounds=len(results) - len(ok))
+    for key in ("peak_mb", "first_image_s", "s_per_step"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = round(statistics.median(values), 2) if values else None
+    row["per_round"] = [{k: r.get(k) for k in ("peak_mb", "first_image_s", "s_per_step", "killed", "error")}
+                        for r in results]
+    return row
+
+
+def _vs(r: dict, base: dict, key: str) -> str:
+    """r's figure over the baseline's: the median of the per-round ratios when both ran in the same rounds."""
+    pairs = list(zip(r.get("per_round") or [r], base.get("per_round") or [base]))
+    if len(r.get("per_round") or [r]) != len(base.get("per_round") or [base]):
+        pairs = [(r, base)]
+    ratios = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
+    return f"{statistics.median(ratios):.2f}x" if ratios else ""
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| model | row | weights | precision | guidance | images | peak RSS | anon / file at peak | "
-           "first image | s/step | vs fastsdcpu |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        # the fastsdcpu way's default (fp16 IR, the CPU's precision) for the same guidance and image count
-        base = next((b for b in rows if b["row"] in BASELINES and b["arch"] == r["arch"] and not b.get("killed")
-                     and b["guidance"] == r["guidance"] and b["images"] == r["images"]), None)
+    out = ["| model | row | weights | precision | guidance | images | rounds | peak RSS | anon / file at peak | "
+           "first image | s/step | vs fastsdcpu (peak / s/step / first image) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        # the fastsdcpu way's default (fp16 IR, the CPU's precision) for the same guidance and image count; of
+        # several (--table over many runs), the nearest in the list: the same run's
+        base = min((j for j, b in enumerate(rows) if b["row"] in BASELINES and b["arch"] == r["arch"]
+                    and not b.get("killed") and not b.get("error") and b["guidance"] == r["guidance"]
+                    and b["images"] == r["images"]), key=lambda j: abs(j - i), default=None)
+        base = rows[base] if base is not None else None
         peak = r.get("peak_mb")
         if r.get("killed"):
             shown = f"killed past {peak / 1024:.1f} GiB"
@@ -201,10 +231,11 @@ def table(rows: list[dict]) -> str:
         else:
             shown = f"{peak / 1024:.1f} GiB"
         split = f"{r['anon_mb'] / 1024:.1f} / {r['file_mb'] / 1024:.1f} GiB" if "anon_mb" in r else ""
-        ratio = f"{peak / base['peak_mb']:.2f}x" if base and peak and not r.get("error") else ""
+        ratio = " / ".join(_vs(r, base, k) for k in ("peak_mb", "s_per_step", "first_image_s")) \
+            if base and peak and not r.get("error") and not r.get("killed") else ""
         out.append(f"| {r['arch']} {JOBS[r['arch']]['size']}px | {r['row']} | {r['weights']} | "
-                   f"{r.get('precision', r['precision'])} | {r['guidance']} | {r['images']} | {shown} | {split} | "
-                   f"{r.get('first_image_s', '')} s | {r.get('s_per_step') or ''} | {ratio} |")
+                   f"{r.get('precision', r['precision'])} | {r['guidance']} | {r['images']} | {r.get('rounds', 1)} | "
+                   f"{shown} | {split} | {r.get('first_image_s', '')} s | {r.get('s_per_step') or ''} | {ratio} |")
     return "\n".join(out)
 
 
@@ -214,11 +245,14 @@ def main() -> int:
     ap.add_argument("--rows", help="comma-separated row names (default: the arch's matrix)")
     ap.add_argument("--limit-gb", type=float, default=21.0)
     ap.add_argument("--steps", type=int, help="denoising steps per image (default: the arch's, SD 1.5 3, SDXL 2)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every row this many times, the rows alternated; the table shows medians")
     ap.add_argument("--child")
     ap.add_argument("--table", action="store_true", help="print the table of the rows in results/memory.jsonl")
     args = ap.parse_args()
-    if args.table:
-        print(table([json.loads(line) for line in RESULTS.read_text().splitlines()]))
+    if args.table:  # the last invocation's rows: with --rounds, their medians (memory-rounds.jsonl)
+        source = RESULTS.with_name("memory-rounds.jsonl") if args.rounds > 1 else RESULTS
+        print(table([json.loads(line) for line in source.read_text().splitlines()]))
         return 0
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
@@ -226,24 +260,32 @@ def main() -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     rows, primed = [], set()
     for arch in args.arch.split(","):
-        shutil.rmtree(CACHE / "ov-cache-cold", ignore_errors=True)
-        for name in (args.rows.split(",") if args.rows else DEFAULT_ROWS[arch]):
-            spec = spec_for(arch, name)
-            if args.steps:
-                spec["steps"] = args.steps
-            if not Path(spec["model"]).is_dir():
-                print(f"skipping {arch} {name}: no {spec['model']} (run bench/export_bench.py)", flush=True)
-                continue
-            key = (spec["model"], spec["precision"], spec["backend"], spec["static"])
-            if spec["way"] == "sdfleet" and not spec["cold"] and key not in primed:
-                run_row({**spec, "images": 1, "guidance": 1.0}, args.limit_gb)  # fills the compile cache
-                primed.add(key)
-            row = run_row(spec, args.limit_gb)
-            rows.append(row)
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row.get(k) for k in ("arch", "row", "peak_mb", "anon_mb", "file_mb", "first_image_s",
-                                                      "s_per_step", "precision", "killed", "error")}), flush=True)
+        measured: dict[str, list[dict]] = {}
+        for round_ in range(args.rounds):  # the rows alternate: round 1 of each row, then round 2, ...
+            for name in (args.rows.split(",") if args.rows else DEFAULT_ROWS[arch]):
+                spec = spec_for(arch, name)
+                if args.steps:
+                    spec["steps"] = args.steps
+                if not Path(spec["model"]).is_dir():
+                    print(f"skipping {arch} {name}: no {spec['model']} (run bench/export_bench.py)", flush=True)
+                    continue
+                if spec["cold"]:
+                    shutil.rmtree(CACHE / "ov-cache-cold", ignore_errors=True)
+                key = (spec["model"], spec["precision"], spec["backend"], spec["static"])
+                if spec["way"] == "sdfleet" and not spec["cold"] and key not in primed:
+                    run_row({**spec, "images": 1, "guidance": 1.0}, args.limit_gb)  # fills the compile cache
+                    primed.add(key)
+                row = run_row({**spec, "round": round_ + 1}, args.limit_gb)
+                measured.setdefault(name, []).append(row)
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({k: row.get(k) for k in ("arch", "row", "round", "peak_mb", "anon_mb", "file_mb",
+                                                          "first_image_s", "s_per_step", "precision", "killed",
+                                                          "error")}), flush=True)
+        rows += [combine(results) for results in measured.values()]
+    if args.rounds > 1:
+        with open(RESULTS.with_name("memory-rounds.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     print(table(rows))
     return 0
 
