@@ -3,7 +3,7 @@
 component resident, N images in one batch) beside sdfleet's worker code (worker.pipelines.get_pipeline: load,
 warm-up, levers; N images as N passes) in each memory mode and with each lever.
 
-    .venv/bin/python bench/memory.py [--arch sd15,sdxl] [--rows NAME,...] [--limit-gb 21]
+    .venv/bin/python bench/memory.py [--arch sd15,sdxl] [--rows NAME,...] [--limit-gb 21] [--rounds N]
 
 Needs the IR folders that bench/export_bench.py leaves in ~/.cache/sdfleet/bench. Appends every row to
 bench/results/memory.jsonl and prints a markdown table. Columns: peak RSS of the process (the kernel's VmHWM,
@@ -208,7 +208,8 @@ def _vs(r: dict, base: dict, key: str) -> str:
     pairs = list(zip(r.get("per_round") or [r], base.get("per_round") or [base]))
     if len(r.get("per_round") or [r]) != len(base.get("per_round") or [base]):
         pairs = [(r, base)]
-    ratios = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
+    ratios = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)
+              and not any(x.get("killed") or x.get("error") for x in (a, b))]
     return f"{statistics.median(ratios):.2f}x" if ratios else ""
 
 
@@ -248,9 +249,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every row this many times, the rows alternated; the table shows medians")
     ap.add_argument("--child")
-    ap.add_argument("--table", action="store_true", help="print the table of the rows in results/memory.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the table of the rows in results/memory.jsonl "
+                    "(with --rounds N: of results/memory-rounds.jsonl)")
     args = ap.parse_args()
-    if args.table:  # the last invocation's rows: with --rounds, their medians (memory-rounds.jsonl)
+    if args.table:  # every row measured; with --rounds N (N > 1), the combined rows of the runs in rounds
         source = RESULTS.with_name("memory-rounds.jsonl") if args.rounds > 1 else RESULTS
         print(table([json.loads(line) for line in source.read_text().splitlines()]))
         return 0
