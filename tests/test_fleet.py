@@ -123,6 +123,18 @@ def until_admission_knows(stack, sources: tuple[str, ...], **shape) -> None:
         time.sleep(0.1)
 
 
+def until_admission_routes(stack, memory_class: int, **shape) -> None:
+    """Wait until admission routes this shape to this memory class (it reads the fleet's profiles once per
+    SDFLEET_API_CACHE_S, so a profile a job just recorded reaches it within that)."""
+    deadline = time.monotonic() + 15
+    while True:
+        plan = stack.api.http.post("/v1/plan", json={k: v for k, v in shape.items() if k in PLAN_FIELDS}).json()
+        if plan["memory_class_bytes"] == memory_class:
+            return
+        assert time.monotonic() < deadline, plan
+        time.sleep(0.1)
+
+
 @pytest.mark.one_database  # the profile SQL races on both databases in test_hardening
 def test_predictions_improve_as_profiles_fill(stack, spawn_worker):
     model, _ = spawn_worker("learning")
@@ -205,7 +217,11 @@ def test_a_worker_that_cannot_fit_a_job_hands_it_on_and_one_no_worker_fits_fails
         with stack.sessions() as s:
             assert s.get(Job, job["id"]).worker_name == ws["balanced"]["name"]
 
+        # Admission reads the fleet's profiles once per SDFLEET_API_CACHE_S: until it has read the one the first
+        # job recorded, it predicts 128x128 from the prior, above this class, and the large worker would take it.
+        until_admission_routes(stack, first_class, model=model, width=128, height=128)
         job = stack.api.submit(prompt="a cat", model=model, width=128, height=128, steps=1)
+        assert job["memory_class_bytes"] == first_class, job
         done = stack.api.wait(job["id"], timeout=120)
         assert done["status"] == "failed" and done["error"]["code"] == "insufficient_memory", done
         assert "no live worker's memory class holds it" in done["error"]["message"] and done["attempts"] == 0
