@@ -112,7 +112,8 @@ def main() -> int:
                     help="run both fp16 IRs' UNets once on the same input and report the largest difference")
     ap.add_argument("--latent", type=int, default=0, help="--compare's latent side (default: the UNet's own)")
     ap.add_argument("--formats", default="fp16,int8",
-                    help="weight formats for sdfleet (int8/int4 compress the fp16 IR)")
+                    help="weight formats for sdfleet (int8/int4/int8-hybrid compress the fp16 IR)")
+    ap.add_argument("--calibration-samples", type=int, help="int8-hybrid's (default: sdfleet's, 200)")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     RESULTS.parent.mkdir(exist_ok=True)
@@ -134,10 +135,12 @@ def main() -> int:
         for fmt in args.formats.split(","):
             out = CACHE / f"{arch}-{fmt}"
             shutil.rmtree(out, ignore_errors=True)
-            # int8/int4 start from the fp16 IR (what a user with an exported model does); fp16 from torch
+            # int8/int4/int8-hybrid start from the fp16 IR (what a user with an exported model does); fp16 from torch
             source = src if fmt == "fp16" else CACHE / f"{arch}-fp16"
             runs.append(("sdfleet model export", fmt, out,
-                         [str(BIN / "sdfleet"), "model", "export", str(source), str(out), "--weight-format", fmt]))
+                         [str(BIN / "sdfleet"), "model", "export", str(source), str(out), "--weight-format", fmt]
+                         + (["--calibration-samples", str(args.calibration_samples)]
+                            if fmt == "int8-hybrid" and args.calibration_samples else [])))
         for how, fmt, out, cmd in runs:
             t0 = time.time()
             r = guarded(cmd, args.limit_gb, CACHE / f"export-{arch}-{fmt}-{how.split()[0].strip(',')}.log")

@@ -68,6 +68,12 @@ ROWS = {
     "low int8 f32 g7.5": ("sdfleet", {"mode": "low", "weights": "int8", "precision": "f32", "guidance": 7.5}),
     "low int8 f32 g7.5 unsplit": ("sdfleet", {"mode": "low", "weights": "int8", "precision": "f32", "guidance": 7.5,
                                               "split": False}),
+    # `sdfleet model export --weight-format int8-hybrid` (bench/export_bench.py --formats int8-hybrid): the UNet's
+    # convolutions quantized fully, so that they stay 8-bit at f32 where an int8 IR's are decompressed
+    "low int8-hybrid": ("sdfleet", {"mode": "low", "weights": "int8-hybrid"}),
+    "low int8-hybrid f32": ("sdfleet", {"mode": "low", "weights": "int8-hybrid", "precision": "f32"}),
+    "low int8-hybrid f32 g7.5": ("sdfleet", {"mode": "low", "weights": "int8-hybrid", "precision": "f32",
+                                             "guidance": 7.5}),
     "genai balanced": ("sdfleet", {"mode": "balanced", "backend": "genai"}),
 }
 BASELINES = ("fastsdcpu", "fastsdcpu g7.5", "fastsdcpu g7.5 x4")

@@ -500,14 +500,18 @@ def cmd_export(args) -> int:
     try:
         stamp = export(args.src, args.out, args.weight_format,
                        on_step=lambda line: print(line, file=sys.stderr, flush=True), lora=args.lora,
-                       lora_scale=args.lora_scale, scheduler=args.scheduler, split=args.split)
+                       lora_scale=args.lora_scale, scheduler=args.scheduler, split=args.split,
+                       calibration_prompts=args.calibration_prompts, calibration_samples=args.calibration_samples,
+                       calibration_size=args.calibration_size)
     except ExportError as exc:
         print(f"sdfleet model export: {exc}", file=sys.stderr)
         return 2
     lora = stamp.get("lora")
     print(f"{args.out}: {stamp['weight_format']} in {stamp['seconds']} s, largest step's peak {stamp['peak_mb']} MB"
           + (f"; LoRA fused into {', '.join(lora['fused_into'])} at scale {lora['scale']:g}" if lora else "")
-          + (f"; scheduler {stamp['scheduler']}" if "scheduler" in stamp else ""))
+          + (f"; scheduler {stamp['scheduler']}" if "scheduler" in stamp else "")
+          + (f"; calibrated on {stamp['calibration']['samples']} UNet calls at {stamp['calibration']['width']}px"
+             if "calibration" in stamp else ""))
     return 0
 
 
@@ -786,7 +790,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("src", help="a diffusers pipeline folder, or an OpenVINO IR folder to compress; or a hub ID "
                    "(ORG/NAME) found in the Hugging Face cache, or downloaded when the hub is reachable")
     m.add_argument("out", type=Path, help="the new IR folder (must not exist)")
-    m.add_argument("--weight-format", choices=("fp16", "int8", "int4"), default="fp16", help="the weights' format")
+    m.add_argument("--weight-format", choices=("fp16", "int8", "int4", "int8-hybrid"), default="fp16",
+                   help="the weights' format; int8-hybrid also quantizes the UNet's convolutions (activations too, "
+                   "calibrated on prompts) so that they stay 8-bit in memory and run in int8")
+    m.add_argument("--calibration-prompts", type=Path, metavar="FILE",
+                   help="int8-hybrid: prompts to calibrate on, one per line (default: 24 built-in prompts)")
+    m.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="int8-hybrid: UNet calls to calibrate on (default: 200, as optimum-intel)")
+    m.add_argument("--calibration-size", type=int, metavar="PX",
+                   help="int8-hybrid: the calibration images' side (default: the model's, up to 512)")
     m.add_argument("--lora", help="a LoRA to fuse into the UNet (and the text encoders it has weights for) before "
                    "conversion: a .safetensors file, a folder holding one, or a hub ID (e.g. an LCM-LoRA)")
     m.add_argument("--lora-scale", type=float, default=1.0, help="how much of the LoRA is fused")

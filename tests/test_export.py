@@ -127,6 +127,56 @@ def test_an_ir_folder_compresses_to_int8_or_int4_and_still_generates(exported, t
     assert np.asarray(image).std() > 0
 
 
+def _unet_output(ir: Path, feed: dict) -> np.ndarray:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ir / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(feed)[compiled.outputs[0]]
+
+
+def test_int8_hybrid_runs_the_unets_convolutions_in_8_bits_calibrated_on_the_prompts_given(exported, tmp_path):
+    """int8-hybrid: int8 weights, and the UNet's convolutions quantized fully (activations too, calibrated by
+    running the pipeline on the prompts given), so that the CPU keeps their weights in 8 bits and runs them in
+    int8 where an int8 IR's convolutions are decompressed to the inference precision."""
+    import openvino as ov
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n\na lighthouse in a storm\n")
+    out = tmp_path / "tiny-hybrid"
+    r = sdfleet("model", "export", exported, out, "--weight-format", "int8-hybrid", "--calibration-prompts", prompts,
+                "--calibration-samples", 6, "--calibration-size", 128)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated on 6 UNet calls at 128px" in r.stdout
+    stamp = json.loads((out / "sdfleet_export.json").read_text())
+    assert stamp["weight_format"] == "int8-hybrid"
+    calibration = stamp["calibration"]
+    assert calibration["samples"] == 6 and calibration["width"] == calibration["height"] == 128
+    assert 1 <= calibration["prompts"] <= 2 and calibration["runs"] * calibration["steps"] >= 6
+    assert {"calibrate unet", "quantize unet convolutions"} <= set(stamp["steps"])
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".npz", ".json") and p.name != "model_index.json") \
+        == ["sdfleet_export.json"]  # the calibration's files are gone
+
+    core = ov.Core()
+    runtime = {}
+    for fmt, folder in (("int8", tmp_path / "tiny-int8"), ("int8-hybrid", out)):
+        if fmt == "int8":
+            assert sdfleet("model", "export", exported, folder, "--weight-format", "int8").returncode == 0
+        compiled = core.compile_model(folder / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        runtime[fmt] = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+                        if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+    assert runtime["int8"] == {"f32"}  # the weight-only int8 IR: convolutions decompressed, run in f32
+    assert runtime["int8-hybrid"] <= {"u8", "i8"}, runtime  # every convolution in 8 bits
+
+    # the same UNet, within quantization's error of the fp16 IR on a fixed input
+    feed = _fixed_feed(core.read_model(exported / "unet" / "openvino_model.xml"), (16, 24), pixels=False)
+    reference, hybrid = _unet_output(exported, feed), _unet_output(out, feed)
+    assert hybrid.shape == reference.shape == (1, 4, 16, 24)
+    assert np.abs(hybrid - reference).mean() <= 0.1 * np.abs(reference).mean()
+    image = OptimumPipeline(str(out), levers=Settings(memory_mode="low", inference_precision="f32").levers).generate(
+        ImageRequest("a red car", None, 64, 64, 2, 7.5, 1))
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
 def test_export_refuses_clearly_and_leaves_nothing_behind(exported, torch_pipeline, tmp_path):
     r = sdfleet("model", "export", torch_pipeline, exported)
     assert r.returncode == 2 and "exists" in r.stderr
@@ -137,6 +187,17 @@ def test_export_refuses_clearly_and_leaves_nothing_behind(exported, torch_pipeli
     assert r.returncode == 2 and "model_index.json" in r.stderr
     r = sdfleet("model", "export", torch_pipeline, tmp_path / "out", "--weight-format", "int2")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = sdfleet("model", "export", exported, tmp_path / "out", "--weight-format", "int8", "--calibration-samples", 8)
+    assert r.returncode == 2 and "only int8-hybrid is calibrated" in r.stderr
+    for option, value, reason in (("--calibration-samples", 0, "1 to 10000 UNet calls"),
+                                  ("--calibration-size", 100, "multiple of 8"),
+                                  ("--calibration-prompts", tmp_path / "empty", "cannot be read"),
+                                  ("--calibration-prompts", tmp_path / "blank.txt", "no prompt in it")):
+        if option == "--calibration-prompts" and value.name == "blank.txt":
+            value.write_text("\n  \n")
+        r = sdfleet("model", "export", exported, tmp_path / "out", "--weight-format", "int8-hybrid", option, value)
+        assert r.returncode == 2 and reason in r.stderr, (option, r.stderr)
+    (tmp_path / "blank.txt").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 

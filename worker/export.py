@@ -1,4 +1,4 @@
-"""`sdfleet model export SRC OUT --weight-format fp16|int8|int4`: a diffusers pipeline to OpenVINO IR, one
+"""`sdfleet model export SRC OUT --weight-format fp16|int8|int4|int8-hybrid`: a diffusers pipeline to OpenVINO IR, one
 component per process, so that the export's peak is the largest component's, not the whole pipeline's
 (a pipeline under 1 GiB of weights, where that saves nothing, is converted and compressed in one child:
 `--split`).
@@ -9,6 +9,12 @@ each component (text encoders and tokenizers, UNet, VAE decoder, VAE encoder) is
 own export code in a fresh child process, which returns everything to the OS when it exits. int8 and int4
 are NNCF weight compression of the fp16 IR, again one component per process. SRC may also be an OpenVINO IR
 folder (from optimum-cli or an earlier export): then only the compression runs.
+
+int8-hybrid is int8 with the UNet's convolutions quantized fully, activations too, as optimum-intel's hybrid
+quantization does: OpenVINO's CPU plugin has no convolution with compressed weights, so an int8 IR's
+convolution weights are decompressed to the inference precision (f32 on a CPU without bf16: ~1 GiB more than
+their 8 bits for SDXL), where a quantized convolution keeps them in 8 bits and runs in int8. The activations'
+ranges are calibrated on UNet inputs collected by running the pipeline (int8 weights) on prompts.
 
 `--lora PATH [--lora-scale S]` fuses a LoRA (diffusers/PEFT or kohya safetensors: a file, a folder, or a hub
 ID) into the UNet, and into the text encoders it has weights for, before they are converted, as fastsdcpu does
@@ -35,7 +41,38 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = ("fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp16", "int8", "int4", "int8-hybrid")
+# int8-hybrid's calibration: the UNet inputs of this many UNet calls (optimum-intel's default), collected by
+# running the pipeline at its own steps and guidance on these prompts (cycled, one seed per run), at the model's
+# size up to this side (optimum-intel calibrates at 512 at most too)
+CALIBRATION_SAMPLES = 200
+CALIBRATION_MAX_SIDE = 512
+CALIBRATION_PROMPTS = (
+    "a lighthouse on a cliff in a storm, oil painting",
+    "portrait photo of an old fisherman, weathered face, natural light, 85mm",
+    "a bowl of ramen on a wooden table, steam, food photography",
+    "an isometric pixel-art city at night with neon signs",
+    "a red fox in fresh snow, wildlife photography, shallow depth of field",
+    "watercolor painting of a village by a river in spring",
+    "a futuristic sports car in a glass showroom, studio lighting",
+    "a cozy reading nook with a cat asleep on a pile of books",
+    "aerial view of terraced rice fields at sunrise",
+    "a medieval knight in ornate armor, dramatic lighting, concept art",
+    "macro photo of a dewdrop on a green leaf",
+    "a minimalist logo of a mountain and the sun, flat vector",
+    "an astronaut riding a horse on mars, digital art",
+    "a crowded street market in marrakesh, vivid colors",
+    "black and white photo of a jazz trio in a smoky club",
+    "a fantasy castle floating above the clouds, matte painting",
+    "a golden retriever puppy playing in autumn leaves",
+    "the interior of a gothic cathedral, light through stained glass",
+    "a plate of sushi, top view, high detail",
+    "an abandoned factory overgrown with plants, moody",
+    "a child's crayon drawing of a family in front of a house",
+    "a snowy mountain lake reflecting the milky way",
+    "an anime girl with blue hair in a school uniform, cherry blossoms",
+    "a steampunk airship over victorian london",
+)
 # --scheduler: the name a user gives -> diffusers' class (from the pipeline's own scheduler config)
 SCHEDULERS = {"lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
               "euler-ancestral": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
@@ -237,6 +274,9 @@ def _compress_one(xml: Path, dest: Path, weight_format: str) -> None:
     model = ov.Core().read_model(xml)
     if weight_format == "int8":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    elif weight_format == "int8-noconv":  # int8-hybrid's first step: the convolutions are quantized after it
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
     else:
         # int4 for the linear layers (group-wise), int8 for the rest (embeddings, convolutions); a layer whose
         # width the group does not divide gets a smaller group, or stays int8
@@ -246,6 +286,70 @@ def _compress_one(xml: Path, dest: Path, weight_format: str) -> None:
             model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
             advanced_parameters=AdvancedCompressionParameters(
                 group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, dest, compress_to_fp16=False)
+
+
+def calibrate(folder: Path, out: Path, prompts: list[str], samples: int, side: int | None) -> dict:
+    """Child process: run the pipeline in `folder` on `prompts` (cycled, a seed per run) at its own steps and
+    guidance, whole runs until the UNet has been called at least `samples` times, and save the UNet's inputs of
+    `samples` of those calls, evenly spaced (so that every part of a run's schedule is in the sample, with
+    few samples too), to `out` (.npz, keys "CALL/INPUT"). The images are not decoded."""
+    import numpy as np
+    import torch
+    from optimum.intel import OVDiffusionPipeline
+    from optimum.intel.openvino.quantization import InferRequestWrapper
+
+    from worker.family import read_defaults
+
+    defaults = read_defaults(folder)
+    side = side or min(defaults.width, CALIBRATION_MAX_SIDE)
+    # compiled as used (the text encoders at the first prompt): the VAE, which a latent output does not need, never
+    pipe = OVDiffusionPipeline.from_pretrained(folder, device="CPU", compile=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.compile()
+    collected: list[dict] = []
+    pipe.unet.request = InferRequestWrapper(pipe.unet.request, collected, apply_caching=False)
+    runs = 0
+    while len(collected) < samples:
+        pipe(prompt=prompts[runs % len(prompts)], height=side, width=side, num_inference_steps=defaults.steps,
+             guidance_scale=defaults.guidance_scale, output_type="latent",
+             generator=torch.Generator().manual_seed(runs))
+        runs += 1
+    picked = [collected[round(i * (len(collected) - 1) / max(1, samples - 1))] for i in range(samples)]
+    arrays = {}
+    for i, call in enumerate(picked):
+        for name, value in call.items():
+            arrays[f"{i}/{name}"] = np.asarray(getattr(value, "data", value))
+    np.savez(out, **arrays)
+    return {"calibration": {"samples": samples, "runs": runs, "prompts": min(runs, len(prompts)),
+                            "steps": defaults.steps, "guidance_scale": defaults.guidance_scale,
+                            "width": side, "height": side}}
+
+
+def quantize_convolutions(xml: Path, data: Path, dest: Path) -> None:
+    """Child process: int8-hybrid's last step, on a UNet whose other weights are int8 already (`int8-noconv`):
+    NNCF post-training quantization of what is left with weights, the convolutions (weights and input
+    activations, ranges from the calibration samples in `data`), as optimum-intel's hybrid quantization does
+    it (the transformer preset, no SmoothQuant, the weighted MatMuls and embeddings left alone)."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from optimum.intel.openvino.quantization import _collect_ops_with_weights
+
+    with np.load(data) as npz:
+        calls: dict[int, dict] = {}
+        for key in npz.files:
+            i, name = key.split("/", 1)
+            calls.setdefault(int(i), {})[name] = npz[key]
+    dataset = [calls[i] for i in sorted(calls)]
+    model = ov.Core().read_model(xml)
+    model = nncf.quantize(
+        model, nncf.Dataset(dataset), subset_size=len(dataset), model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED, ignored_scope=nncf.IgnoredScope(names=_collect_ops_with_weights(model)),
+        advanced_parameters=AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, dest, compress_to_fp16=False)
 
@@ -302,12 +406,68 @@ def _source(spec: str | Path, what: str) -> Path:
         raise ExportError(f"{what} {exc}") from None
 
 
+def _replace(new: Path, final: Path) -> None:
+    """An IR written beside `final` (xml and bin) moved into its place."""
+    for suffix in (".xml", ".bin"):
+        os.replace(new.with_suffix(suffix), final.with_suffix(suffix))
+
+
+def _quantize_unet(staging: Path, prompts: list[str], samples: int, side: int | None, stamp: dict, on_step) -> None:
+    """int8-hybrid's last two steps, each in a child: collect calibration samples by running the staged
+    pipeline (int8 weights everywhere, the UNet's convolutions still 16-bit), then quantize the convolutions."""
+    data = staging / "calibration.npz"
+    listed = staging / "calibration-prompts.json"
+    listed.write_text(json.dumps(prompts))
+    try:
+        stamp["steps"]["calibrate unet"] = figures = _child(
+            ["calibrate", str(staging), str(data), str(listed), str(samples), str(side or 0)])
+        stamp["calibration"] = figures.pop("calibration")
+        on_step(f"collected {samples} UNet calls on {stamp['calibration']['prompts']} prompt(s): "
+                f"{figures['seconds']} s, peak {figures['peak_mb']} MB")
+        unet = staging / "unet" / "openvino_model.xml"
+        dest = unet.with_name("openvino_model.int8-hybrid.xml")
+        stamp["steps"]["quantize unet convolutions"] = figures = _child(
+            ["quantize-convolutions", str(unet), str(data), str(dest)])
+        _replace(dest, unet)
+        on_step(f"quantized the UNet's convolutions: {figures['seconds']} s, peak {figures['peak_mb']} MB")
+    finally:
+        data.unlink(missing_ok=True)
+        listed.unlink(missing_ok=True)
+
+
+def _calibration_prompts(path: str | Path | None) -> list[str]:
+    """--calibration-prompts: a text file, one prompt per line (blank lines skipped); the built-in list without."""
+    if path is None:
+        return list(CALIBRATION_PROMPTS)
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"--calibration-prompts {path}: cannot be read ({exc})") from None
+    if not prompts:
+        raise ExportError(f"--calibration-prompts {path}: no prompt in it (one per line)")
+    return prompts
+
+
 def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_step=print, lora: str | Path | None = None,
-           lora_scale: float = 1.0, scheduler: str | None = None, split: str = "auto") -> dict:
+           lora_scale: float = 1.0, scheduler: str | None = None, split: str = "auto",
+           calibration_prompts: str | Path | None = None, calibration_samples: int | None = None,
+           calibration_size: int | None = None) -> dict:
     """Export `src` (a diffusers folder, or an IR folder to compress; either may be a hub ID) to `out`, with a
-    LoRA fused and the scheduler swapped if asked; returns the stamp."""
+    LoRA fused and the scheduler swapped if asked; returns the stamp. The calibration options are int8-hybrid's
+    (see the module's docstring and CALIBRATION_SAMPLES)."""
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, not {weight_format!r}")
+    hybrid = weight_format == "int8-hybrid"
+    calibrating = [name for name, value in (("--calibration-prompts", calibration_prompts),
+                                            ("--calibration-samples", calibration_samples),
+                                            ("--calibration-size", calibration_size)) if value is not None]
+    if calibrating and not hybrid:
+        raise ExportError(f"{', '.join(calibrating)}: only int8-hybrid is calibrated (--weight-format int8-hybrid)")
+    if calibration_samples is not None and not 1 <= calibration_samples <= 10_000:
+        raise ExportError(f"--calibration-samples must be 1 to 10000 UNet calls, not {calibration_samples}")
+    if calibration_size is not None and not (64 <= calibration_size <= 2048 and calibration_size % 8 == 0):
+        raise ExportError(f"--calibration-size must be a multiple of 8 from 64 to 2048 pixels, not {calibration_size}")
+    prompts = _calibration_prompts(calibration_prompts) if hybrid else []
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ExportError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     if split not in SPLITS:
@@ -367,17 +527,24 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
                        if (ir / c / "openvino_model.bin").is_file())
             # one component per child (the peak is one component's), but one child for a small IR (as above)
             groups = [[c] for c in comps] if _per_component(split, size) else [comps]
+            if hybrid and "unet" not in comps:
+                raise ExportError(f"{src}: int8-hybrid quantizes a UNet's convolutions, and this pipeline has none")
+            # int8-hybrid: int8 weights but the UNet's convolutions, which are quantized below, once calibrated
+            formats = {c: "int8-noconv" if hybrid and c == "unet" else "int8" if hybrid else weight_format
+                       for c in comps}
             for group in groups:
-                pairs = [(ir / c / "openvino_model.xml", staging / c / f"openvino_model.{weight_format}.xml")
-                         for c in group]
-                step = ["compress", weight_format, *(str(path) for pair in pairs for path in pair)]
-                stamp["steps"][f"compress {'+'.join(group)}"] = figures = _child(step)
-                for comp, (_, dest) in zip(group, pairs):
-                    final = staging / comp / "openvino_model.xml"
-                    for suffix in (".xml", ".bin"):
-                        os.replace(dest.with_suffix(suffix), final.with_suffix(suffix))
-                on_step(f"compressed {'+'.join(group)} to {weight_format}: {figures['seconds']} s, "
-                        f"peak {figures['peak_mb']} MB")
+                for fmt in dict.fromkeys(formats[c] for c in group):
+                    part = [c for c in group if formats[c] == fmt]
+                    pairs = [(ir / c / "openvino_model.xml", staging / c / f"openvino_model.{fmt}.xml") for c in part]
+                    step = ["compress", fmt, *(str(path) for pair in pairs for path in pair)]
+                    stamp["steps"][f"compress {'+'.join(part)}"] = figures = _child(step)
+                    for comp, (_, dest) in zip(part, pairs):
+                        _replace(dest, staging / comp / "openvino_model.xml")
+                    on_step(f"compressed {'+'.join(part)} to {fmt}: {figures['seconds']} s, "
+                            f"peak {figures['peak_mb']} MB")
+            if hybrid:
+                _quantize_unet(staging, prompts, calibration_samples or CALIBRATION_SAMPLES, calibration_size,
+                               stamp, on_step)
         stamp["seconds"] = round(time.perf_counter() - t0, 1)
         stamp["peak_mb"] = max((s["peak_mb"] for s in stamp["steps"].values()), default=0)
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
@@ -480,6 +647,11 @@ def _main(argv: list[str]) -> None:
                        lora_scale=float(opt("--lora-scale") or 1.0), scheduler=opt("--scheduler"))
     elif cmd == "compress":
         compress([(Path(x), Path(d)) for x, d in zip(args[1::2], args[2::2])], args[0])
+    elif cmd == "calibrate":
+        prompts = json.loads(Path(args[2]).read_text())
+        done = calibrate(Path(args[0]), Path(args[1]), prompts, int(args[3]), int(args[4]) or None)
+    elif cmd == "quantize-convolutions":
+        quantize_convolutions(Path(args[0]), Path(args[1]), Path(args[2]))
     else:
         raise SystemExit(f"unknown step {cmd!r}")
     print(json.dumps({"peak_mb": _maxrss_mb(), **done}), flush=True)
