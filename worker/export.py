@@ -301,21 +301,24 @@ def calibrate(folder: Path, out: Path, prompts: list[str], samples: int, side: i
     from optimum.intel.openvino.quantization import InferRequestWrapper
 
     from worker.family import read_defaults
+    from worker.meter import FilePageTrimmer
 
     defaults = read_defaults(folder)
     side = side or min(defaults.width, CALIBRATION_MAX_SIDE)
     # compiled as used (the text encoders at the first prompt): the VAE, which a latent output does not need, never
     pipe = OVDiffusionPipeline.from_pretrained(folder, device="CPU", compile=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet.compile()
     collected: list[dict] = []
-    pipe.unet.request = InferRequestWrapper(pipe.unet.request, collected, apply_caching=False)
     runs = 0
-    while len(collected) < samples:
-        pipe(prompt=prompts[runs % len(prompts)], height=side, width=side, num_inference_steps=defaults.steps,
-             guidance_scale=defaults.guidance_scale, output_type="latent",
-             generator=torch.Generator().manual_seed(runs))
-        runs += 1
+    # the IR's read pages go as OpenVINO repacks them (as a worker's FilePageTrimmer does)
+    with FilePageTrimmer([str(folder)]):
+        pipe.unet.compile()
+        pipe.unet.request = InferRequestWrapper(pipe.unet.request, collected, apply_caching=False)
+        while len(collected) < samples:
+            pipe(prompt=prompts[runs % len(prompts)], height=side, width=side, num_inference_steps=defaults.steps,
+                 guidance_scale=defaults.guidance_scale, output_type="latent",
+                 generator=torch.Generator().manual_seed(runs))
+            runs += 1
     picked = [collected[round(i * (len(collected) - 1) / max(1, samples - 1))] for i in range(samples)]
     arrays = {}
     for i, call in enumerate(picked):
