@@ -112,18 +112,21 @@ def test_an_exported_folder_serves_both_backends_and_records_each_step(exported)
     assert GenaiPipeline(str(exported), levers=Settings(memory_mode="fast").levers).generate(job).size == (64, 64)
 
 
-def _unet_output(ir: Path, feed: dict) -> np.ndarray:
+def _unet_at_f32(ir: Path):
+    """The IR folder's UNet compiled at f32 (as on a CPU without bf16)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(ir / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return ov.Core().compile_model(ir / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _unet_output(ir: Path, feed: dict) -> np.ndarray:
+    compiled = _unet_at_f32(ir)
     return compiled(feed)[compiled.outputs[0]]
 
 
 def _convolutions_run_at(ir: Path) -> set[str]:
-    """The precisions the UNet's convolutions run at, compiled at f32 (a CPU without bf16)."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(ir / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    """The precisions the UNet's convolutions run at, compiled at f32."""
+    compiled = _unet_at_f32(ir)
     return {info["runtimePrecision"].astype(str) for info in
             (op.get_rt_info() for op in compiled.get_runtime_model().get_ops())
             if info["layerType"].astype(str) == "Convolution"}
