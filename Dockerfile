@@ -11,7 +11,7 @@ WORKDIR /app
 # Dependencies are installed from pyproject.toml alone, against empty packages, so that a change to the code
 # rebuilds only the last layer and not the multi-GB model stack.
 COPY pyproject.toml README.md ./
-RUN for p in api worker shared sdfleet; do mkdir -p "$p" && touch "$p/__init__.py"; done
+RUN for p in api worker ops modeltools shared sdfleet; do mkdir -p "$p" && touch "$p/__init__.py"; done
 
 FROM base AS worker
 # torch 2.13.0 from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build); torchvision, which
@@ -20,6 +20,8 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[worker
  && pip uninstall -y torchvision
 COPY api api
 COPY worker worker
+COPY ops ops
+COPY modeltools modeltools
 COPY shared shared
 COPY sdfleet sdfleet
 RUN pip install --no-deps --force-reinstall . && rm -rf build *.egg-info
@@ -36,6 +38,8 @@ FROM base AS api
 RUN pip install .
 COPY api api
 COPY worker worker
+COPY ops ops
+COPY modeltools modeltools
 COPY shared shared
 COPY sdfleet sdfleet
 RUN pip install --no-deps --force-reinstall . && rm -rf build *.egg-info
@@ -48,8 +52,8 @@ USER root
 RUN pip install 'flower>=2,<3'
 USER sdfleet
 EXPOSE 5555
-# -A worker.ops:app: Flower must use sdfleet's Redis transport options, or the workers cannot answer its
+# -A ops.app:app: Flower must use sdfleet's Redis transport options, or the workers cannot answer its
 # inspect requests (docs/deploy.md, Monitoring). FLOWER_BASIC_AUTH=user:password is required: Flower's UI can
 # shut workers down, and without authentication it is open to anyone who reaches the port.
 CMD test -n "$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password" >&2; exit 2; }; \
-    exec celery -A worker.ops:app flower --port=5555 --address=0.0.0.0
+    exec celery -A ops.app:app flower --port=5555 --address=0.0.0.0

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.admission import FleetView
-from shared import store
+from shared import jobstore
 from shared.errors import ServiceUnavailable
 from shared.models import Job
 from shared.queue import send_generate
@@ -62,7 +62,7 @@ class FleetCache:
 
 @dataclass
 class _Pending:
-    values: dict  # the job's row (store.new_job_values)
+    values: dict  # the job's row (jobstore.new_job_values)
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
 
@@ -125,7 +125,7 @@ class Submitter:
             return
         try:
             with self.sessions() as session:
-                positions = store.queue_positions(session, [store.as_record(p.values) for p in stored])
+                positions = jobstore.queue_positions(session, [jobstore.as_record(p.values) for p in stored])
         except Exception as exc:  # the jobs are stored and queued: answer them without a position
             log.warning("counting queue positions failed: %s", exc)
             positions = {}

@@ -123,7 +123,7 @@ def build(arch: str, out: Path, seed: int = 0) -> None:
     import torch
     from transformers import CLIPTokenizer
 
-    from worker.tiny import write_tokenizer_files
+    from modeltools.tiny import write_tokenizer_files
 
     if arch not in ARCHES:
         raise SystemExit(f"arch must be one of {ARCHES}")

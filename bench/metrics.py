@@ -98,7 +98,7 @@ def fill(sessions, n: int) -> float:
 
     from sqlalchemy import update
 
-    from shared import store
+    from shared import jobstore
     from shared.jobs import JobParameters
     from shared.models import Job, utcnow
 
@@ -109,7 +109,7 @@ def fill(sessions, n: int) -> float:
     for start in range(0, n, chunk):
         rows = []
         for i in range(start, min(n, start + chunk)):
-            values = store.new_job_values(store.NewJob(params.model_copy(update={"model": MODELS[i % len(MODELS)]})))
+            values = jobstore.new_job_values(jobstore.NewJob(params.model_copy(update={"model": MODELS[i % len(MODELS)]})))
             if i % 5:
                 values.update(status="running", attempts=1, started_at=values["created_at"] + timedelta(
                     seconds=(i % 97) * 1.3), generation_s=0.5 + (i % 301), peak_rss_bytes=(1 + i % 13) << 29)

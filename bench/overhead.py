@@ -141,6 +141,7 @@ async def _submit_load(url: str, model: str, seconds: float, clients: int) -> di
 
 def run_submissions(env: dict, workdir: Path, seconds: float, clients: int, api_processes: int) -> dict:
     from shared import fleet
+    from shared.fleet_contract import WorkerState
     from shared.db import engine_for, migrate, session_factory
     from shared.memory import GB
     from shared.models import utcnow
@@ -149,8 +150,7 @@ def run_submissions(env: dict, workdir: Path, seconds: float, clients: int, api_
     migrate(engine_for(url))
     model = "bench-nobody"
     with session_factory(url).begin() as s:  # a live worker's heartbeat for admission; nobody consumes
-        fleet.beat(s, fleet.heartbeat("bench:1", "bench", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
-                                      20 * GB, GB, None), utcnow())
+        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
     port = free_port()
     api = spawn(["api", "--port", str(port), "--workers", str(api_processes), "--quiet"],
                 {**env, "SDFLEET_WORKER_STALE_S": "3600"}, str(workdir / f"api-{api_processes}.log"))

@@ -93,14 +93,14 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 def prepare_database(url: str) -> str:
     """Migrate, beat a live worker for MODEL (nobody consumes its queue), and create a key: its token."""
     from shared import fleet, keys
+    from shared.fleet_contract import WorkerState
     from shared.db import engine_for, migrate, session_factory
     from shared.memory import GB
     from shared.models import utcnow
 
     migrate(engine_for(url))
     with session_factory(url).begin() as s:
-        fleet.beat(s, fleet.heartbeat("bench:1", "bench", MODEL, "optimum", "f32", "low", 16 * GB, None, 24 * GB,
-                                      20 * GB, GB, None), utcnow())
+        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=MODEL, backend="optimum", precision="f32", memory_mode="low", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
         return keys.create_key(s, f"bench-{time.time_ns()}").token
 
 

@@ -9,7 +9,7 @@ Decoders, random weights at full size (time and memory do not depend on the valu
 - full, tiled: the same decoder through the worker's `tiled_decode` (the vae_tiles lever of low mode:
   512-pixel tiles, so 1024 only);
 - tiny: TAESD's published configuration (AutoencoderTiny defaults; TAESDXL has the same architecture), made
-  by `sdfleet model export-tiny-vae` (worker/export.py), what SDFLEET_TINY_VAE serves.
+  by `sdfleet model export-tiny-vae` (modeltools/export.py), what SDFLEET_TINY_VAE serves.
 
 Each row runs in a fresh process under bench/watchdog.py: read + compile (no cache), one first decode (the
 CPU plugin repacks the weights at the first inference), then --repeats timed decodes of random latents.
@@ -59,7 +59,7 @@ def prepare() -> dict:
         import torch
         from fullsize import _vae
 
-        from worker.export import convert_vae_decoder
+        from modeltools.export import convert_vae_decoder
 
         torch.manual_seed(0)
         model = convert_vae_decoder(_vae(512, scaling_factor=0.18215).eval(), 4)
@@ -69,7 +69,7 @@ def prepare() -> dict:
         import torch
         from diffusers import AutoencoderTiny
 
-        from worker.export import export_tiny_vae
+        from modeltools.export import export_tiny_vae
 
         torch.manual_seed(0)
         AutoencoderTiny().save_pretrained(CACHE / "taesd-src")  # TAESD's published configuration

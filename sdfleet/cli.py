@@ -25,7 +25,7 @@ from pathlib import Path
 from sdfleet.client import ApiError, ApiUnreachable, Client
 from shared.jobs import JobCreate, JobStatus
 from shared.memory import fmt_size
-from worker.tiny import ARCHES as TINY_ARCHES
+from modeltools.tiny import ARCHES as TINY_ARCHES
 
 DEFAULT_PORT = 8000
 API_HELP = "the API's URL (default: SDFLEET_API_URL, else http://127.0.0.1:8000)"
@@ -434,7 +434,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from worker.ops import main
+    from ops.app import main
 
     return _celery(main, args.celery_args)
 
@@ -444,7 +444,7 @@ def cmd_reconcile(_args) -> int:
 
     from shared.db import session_factory
     from shared.queue import make_celery
-    from shared.reconcile import reconcile
+    from ops.reconcile import reconcile
     from shared.settings import get_settings
 
     settings = get_settings()
@@ -475,14 +475,14 @@ def cmd_keys(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from worker.tiny import make_tiny
+    from modeltools.tiny import make_tiny
 
     print(make_tiny(args.dir, args.arch))
     return 0
 
 
 def cmd_export_tiny_vae(args) -> int:
-    from worker.export import ExportError, export_tiny_vae
+    from modeltools.export import ExportError, export_tiny_vae
 
     try:
         stamp = export_tiny_vae(args.src, args.out)
@@ -495,7 +495,7 @@ def cmd_export_tiny_vae(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from worker.export import ExportError, export
+    from modeltools.export import ExportError, export
 
     try:
         stamp = export(args.src, args.out, args.weight_format,
@@ -571,7 +571,7 @@ def cmd_up(args) -> int:
     from sdfleet.stack import ensure_redis, spawn, stop
     from shared.db import engine_for, migrate, wait_for_database
     from shared.settings import get_settings
-    from worker.tiny import default_tiny_dir
+    from modeltools.tiny import default_tiny_dir
 
     settings = get_settings()
     env = {}

@@ -9,19 +9,10 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from shared.jobs import WorkerPublic, WorkerState
+from shared.fleet_contract import WorkerPublic, WorkerState
 from shared.memory import Profile, Shape
 from shared.models import JobMemory, MemoryProfile, Worker, utcnow
 
-
-Heartbeat = WorkerState
-
-
-def heartbeat(*values) -> WorkerState:
-    """A heartbeat from values in the schema's field order (tests and benchmarks that stand in for a worker)."""
-    if len(values) > len(WorkerState.model_fields):
-        raise TypeError(f"a heartbeat has {len(WorkerState.model_fields)} fields, not {len(values)}")
-    return WorkerState(**dict(zip(WorkerState.model_fields, values)))
 
 
 def db_now(session: Session) -> datetime:
@@ -33,7 +24,7 @@ def db_now(session: Session) -> datetime:
     return datetime.fromisoformat(raw).replace(tzinfo=timezone.utc)
 
 
-def beat(session: Session, hb: Heartbeat, started_at: datetime) -> None:
+def beat(session: Session, hb: WorkerState, started_at: datetime) -> None:
     """Upsert this worker's row (only this worker writes it), stamped with the database's clock."""
     now = db_now(session)
     values = {**hb.model_dump(), "last_seen": now}

@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from api.app import create_app
-from shared import store
+from shared import jobstore
+from shared.fleet_contract import WorkerState
 from shared.queue import queue_depth
 from shared.settings import Settings
 
@@ -68,11 +69,11 @@ def unchanged(stack):
     """Asserts after the test that the job table and the model's queue did not change."""
     r = redis.Redis.from_url(stack.redis_url)
     with stack.sessions() as s:
-        before = store.count_jobs(s)
+        before = jobstore.count_jobs(s)
     queued_before = queue_depth(r, stack.model)
     yield
     with stack.sessions() as s:
-        assert store.count_jobs(s) == before
+        assert jobstore.count_jobs(s) == before
     assert queue_depth(r, stack.model) == queued_before
 
 
@@ -131,13 +132,12 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
     from shared.models import utcnow
 
     with session_factory(sqlite_url).begin() as s:  # a live worker for "tiny", so admission passes
-        fleet.beat(s, fleet.heartbeat("h:1", "h", "tiny", "optimum", "bf16", "fast", 8 << 30, None, 16 << 30,
-                                      12 << 30, 600 << 20, None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model="tiny", backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 << 30, cgroup_limit_bytes=None, total_ram_bytes=16 << 30, available_bytes=12 << 30, resident_bytes=600 << 20, current_job_id=None), utcnow())
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", json={"prompt": "a cat"})
     assert_error_shape(r, 503, "service_unavailable")
     with session_factory(sqlite_url)() as s:
-        assert store.count_jobs(s) == 0
+        assert jobstore.count_jobs(s) == 0
 
 
 def test_no_model_and_no_default_is_422(sqlite_url, redis_url):

@@ -26,6 +26,7 @@ from sdfleet import cli
 from sdfleet.client import ApiError
 from sdfleet.stack import redis_answers
 from shared import fleet
+from shared.fleet_contract import WorkerState
 from tests.conftest import ROOT, free_port, wait_for
 
 GB = 1 << 30
@@ -137,8 +138,7 @@ def test_workers_and_plan_agree_with_admission(stack):
     # a worker of another model with a 2 GiB budget (a heartbeat: no process needed to be planned for)
     model, name = f"small-{uuid.uuid4().hex[:6]}", f"small-host-{uuid.uuid4().hex[:4]}"
     with stack.sessions.begin() as s:
-        fleet.beat(s, fleet.heartbeat(f"{name}:1", name, model, "optimum", "bf16", "low", 2 * GB, None, 4 * GB,
-                                      3 * GB, GB, None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=f"{name}:1", host=name, model=model, backend="optimum", precision="bf16", memory_mode="low", budget_bytes=2 * GB, cgroup_limit_bytes=None, total_ram_bytes=4 * GB, available_bytes=3 * GB, resident_bytes=GB, current_job_id=None), fleet.db_now(s))
 
     r = sdfleet("plan", "--model", model, "--size", "1024x1024", "--api", stack.api_url)
     assert r.returncode == 1, r.stderr  # fits nowhere
@@ -204,7 +204,7 @@ def test_worker_and_ops_hand_their_arguments_to_celery(monkeypatch, tmp_path):
         seen = []
         module = types.ModuleType("fake")
         module.main = seen.append
-        monkeypatch.setitem(sys.modules, "worker.app" if argv[0] == "worker" else "worker.ops", module)
+        monkeypatch.setitem(sys.modules, "worker.app" if argv[0] == "worker" else "ops.app", module)
         assert cli.main(argv) == 0
         assert seen == [expected]
     assert cli.parse_args(["submit", "x"]).command == "submit"

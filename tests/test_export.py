@@ -29,7 +29,7 @@ def torch_pipeline(tmp_path_factory) -> Path:
     """The tiny SDXL pipeline as a diffusers folder (what a user downloads), built here."""
     import torch
 
-    from worker.tiny import build_sdxl
+    from modeltools.tiny import build_sdxl
 
     tmp = tmp_path_factory.mktemp("torch-src")
     torch.manual_seed(0)
@@ -70,13 +70,13 @@ def _fixed_feed(model, latent_hw: tuple[int, int], pixels: bool) -> dict:
 
 
 def test_every_component_computes_what_optimum_cli_exports(exported, torch_pipeline, tmp_path):
-    """`sdfleet model export` traces the UNet and the VAE with small inputs (worker.export.TRACE_LATENT_SIDE: the
+    """`sdfleet model export` traces the UNet and the VAE with small inputs (modeltools.export.TRACE_LATENT_SIDE: the
     tiny model's own size is twice that), where optimum-cli traces them at the model's sample size, to convert at
     a fraction of the memory. The IR must not depend on it: on the same input, at a size neither traced (and not
     square), each component gives what optimum-cli's own fp16 export gives."""
     import openvino as ov
 
-    from worker.export import TRACE_LATENT_SIDE
+    from modeltools.export import TRACE_LATENT_SIDE
 
     assert json.loads((torch_pipeline / "unet" / "config.json").read_text())["sample_size"] > TRACE_LATENT_SIDE
     cli = tmp_path / "cli"
@@ -216,7 +216,7 @@ def lora_exports(torch_pipeline, tmp_path_factory) -> dict:
     a random LoRA fused at scale 1, and at scale 0, each with the LCM scheduler; and the base export's copy
     with that same scheduler (what --scheduler changes: the scheduler's config and model_index.json)."""
     from tests.conftest import hub_cache
-    from worker.tiny import make_tiny_lora
+    from modeltools.tiny import make_tiny_lora
 
     tmp = tmp_path_factory.mktemp("lora")
     home = tmp / "hf-home"

@@ -22,7 +22,7 @@ from sdfleet.client import ApiError, Client
 from sdfleet.stack import stop
 from shared.models import Job, JobImage
 from shared.queue import make_celery, queue_depth
-from shared.reconcile import reconcile
+from ops.reconcile import reconcile
 from shared.settings import Settings
 from tests.conftest import ROOT, free_port, stack_env
 from tests.test_worker_failures import wait_status

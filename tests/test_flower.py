@@ -1,7 +1,7 @@
 """Flower, run as docs/deploy.md says, lists the fleet's workers and jobs.
 
 Flower learns workers by remote control (inspect) and tasks from Celery events. It runs on sdfleet's own
-Celery app (`-A worker.ops:app`, no model stack): make_celery's Redis transport options (the priority
+Celery app (`-A ops.app:app`, no model stack): make_celery's Redis transport options (the priority
 separator) also shape the broker's binding keys, and a worker cannot route an inspect reply to a client
 that declared its reply queue with other options. make_celery sets worker_send_task_events=False, so a
 worker sends only its heartbeat events until Flower's periodic `enable_events` broadcast (every 5 s)
@@ -41,7 +41,7 @@ def test_flower_lists_the_workers_and_the_jobs(stack, tmp_path):
     port = free_port()
     log = tmp_path / "flower.log"
     # tornado options need --name=value: Flower drops a separate value ("--port 5555") before parsing
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.ops:app", "flower", f"--port={port}", "--address=127.0.0.1",
+    cmd = [sys.executable, "-m", "celery", "-A", "ops.app:app", "flower", f"--port={port}", "--address=127.0.0.1",
            f"--basic_auth={USER}:{PASSWORD}"]
     env = {k: v for k, v in stack_env(stack.database_url, stack.redis_url).items() if not k.startswith("FLOWER_")}
     with open(log, "ab") as out:

@@ -16,6 +16,7 @@ from hypothesis.errors import Unsatisfiable
 
 from api.app import create_app
 from shared import fleet
+from shared.fleet_contract import WorkerState
 from shared.db import engine_for, migrate, session_factory
 from shared.memory import GB
 from shared.models import utcnow
@@ -34,8 +35,7 @@ def fuzz_schema(database_url, redis_url):
     migrate(engine_for(url))
     model = f"fuzz-{uuid.uuid4().hex[:6]}"  # a live worker for the default model, so valid jobs are admitted
     with session_factory(url).begin() as s:
-        fleet.beat(s, fleet.heartbeat("fuzz:1", "fuzz", model, "optimum", "bf16", "fast", 16 * GB, None, 24 * GB,
-                                      20 * GB, GB, None), utcnow())
+        fleet.beat(s, WorkerState(name="fuzz:1", host="fuzz", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
     app = create_app(Settings(database_url=url, redis_url=redis_url, default_model=model, worker_stale_s=3600,
                               heartbeat_s=5, auth="off", images_wait_s=0.05), resolver=offline_resolver)
     return schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -20,14 +20,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from shared import fleet, keys, store, webhooks
+from shared import deliveries, fleet, jobstore, keys, webhooks
+from shared.fleet_contract import WorkerState
 from shared.db import engine_for, migrate, schema_revision, session_factory
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import JobParameters, JobStatus, WebhookStatus
+from shared.jobstore import TakeBackOutcome
 from shared.memory import GB, Shape
 from shared.models import Job, MemoryProfile, utcnow
 from shared.queue import hard_time_limit
-from shared.reconcile import enforce_retention
+from ops.retention import enforce_retention
 from shared.settings import Settings
 from tests.conftest import POSTGRES_URL, ROOT, free_port, offline_resolver, postgres_database
 from tests.test_api_validation import assert_error_shape
@@ -70,8 +72,7 @@ def make_api(database_url, redis_url, **overrides):
     """An API in-process with a live worker's heartbeat for its own model (nobody consumes its queue)."""
     model = f"hard-{uuid.uuid4().hex[:6]}"
     with session_factory(database_url).begin() as s:
-        fleet.beat(s, fleet.heartbeat(f"h-{model}:1", "h", model, "optimum", "bf16", "fast", 8 * GB, None,
-                                      16 * GB, 12 * GB, GB, None), utcnow())
+        fleet.beat(s, WorkerState(name=f"h-{model}:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
     settings = Settings(**{"database_url": database_url, "redis_url": redis_url, "default_model": model,
                            "auth": "off", **overrides})
     return TestClient(create_app(settings, resolver=offline_resolver))
@@ -85,7 +86,7 @@ def api(db, database_url, redis_url):
 
 def count(db) -> int:
     with db() as s:
-        return store.count_jobs(s)
+        return jobstore.count_jobs(s)
 
 
 # --- statuses inside the contract -------------------------------------------------------------------------
@@ -222,27 +223,27 @@ def test_a_delivery_goes_to_the_checked_address_and_has_one_deadline():
 
 def test_a_webhook_hand_out_is_sent_once(db):
     with db.begin() as s:
-        job = store.create_job(s, store.NewJob(PARAMS, webhook_url="http://203.0.113.5/hook"))
-        attempt = store.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
-        store.finish_failed(s, attempt, ErrorCode.generation_failed, "boom", None)
+        job = jobstore.create_job(s, jobstore.NewJob(PARAMS, webhook_url="http://203.0.113.5/hook"))
+        attempt = jobstore.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
+        jobstore.finish_failed(s, attempt, ErrorCode.generation_failed, "boom", None)
     with db.begin() as s:
-        first = store.webhook_handout(s, job.id)
+        first = deliveries.webhook_handout(s, job.id)
     assert first.attempts_done == 0
     with db.begin() as s:  # the message, and a duplicate of it (Redis redelivered it)
-        assert store.claim_webhook(s, job.id, first.delivery_id, 0) is not None
+        assert deliveries.claim_webhook(s, job.id, first.delivery_id, 0) is not None
     with db.begin() as s:
-        assert store.claim_webhook(s, job.id, first.delivery_id, 0) is None
+        assert deliveries.claim_webhook(s, job.id, first.delivery_id, 0) is None
     # two reconcilers find the hand-out stale at once: one re-sends
     later = utcnow() + timedelta(hours=1)
     with db.begin() as s:
-        resent = store.resend_webhook(s, job.id, later)
+        resent = deliveries.resend_webhook(s, job.id, later)
     with db.begin() as s:
-        assert store.resend_webhook(s, job.id, utcnow() - timedelta(hours=1)) is None  # not stale any more
+        assert deliveries.resend_webhook(s, job.id, utcnow() - timedelta(hours=1)) is None  # not stale any more
     assert resent and resent.delivery_id != first.delivery_id and resent.attempts_done == 1
     with db.begin() as s:  # the old hand-out's retry is now stale
-        assert store.claim_webhook(s, job.id, first.delivery_id, 1) is None
-        assert store.claim_webhook(s, job.id, resent.delivery_id, 1) is not None
-        assert store.end_webhook(s, job.id, resent.delivery_id, WebhookStatus.delivered)
+        assert deliveries.claim_webhook(s, job.id, first.delivery_id, 1) is None
+        assert deliveries.claim_webhook(s, job.id, resent.delivery_id, 1) is not None
+        assert deliveries.end_webhook(s, job.id, resent.delivery_id, WebhookStatus.delivered)
     with db() as s:
         assert s.get(Job, job.id).webhook_status == "delivered"
 
@@ -298,8 +299,7 @@ def test_the_cli_sends_sdfleet_api_key(tmp_path, redis_url):
     migrate(engine_for(url))
     model = f"cli-{uuid.uuid4().hex[:6]}"
     with session_factory(url).begin() as s:
-        fleet.beat(s, fleet.heartbeat("h:1", "h", model, "optimum", "bf16", "fast", 8 * GB, None, 16 * GB, 12 * GB,
-                                      GB, None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
         key = keys.create_key(s, "cli")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": url, "SDFLEET_REDIS_URL": redis_url,
@@ -326,14 +326,14 @@ def test_the_cli_sends_sdfleet_api_key(tmp_path, redis_url):
 
 def test_cancel_of_a_job_that_just_finished_is_409_not_202(db):
     with db.begin() as s:
-        job = store.create_job(s, store.NewJob(PARAMS))
-        attempt = store.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
+        job = jobstore.create_job(s, jobstore.NewJob(PARAMS))
+        attempt = jobstore.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
     canceller = db()
-    assert store.get_job(canceller, job.id).status == "running"  # the API has read it running...
+    assert jobstore.get_job(canceller, job.id).status == "running"  # the API has read it running...
     with db.begin() as s:  # ...the worker finishes it...
-        assert store.finish_succeeded(s, attempt, [], 0.1, store.MemoryReading(1, 1, 0, 1, "vmhwm"))
+        assert jobstore.finish_succeeded(s, attempt, [], 0.1, jobstore.MemoryReading(1, 1, 0, 1, "vmhwm"))
     with pytest.raises(Conflict, match="succeeded"):  # ...and the cancel's write finds it finished
-        store.cancel(canceller, job.id, None)
+        jobstore.cancel(canceller, job.id, None)
     canceller.rollback()
     canceller.close()
     with db() as s:
@@ -367,22 +367,23 @@ def test_two_workers_recording_a_new_shape_at_once_both_count(db):
 
 def test_a_job_taken_back_past_its_timeout_ends_timeout_and_keeps_its_history(db):
     with db.begin() as s:
-        job = store.create_job(s, store.NewJob(PARAMS))
-        store.start_attempt(s, job.id, job.delivery_id, "host-a", "host-a:1", 3)
+        job = jobstore.create_job(s, jobstore.NewJob(PARAMS))
+        jobstore.start_attempt(s, job.id, job.delivery_id, "host-a", "host-a:1", 3)
     with db.begin() as s:  # lost once, in time: queued again, its attempt in the history
         row = s.get(Job, job.id)
-        assert store.take_back(s, row, "the worker was lost", 3, 600)
+        assert jobstore.take_back(s, row, "the worker was lost", 3, 600).outcome is TakeBackOutcome.queued
     with db.begin() as s:
         row = s.get(Job, job.id)
         assert row.status == "queued" and row.attempts == 1 and len(row.history) == 1
-        store.start_attempt(s, job.id, row.delivery_id, "host-b", "host-b:1", 3)
+        jobstore.start_attempt(s, job.id, row.delivery_id, "host-b", "host-b:1", 3)
     with db.begin() as s:  # lost again after running past the timeout (a hard time limit kill)
         row = s.get(Job, job.id)
         row.started_at = utcnow() - timedelta(seconds=700)
     with db.begin() as s:
-        assert store.take_back(s, s.get(Job, job.id), "the worker was lost", 3, 600) == ""
+        taken = jobstore.take_back(s, s.get(Job, job.id), "the worker was lost", 3, 600)
+        assert taken.outcome is TakeBackOutcome.ended
     with db() as s:
-        record = store.to_public(s.get(Job, job.id))
+        record = jobstore.to_public(s.get(Job, job.id))
     assert record.status is JobStatus.failed and record.error.code == "timeout"
     assert [h.worker_host for h in record.history] == ["host-a"]
 
@@ -408,17 +409,17 @@ def test_retention_deletes_old_jobs_leaves_a_tombstone_and_keeps_the_rest(fresh_
     db, database_url = session_factory(fresh_url), fresh_url
     def finished_job(days_ago: float, png_bytes: int) -> str:
         with db.begin() as s:
-            job = store.create_job(s, store.NewJob(PARAMS))
-            attempt = store.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
-            store.finish_succeeded(s, attempt, [store.GeneratedImage(0, 1, 64, 64, b"\x89PNG" + b"x" * png_bytes)],
-                                   0.1, store.MemoryReading(1, 1, 0, 1, "vmhwm"))
+            job = jobstore.create_job(s, jobstore.NewJob(PARAMS))
+            attempt = jobstore.start_attempt(s, job.id, job.delivery_id, "h", "h:1", 2)
+            jobstore.finish_succeeded(s, attempt, [jobstore.GeneratedImage(0, 1, 64, 64, b"\x89PNG" + b"x" * png_bytes)],
+                                   0.1, jobstore.MemoryReading(1, 1, 0, 1, "vmhwm"))
         with db.begin() as s:
             s.get(Job, job.id).finished_at = utcnow() - timedelta(days=days_ago)
         return job.id
 
     old, young = finished_job(40, 1000), finished_job(1, 1000)
     with db.begin() as s:
-        queued = store.create_job(s, store.NewJob(PARAMS)).id
+        queued = jobstore.create_job(s, jobstore.NewJob(PARAMS)).id
     settings = Settings(database_url=database_url, redis_url=redis_url, retention_days=30)
     deleted = enforce_retention(db, settings)
     assert old in deleted and young not in deleted and queued not in deleted
@@ -441,7 +442,7 @@ def test_one_reconciler_pass_per_interval_in_the_whole_fleet(db, database_url, r
     import redis as redis_lib
 
     from shared.queue import RECONCILE_LOCK_KEY, make_celery
-    from worker.ops import periodic_pass
+    from ops.app import periodic_pass
 
     settings = Settings(database_url=database_url, redis_url=redis_url, reconcile_interval_s=1.5)
     broker = redis_lib.Redis.from_url(redis_url)

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from sqlalchemy import delete, func, select, update
 
-from shared import jobstats, store
+from shared import jobstats, jobstore
 from shared.db import engine_for, migrate, session_factory
 from shared.jobs import JobParameters, JobStatus
 from shared.memory import GB
@@ -23,14 +23,14 @@ PARAMS = JobParameters(prompt="a cat", negative_prompt=None, width=64, height=64
 
 
 def _make_jobs(s, n: int, model: str) -> list[str]:
-    return [store.create_job(s, store.NewJob(PARAMS.model_copy(update={"model": model}))).id for _ in range(n)]
+    return [jobstore.create_job(s, jobstore.NewJob(PARAMS.model_copy(update={"model": model}))).id for _ in range(n)]
 
 
 def _succeed(s, job_id: str, generation_s: float, peak: int, waited_s: float) -> None:
     job = s.get(Job, job_id)
-    assert store.transition(s, job_id, JobStatus.queued, JobStatus.running, attempts=1,
+    assert jobstore.transition(s, job_id, JobStatus.queued, JobStatus.running, attempts=1,
                             started_at=job.created_at + timedelta(seconds=waited_s))
-    assert store.transition(s, job_id, JobStatus.running, JobStatus.succeeded, attempt=1, generation_s=generation_s,
+    assert jobstore.transition(s, job_id, JobStatus.running, JobStatus.succeeded, attempt=1, generation_s=generation_s,
                             peak_rss_bytes=peak)
 
 
@@ -69,8 +69,8 @@ def test_statistics_follow_every_change_and_survive_folding(fresh_url):  # noqa:
         _succeed(s, a[0], 0.05, GB // 4, 0.2)   # the first buckets
         _succeed(s, a[1], 7.0, 3 * GB, 65.0)    # in the middle
         _succeed(s, b[0], 4000.0, 100 * GB, 2.0)  # past the last bound: +Inf
-        assert store.transition(s, a[2], JobStatus.queued, JobStatus.cancelled)
-        assert store.transition(s, a[3], JobStatus.queued, JobStatus.running, attempts=1, started_at=utcnow())
+        assert jobstore.transition(s, a[2], JobStatus.queued, JobStatus.cancelled)
+        assert jobstore.transition(s, a[3], JobStatus.queued, JobStatus.running, attempts=1, started_at=utcnow())
         # a status written again unchanged is no change
         s.execute(update(Job).where(Job.id == a[4]).values(status=JobStatus.queued.value))
     with db() as s:
@@ -116,7 +116,7 @@ def test_a_batch_of_submissions_and_a_bulk_delete_are_counted_per_job(fresh_url)
     """The API stores submissions in batches (one executemany per group commit, api/submit.py) and retention
     deletes in bulk: the counts follow both, job by job, before and after a fold."""
     db = session_factory(fresh_url)
-    rows = [store.new_job_values(store.NewJob(PARAMS.model_copy(update={"model": m})))
+    rows = [jobstore.new_job_values(jobstore.NewJob(PARAMS.model_copy(update={"model": m})))
             for m in ["m-a"] * 30 + ["m-b"] * 10]
     with db.begin() as s:
         s.execute(Job.__table__.insert(), rows)  # what the API's group commit runs

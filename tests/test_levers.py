@@ -174,7 +174,7 @@ def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_pro
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> str:
     """A random-weight TAESD (diffusers folder, as madebyollin/taesd is), exported by the CLI as a user would."""
-    from worker.tiny import make_tiny_taesd
+    from modeltools.tiny import make_tiny_taesd
 
     root = tmp_path_factory.mktemp("taesd")
     make_tiny_taesd(root / "taesd")
@@ -254,6 +254,7 @@ def test_a_worker_with_every_lever_set_apart_beats_and_learns_on_both_databases(
     """The longest memory-mode key (every lever against its mode, static shapes, a tiny VAE) fits the columns
     that hold it: PostgreSQL enforces their length (64 before migration 0010 refused such a worker)."""
     from shared import fleet
+    from shared.fleet_contract import WorkerState
     from shared.memory import Shape
     from shared.models import utcnow
 
@@ -263,7 +264,7 @@ def test_a_worker_with_every_lever_set_apart_beats_and_learns_on_both_databases(
     with _fresh_database(kind, tmp_path) as url:
         migrate(engine_for(url))
         sessions = session_factory(url)
-        hb = fleet.Heartbeat(name="w1", host="h", model="m", backend="optimum", precision="bf16", memory_mode=key,
+        hb = WorkerState(name="w1", host="h", model="m", backend="optimum", precision="bf16", memory_mode=key,
                              budget_bytes=1 << 30, cgroup_limit_bytes=None, total_ram_bytes=1 << 34,
                              available_bytes=1 << 33, resident_bytes=1 << 28, current_job_id=None, state="ready",
                              state_reason=None, max_budget_bytes=1 << 30, defaults=None)

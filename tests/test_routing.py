@@ -13,12 +13,14 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from shared import fleet, store
+from shared import fleet, jobstore
+from shared.fleet_contract import WorkerState
 from shared.db import engine_for, migrate, session_factory
+from shared.jobs import JobParameters
 from shared.memory import GB, MB
 from shared.models import Job, Worker
 from shared.queue import MEMORY_CLASSES, class_depth, classes_within, make_celery, memory_class, top_class
-from shared.reconcile import reconcile
+from ops.reconcile import reconcile
 from shared.settings import Settings
 from tests.conftest import offline_resolver
 
@@ -43,8 +45,7 @@ def fleet_db(database_url):
 
 def beat(sessions, model: str, name: str, budget: int, resident: int = GB, ago_s: float = 0) -> None:
     with sessions.begin() as s:
-        fleet.beat(s, fleet.heartbeat(name, "h", model, "optimum", "bf16", "fast", budget, None, 64 * GB,
-                                      48 * GB, resident, None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=name, host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=budget, cgroup_limit_bytes=None, total_ram_bytes=64 * GB, available_bytes=48 * GB, resident_bytes=resident, current_job_id=None), fleet.db_now(s))
         if ago_s:
             s.get(Worker, name).last_seen = fleet.db_now(s) - timedelta(seconds=ago_s)
 
@@ -75,19 +76,19 @@ def test_a_queued_job_no_live_worker_can_take_fails_and_one_with_no_worker_at_al
     settings = Settings(database_url=database_url, redis_url=redis_url, reconcile_grace_s=0)
     beat(fleet_db, model, f"{model}-small:1", 2 * GB)
     beat(fleet_db, model, f"{model}-large:1", 8 * GB, ago_s=120)  # the large worker left
-    params = store.JobParameters(prompt="a cat", negative_prompt=None, width=1024, height=1024, steps=1,
+    params = JobParameters(prompt="a cat", negative_prompt=None, width=1024, height=1024, steps=1,
                                  guidance_scale=7.5, seed=1, num_images=1, model=model)
     orphan_model = f"gone-{uuid.uuid4().hex[:6]}"
     with fleet_db.begin() as s:
-        stranded = store.create_job(s, store.NewJob(params, predicted_peak_bytes=5 * GB,
+        stranded = jobstore.create_job(s, jobstore.NewJob(params, predicted_peak_bytes=5 * GB,
                                                     memory_class_bytes=memory_class(5 * GB))).id
-        fits = store.create_job(s, store.NewJob(params, predicted_peak_bytes=GB, memory_class_bytes=GB)).id
-        waiting = store.create_job(s, store.NewJob(params.model_copy(update={"model": orphan_model}),
+        fits = jobstore.create_job(s, jobstore.NewJob(params, predicted_peak_bytes=GB, memory_class_bytes=GB)).id
+        waiting = jobstore.create_job(s, jobstore.NewJob(params.model_copy(update={"model": orphan_model}),
                                                    predicted_peak_bytes=GB, memory_class_bytes=GB)).id
     report = reconcile(fleet_db, redis.Redis.from_url(redis_url), make_celery(settings), settings)
     assert report.failed_unplaceable == [stranded]
     with fleet_db() as s:
-        job = store.to_public(s.get(Job, stranded))
+        job = jobstore.to_public(s.get(Job, stranded))
         assert job.status.value == "failed" and job.error.code == "insufficient_memory"
         assert "covers its memory class" in job.error.message
         assert s.get(Job, fits).status == "queued"  # re-sent to its class instead

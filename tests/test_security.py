@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from shared import fleet, keys, store
+from shared import fleet, jobstore, keys
+from shared.fleet_contract import WorkerState
 from shared.db import session_factory
 from shared.memory import GB
 from shared.models import ApiKey, utcnow
@@ -25,8 +26,7 @@ def secured(sqlite_url, redis_url):
     model = f"sec-{uuid.uuid4().hex[:6]}"  # a queue no worker consumes: jobs stay queued
     sessions = session_factory(sqlite_url)
     with sessions.begin() as s:
-        fleet.beat(s, fleet.heartbeat("h:1", "h", model, "optimum", "bf16", "fast", 8 * GB, None, 16 * GB, 12 * GB,
-                                      GB, None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
         alice = keys.create_key(s, "alice")
         bob = keys.create_key(s, "bob", rate_limit_per_min=3)
     app = create_app(Settings(database_url=sqlite_url, redis_url=redis_url, default_model=model))
@@ -65,9 +65,9 @@ def test_a_key_sees_only_its_own_jobs_and_images(secured):
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth(alice)).status_code == 200
     # give it an image, as a worker would
     with sessions.begin() as s:
-        attempt = store.start_attempt(s, job["id"], None, "h", "h:1", 2)
-        store.finish_succeeded(s, attempt, [store.GeneratedImage(0, 1, 64, 64, b"\x89PNG fake")], 0.1,
-                               store.MemoryReading(1, 1, 0, 1, "vmhwm"))
+        attempt = jobstore.start_attempt(s, job["id"], None, "h", "h:1", 2)
+        jobstore.finish_succeeded(s, attempt, [jobstore.GeneratedImage(0, 1, 64, 64, b"\x89PNG fake")], 0.1,
+                               jobstore.MemoryReading(1, 1, 0, 1, "vmhwm"))
     assert client.get(f"/v1/jobs/{job['id']}/images/0.png", headers=auth(alice)).status_code == 200
     for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/images/0.png"):
         assert_error_shape(client.get(path, headers=auth(bob)), 404, "not_found")
@@ -86,5 +86,5 @@ def test_rate_limit_is_429_with_retry_after(secured):
     error = assert_error_shape(r, 429, "rate_limited")
     assert 1 <= int(r.headers["retry-after"]) <= 60 and error["details"]["retry_after_s"] == int(r.headers["retry-after"])
     with sessions() as s:
-        assert store.count_jobs(s) == 3  # nothing stored for a refused submission
+        assert jobstore.count_jobs(s) == 3  # nothing stored for a refused submission
     assert client.post("/v1/jobs", json=BODY, headers=auth(alice)).status_code == 202  # alice has no limit

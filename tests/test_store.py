@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from shared import store
+from shared import jobstore
 from shared.db import session_factory
 from shared.errors import ErrorCode, InvalidTransition
 from shared.jobs import JobParameters, JobStatus, check_transition
@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 PARAMS = JobParameters(prompt="a cat", negative_prompt=None, width=64, height=64, steps=1, guidance_scale=1.0,
                        seed=1, num_images=1, model="tiny")
-READING = store.MemoryReading(100, 60, 40, 90, "vmhwm")
+READING = jobstore.MemoryReading(100, 60, 40, 90, "vmhwm")
 
 
 def test_terminal_states():
@@ -50,10 +50,10 @@ def test_the_code_allows_exactly_the_documented_transitions(old, new, sessions):
         s.get(Job, job_id).status = old.value
     with sessions.begin() as s:
         if documented:
-            assert store.transition(s, job_id, old, new)
+            assert jobstore.transition(s, job_id, old, new)
         else:
             with pytest.raises(InvalidTransition):
-                store.transition(s, job_id, old, new)
+                jobstore.transition(s, job_id, old, new)
     with sessions() as s:
         assert s.get(Job, job_id).status == (new if documented else old).value
 
@@ -65,27 +65,27 @@ def sessions(sqlite_url):
 
 def _new_job(sessions) -> tuple[str, str]:
     with sessions.begin() as s:
-        job = store.create_job(s, store.NewJob(PARAMS))
+        job = jobstore.create_job(s, jobstore.NewJob(PARAMS))
         return job.id, job.delivery_id
 
 
 def _start(sessions, job_id, delivery, host):
     with sessions.begin() as s:
-        return store.start_attempt(s, job_id, delivery, host, f"{host}:1", max_attempts=2)
+        return jobstore.start_attempt(s, job_id, delivery, host, f"{host}:1", max_attempts=2)
 
 
 def test_attempt_runs_once_and_success_stores_images_once(sessions):
     job_id, delivery = _new_job(sessions)
     attempt = _start(sessions, job_id, delivery, "host-a")
     assert attempt.number == 1 and attempt.parameters == PARAMS
-    image = store.GeneratedImage(0, 1, 64, 64, b"png")
+    image = jobstore.GeneratedImage(0, 1, 64, 64, b"png")
     with sessions.begin() as s:
-        assert store.finish_succeeded(s, attempt, [image], 1.5, READING)
+        assert jobstore.finish_succeeded(s, attempt, [image], 1.5, READING)
     with sessions.begin() as s:  # a second completion of the same attempt changes nothing
-        assert not store.finish_succeeded(s, attempt, [image], 1.5, READING)
-        assert not store.finish_failed(s, attempt, ErrorCode.internal, "late", None)
+        assert not jobstore.finish_succeeded(s, attempt, [image], 1.5, READING)
+        assert not jobstore.finish_failed(s, attempt, ErrorCode.internal, "late", None)
     with sessions() as s:
-        job = store.get_job(s, job_id)
+        job = jobstore.get_job(s, job_id)
         assert job.status == "succeeded" and len(job.images) == 1 and job.peak_rss_bytes == 100
     assert _start(sessions, job_id, delivery, "host-b") is None  # a terminal job delivered again: not run
 
@@ -97,10 +97,10 @@ def test_redelivery_after_a_lost_worker_counts_attempts_then_fails_worker_lost(s
     second = _start(sessions, job_id, delivery, "host-b")
     assert second.number == 2
     with sessions.begin() as s:  # the lost first attempt can no longer write a result
-        assert not store.finish_succeeded(s, first, [], 1.0, READING)
+        assert not jobstore.finish_succeeded(s, first, [], 1.0, READING)
     assert _start(sessions, job_id, delivery, "host-c") is None
     with sessions() as s:
-        job = store.to_public(store.get_job(s, job_id))
+        job = jobstore.to_public(jobstore.get_job(s, job_id))
     assert job.status == "failed" and job.error.code == "worker_lost" and job.attempts == 2
     assert "host-b" in job.error.message
     # the first attempt was taken back, and the history says where it ran and why it ended
@@ -115,10 +115,10 @@ def test_unknown_job_is_skipped(sessions):
 def test_a_message_from_before_a_requeue_is_stale(sessions):
     job_id, old = _new_job(sessions)
     with sessions.begin() as s:
-        new = store.requeue_lost_message(s, store.get_job(s, job_id))
+        new = jobstore.requeue_lost_message(s, jobstore.get_job(s, job_id))
     assert new and new != old
     with sessions.begin() as s:  # a second reconciler acting on the same reading loses the race
-        assert store.requeue_lost_message(s, Job(id=job_id, delivery_id=old)) is None
+        assert jobstore.requeue_lost_message(s, Job(id=job_id, delivery_id=old)) is None
     assert _start(sessions, job_id, old, "host-a") is None
     assert _start(sessions, job_id, new, "host-a").number == 1
 
@@ -128,16 +128,16 @@ def test_cancel_queued_running_and_finished(sessions):
 
     queued, _ = _new_job(sessions)
     with sessions.begin() as s:
-        assert store.cancel(s, queued, None).status == "cancelled"
+        assert jobstore.cancel(s, queued, None).status == "cancelled"
     with sessions.begin() as s:
         with pytest.raises(Conflict):
-            store.cancel(s, queued, None)
+            jobstore.cancel(s, queued, None)
     running, delivery = _new_job(sessions)
     attempt = _start(sessions, running, delivery, "host-a")
     with sessions.begin() as s:
-        job = store.cancel(s, running, None)
+        job = jobstore.cancel(s, running, None)
         assert job.status == "running" and job.cancel_requested_at is not None
     with sessions.begin() as s:
-        assert store.sync_running(s, attempt, (0, 3, 10)) is True
+        assert jobstore.sync_running(s, attempt, (0, 3, 10)) is True
     with sessions.begin() as s:
-        assert store.cancel(s, running, "another-owner") is None
+        assert jobstore.cancel(s, running, "another-owner") is None

@@ -12,6 +12,8 @@ import redis
 from sqlalchemy import select
 
 from shared import fleet, keys
+
+from shared.fleet_contract import WorkerState
 from shared.memory import GB
 from shared.models import Job, utcnow
 from shared.queue import GENERATE_TASK, make_celery, queue_name, send_generate
@@ -93,8 +95,7 @@ def test_a_new_worker_is_admitted_at_once_though_the_fleet_is_cached(db, databas
         r = client.post("/v1/jobs", json={**BODY, "model": model})
         assert r.status_code == 503 and model in r.text
         with db.begin() as s:
-            fleet.beat(s, fleet.heartbeat(f"{model}:1", "h", model, "optimum", "f32", "low", 8 * GB, None,
-                                          16 * GB, 12 * GB, GB, None), utcnow())
+            fleet.beat(s, WorkerState(name=f"{model}:1", host="h", model=model, backend="optimum", precision="f32", memory_mode="low", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
         assert client.post("/v1/jobs", json={**BODY, "model": model}).status_code == 202
 
 

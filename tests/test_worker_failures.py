@@ -8,7 +8,7 @@ import signal
 import time
 import pytest
 
-from shared import store
+from shared import jobstore
 from shared.memory import GB
 from tests.conftest import pool_child, wait_for
 
@@ -55,7 +55,7 @@ def test_child_killed_mid_job_is_redelivered_and_succeeds_on_the_second_attempt(
     assert lost["attempt"] == 1 and lost["error"]["code"] == "worker_lost" and lost["peak_rss_bytes"] > 0
     assert pool_child(proc) != first_child  # Celery replaced the child, which loaded the model again
     with stack.sessions() as s:  # stored once
-        assert len(store.get_job(s, job["id"]).images) == 1
+        assert len(jobstore.get_job(s, job["id"]).images) == 1
 
 
 def test_job_that_kills_its_worker_every_time_ends_worker_lost_after_max_attempts(stack, spawn_worker):

@@ -15,8 +15,8 @@ from shared.memory import fmt_size, read_host_budget
 from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name
 from shared.retry import retrying
 from shared.settings import get_settings
-from worker import hub
-from worker.host import Beacon, Host, take_back_orphans
+from modeltools import hub
+from worker.process import Beacon, Host, take_back_orphans
 from worker.owner import Consumers, lower_cpu_priority
 from worker.pipelines import get_pipeline
 from worker.tasks import run_job
@@ -62,7 +62,7 @@ def preflight() -> str:
         except hub.SourceError as exc:
             raise SystemExit(f"SDFLEET_MODEL={exc}") from None
     if settings.tiny_vae:
-        from worker.pipelines import model_latent_channels, tiny_vae_folder
+        from worker.tiny_vae import model_latent_channels, tiny_vae_folder
 
         if settings.backend != "optimum":
             raise SystemExit(f"SDFLEET_TINY_VAE={settings.tiny_vae}: only the optimum backend decodes with a tiny "

@@ -105,7 +105,7 @@ def model_defaults(folder: str | Path | None, settings: Settings) -> ModelDefaul
 
 def worker_defaults(settings: Settings) -> ModelDefaults:
     """The defaults a worker announces for its SDFLEET_MODEL (a folder or a cached hub ID)."""
-    from worker import hub
+    from modeltools import hub
 
     folder = None
     if settings.model:

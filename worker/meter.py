@@ -18,7 +18,7 @@ import time
 import psutil
 
 from shared.memory import fmt_size
-from shared.store import MemoryReading
+from shared.jobstore import MemoryReading
 
 MAX_TIMELINE_POINTS = 600
 

@@ -13,7 +13,6 @@ import fcntl
 import functools
 import gc
 import importlib
-import json
 import logging
 import os
 import time
@@ -23,11 +22,12 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
+from modeltools import hub
 from shared.settings import Levers, Settings
-from worker import hub
 from worker.meter import (
     FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark, rss_bytes,
 )
+from worker.tiny_vae import tiny_vae_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +70,6 @@ class Pipeline(Protocol):
 
 PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3": "encode",
           "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
-
-
-def tiny_vae_folder(spec: str, latent_channels: int | None = None) -> Path:
-    """SDFLEET_TINY_VAE's decoder folder (see worker.export.tiny_vae_decoder), checked against the number of
-    latent channels the model's UNet makes; ValueError with the reason."""
-    from worker.export import ExportError, tiny_vae_decoder
-
-    try:
-        folder = tiny_vae_decoder(hub.resolve(spec))
-    except (ExportError, hub.SourceError) as exc:
-        raise ValueError(f"SDFLEET_TINY_VAE={spec}: {exc}") from None
-    channels = json.loads((folder / "config.json").read_text()).get("latent_channels", 4)
-    if latent_channels is not None and channels != latent_channels:
-        raise ValueError(f"SDFLEET_TINY_VAE={spec}: it decodes {channels}-channel latents; this model's UNet makes "
-                         f"{latent_channels}")
-    return folder
-
-
-def model_latent_channels(model_folder: str) -> int | None:
-    """The latent channels of an IR folder's UNet (None when its config cannot be read)."""
-    try:
-        return json.loads((Path(model_folder) / "unet" / "config.json").read_text()).get("out_channels", 4)
-    except (OSError, ValueError):
-        return None
 
 
 class OptimumPipeline:

@@ -14,14 +14,14 @@ import time
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from shared import fleet, store
+from shared import deliveries, fleet, jobstore
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
 from shared.memory import Shape, fmt_size, job_shape, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
-from worker.host import HOST, Host, Running
+from worker.process import HOST, Host, Running
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
 from worker.pipelines import ImageRequest, settle
 
@@ -46,7 +46,7 @@ class Monitor:
     """Writes a running job's progress and reads its cancel flag every `interval_s`, in its own thread:
     the denoising loop only touches memory (no database write per step on a fast model)."""
 
-    def __init__(self, sessions, attempt: store.Attempt, interval_s: float):
+    def __init__(self, sessions, attempt: jobstore.Attempt, interval_s: float):
         self.sessions, self.attempt, self.interval_s = sessions, attempt, interval_s
         self.position = (0, 0, attempt.parameters.steps)  # image, step, steps
         self.cancelled = threading.Event()
@@ -56,7 +56,7 @@ class Monitor:
     def sync(self) -> None:
         position = self.position
         with self.sessions.begin() as session:
-            if store.sync_running(session, self.attempt, position if position != self._written else None):
+            if jobstore.sync_running(session, self.attempt, position if position != self._written else None):
                 self.cancelled.set()
         self._written = position
 
@@ -100,7 +100,7 @@ class StepClock:
 
 
 def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: Monitor,
-                  clock: StepClock) -> list[store.GeneratedImage]:
+                  clock: StepClock) -> list[jobstore.GeneratedImage]:
     image_index = 0
 
     def on_step(step: int, total: int) -> None:
@@ -124,7 +124,7 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
         ), on_step)
         meter.check()
-        images.append(store.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
+        images.append(jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
                                            png=_png(image)))
     return images
 
@@ -155,19 +155,19 @@ def _notify_if_due(sessions, job_id: str, celery: Celery) -> None:
     """A job that just ended with a webhook: hand its delivery to the ops workers."""
     def read():
         with sessions() as session:
-            return store.webhook_handout(session, job_id)
+            return deliveries.webhook_handout(session, job_id)
 
     handout = retrying(read, patience_s=10)
     if handout:
         send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done)
 
 
-def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> store.Attempt | None:
+def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> jobstore.Attempt | None:
     settings = host.settings
 
     def claim():
         with sessions.begin() as session:
-            return store.start_attempt(session, job_id, delivery_id, HOST, host.name, settings.max_attempts,
+            return jobstore.start_attempt(session, job_id, delivery_id, HOST, host.name, settings.max_attempts,
                                        settings.job_timeout_s)
 
     try:
@@ -200,8 +200,8 @@ def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Ho
     prediction it checked (None when the job was not queued)."""
     def read():
         with sessions() as session:
-            job = store.queued_job(session, job_id, delivery_id)
-            return (store.parameters_of(job), job) if job is not None and job.model == host.model else (None, None)
+            job = jobstore.queued_job(session, job_id, delivery_id)
+            return (jobstore.parameters_of(job), job) if job is not None and job.model == host.model else (None, None)
 
     params, job = retrying(read)
     if params is None:
@@ -216,11 +216,11 @@ def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Ho
             classes = [top_class(w.budget_bytes) for w in fleet.live_workers(session, host.settings.worker_stale_s,
                                                                               host.model) if w.name != host.name]
             if target is not None and any(c >= target for c in classes):
-                return "handed on", store.hand_on(session, job, delivery_id or job.delivery_id, target)
+                return "handed on", jobstore.hand_on(session, job, delivery_id or job.delivery_id, target)
             message = (f"predicted to need {fmt_size(expected.bytes)} ({expected.source}) on {host.name}, past its "
                        f"budget of {fmt_size(host.budget)}, and no live worker's memory class holds it (largest: "
                        f"{fmt_size(max(classes, default=0))})")
-            return "failed", store.fail_unplaceable(session, job, message)
+            return "failed", jobstore.fail_unplaceable(session, job, message)
 
     outcome, done = retrying(move)
     if outcome == "handed on" and done:
@@ -253,7 +253,7 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     def end(code: ErrorCode, message: str, reading=None, elapsed=None) -> str:
         def write():
             with sessions.begin() as session:
-                store.finish_failed(session, attempt, code, message, reading, elapsed)
+                jobstore.finish_failed(session, attempt, code, message, reading, elapsed)
 
         retrying(write)
         _notify_if_due(sessions, job_id, celery)
@@ -318,9 +318,9 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     def finish() -> bool:
         with sessions.begin() as session:
             if code is None:
-                ok = store.finish_succeeded(session, attempt, images, elapsed, reading)
+                ok = jobstore.finish_succeeded(session, attempt, images, elapsed, reading)
             else:
-                ok = store.finish_failed(session, attempt, code, message, reading, elapsed)
+                ok = jobstore.finish_failed(session, attempt, code, message, reading, elapsed)
             if ok:
                 fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
             return ok

@@ -11,9 +11,8 @@ from api.errors import responses
 from api.metrics import render_metrics
 from shared import fleet
 from shared.errors import InvalidRequest, ModelUnavailable
-from shared.jobs import (
-    JobParameters, JobShape, ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic,
-)
+from shared.fleet_contract import ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic
+from shared.jobs import JobParameters, JobShape
 from shared.memory import fmt_size, predict
 from shared.queue import top_class
 
@@ -76,7 +75,7 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
         guidance=job_shape.guidance,
         num_images=params.num_images, admitted=best is not None,
         memory_class_bytes=best.memory_class_bytes if best else None, message=message,
-        workers=[WorkerPlan(name=f.worker.name, host=f.worker.host, state=f.worker.state, backend=f.worker.backend,
+        workers=[WorkerPlan(name=f.worker.name, host=f.worker.process, state=f.worker.state, backend=f.worker.backend,
                             precision=f.worker.precision, memory_mode=f.worker.memory_mode,
                             budget_bytes=f.worker.budget_bytes, class_limit_bytes=top_class(f.worker.budget_bytes),
                             resident_bytes=f.worker.resident_bytes, predicted_peak_bytes=f.prediction.bytes,

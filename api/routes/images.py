@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api.deps import Caller, Ctx, owner_id
 from api.errors import openai_error
 from api.routes.jobs import submit
-from shared import store
+from shared import jobstore
 from shared.errors import InvalidRequest
 from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobStatus, Priority
 
@@ -91,12 +91,12 @@ def _job_request(body: ImageGenerationRequest) -> JobCreate:
 
 def _finished(ctx, job_id: str, owner: str | None) -> JobPublic:
     with ctx.sessions() as session:
-        return store.to_public(store.get_job(session, job_id, owner))
+        return jobstore.to_public(jobstore.get_job(session, job_id, owner))
 
 
 def _pngs(ctx, job: JobPublic, owner: str | None) -> list[bytes]:
     with ctx.sessions() as session:
-        return [store.image_png(session, job.id, image.index, owner) for image in job.images]
+        return [jobstore.image_png(session, job.id, image.index, owner) for image in job.images]
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses={

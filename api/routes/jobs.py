@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from api.admission import Admission, FleetView, admit, model_defaults, with_defaults
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
-from shared import fleet, store, webhooks
+from shared import deliveries, fleet, jobstore, webhooks
 from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, ModelUnavailable, NotFound
 from shared.jobs import MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus
 from shared.models import Job, Worker
@@ -76,7 +76,7 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     except (ModelUnavailable, InsufficientMemory):
         # a refusal is decided on a fresh read: a worker may have come up, or its profiles changed
         params, admitted = _admit(await ctx.fleet.get(fresh=True), job, model, seed)
-    values = store.new_job_values(store.NewJob(
+    values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
@@ -87,7 +87,7 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
         if key is None:
             raise
         return await submit(ctx, job, caller, key)
-    return store.to_public(store.as_record(values), queue_position=position), 202
+    return jobstore.to_public(jobstore.as_record(values), queue_position=position), 202
 
 
 def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission]:
@@ -102,12 +102,12 @@ def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobP
 def _earlier(ctx: Ctx, caller: Caller, key: str, digest: str) -> JobPublic | None:
     """The job this Idempotency-Key already made, if any (a different body is a 409)."""
     with ctx.sessions() as session:
-        earlier = store.find_idempotent(session, owner_id(caller), key)
+        earlier = jobstore.find_idempotent(session, owner_id(caller), key)
         if earlier is None:
             return None
         if earlier.request_hash != digest:
             raise IdempotencyConflict("this Idempotency-Key was used with a different body", {"job_id": earlier.id})
-        return store.to_public(earlier)
+        return jobstore.to_public(earlier)
 
 
 def _encode_cursor(job: Job) -> str:
@@ -133,17 +133,17 @@ def list_jobs(caller: Caller, ctx: Ctx,
     """The caller's jobs (with a key, only that key's), newest first, a page at a time."""
     after = _decode_cursor(cursor) if cursor is not None else None
     with ctx.sessions() as session:
-        rows = store.list_jobs(session, owner_id(caller), status or [], limit + 1, after)
+        rows = jobstore.list_jobs(session, owner_id(caller), status or [], limit + 1, after)
         page = rows[:limit]
-        jobs = [store.to_public(j, store.queue_position(session, j) if j.status == JobStatus.queued.value else None)
+        jobs = [jobstore.to_public(j, jobstore.queue_position(session, j) if j.status == JobStatus.queued.value else None)
                 for j in page]
     return JobList(jobs=jobs, next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
 
 
 def owned_job(session, job_id: str, caller) -> Job:
-    job = store.get_job(session, job_id, owner_id(caller))
+    job = jobstore.get_job(session, job_id, owner_id(caller))
     if job is None:
-        stone = store.tombstone(session, job_id, owner_id(caller))
+        stone = jobstore.tombstone(session, job_id, owner_id(caller))
         if stone is not None:
             raise Gone(f"job {job_id} was deleted at {stone.deleted_at.isoformat()} ({stone.reason})",
                        {"deleted_at": stone.deleted_at.isoformat(), "reason": stone.reason,
@@ -156,8 +156,8 @@ def owned_job(session, job_id: str, caller) -> Job:
 def get_job(job_id: JobId, caller: Caller, ctx: Ctx) -> JobPublic:
     with ctx.sessions() as session:
         job = owned_job(session, job_id, caller)
-        position = store.queue_position(session, job) if job.status == JobStatus.queued.value else None
-        return store.to_public(job, position)
+        position = jobstore.queue_position(session, job) if job.status == JobStatus.queued.value else None
+        return jobstore.to_public(job, position)
 
 
 @router.delete("/{job_id}", response_model=JobPublic, status_code=200,
@@ -168,11 +168,11 @@ def cancel_job(job_id: JobId, caller: Caller, ctx: Ctx, response: Response) -> J
     """Cancel: a queued job never runs (200, cancelled); a running one stops at its next denoising
     step (202, cancel_requested); a finished one is 409."""
     with ctx.sessions.begin() as session:
-        job = store.cancel(session, job_id, owner_id(caller))
+        job = jobstore.cancel(session, job_id, owner_id(caller))
         if job is None:
             owned_job(session, job_id, caller)  # 410 for a deleted job, else 404
-        record = store.to_public(job)
-        hook = store.webhook_handout(session, job_id) if record.status is JobStatus.cancelled else None
+        record = jobstore.to_public(job)
+        hook = deliveries.webhook_handout(session, job_id) if record.status is JobStatus.cancelled else None
     if record.status is JobStatus.cancelled:
         if hook:
             send_webhook(ctx.celery, job_id, hook.delivery_id, hook.attempts_done)
@@ -187,7 +187,7 @@ def get_image(job_id: JobId, index: int, caller: Caller, ctx: Ctx) -> Response:
     if not 0 <= index < 2**31:  # no such image; and past the database's integers
         raise NotFound(f"job {job_id} has no image {index}")
     with ctx.sessions() as session:
-        png = store.image_png(session, job_id, index, owner_id(caller))
+        png = jobstore.image_png(session, job_id, index, owner_id(caller))
         if png is None:
             owned_job(session, job_id, caller)
             raise NotFound(f"job {job_id} has no image {index}")

@@ -12,8 +12,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from shared import fleet, jobstats, store
+from shared import deliveries, fleet, jobstats, jobstore
 from shared.jobs import JobStatus, WebhookStatus
+from shared.jobstore import TakeBackOutcome
 from shared.models import Job, utcnow
 from shared.memory import fmt_size
 from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
@@ -66,13 +67,13 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
             message = (f"no live worker serving {job.model!r} covers its memory class {fmt_size(ceiling)} any more "
                        f"(largest: {fmt_size(largest[job.model])}; predicted {fmt_size(job.predicted_peak_bytes or 0)})")
             with sessions.begin() as session:
-                if store.fail_unplaceable(session, job, message):
+                if jobstore.fail_unplaceable(session, job, message):
                     report.failed_unplaceable.append(job.id)
             continue
         if job.delivery_id in present:
             continue
         with sessions.begin() as session:
-            delivery = store.requeue_lost_message(session, job)
+            delivery = jobstore.requeue_lost_message(session, job)
         if delivery:
             send_generate(celery, job.id, delivery, job.model, job.priority, job.memory_class_bytes)
             report.requeued_lost_messages.append(job.id)
@@ -86,18 +87,18 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
         lost = (f"the worker running attempt {job.attempts} {where} "
                 + ("stopped sending heartbeats" if not alive else "moved on without finishing it"))
         with sessions.begin() as session:
-            delivery = store.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s)
-        if delivery:
-            send_generate(celery, job.id, delivery, job.model, job.priority, job.memory_class_bytes)
+            taken = jobstore.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s)
+        if taken.outcome is TakeBackOutcome.queued:
+            send_generate(celery, job.id, taken.delivery_id, job.model, job.priority, job.memory_class_bytes)
             report.requeued_from_lost_workers.append(job.id)
-        elif delivery == "":
+        elif taken.outcome is TakeBackOutcome.ended:
             report.ended_lost.append(job.id)
 
     stale_before = now - WEBHOOK_RESEND_AFTER
     for job_id in hooks + report.ended_lost + report.failed_unplaceable:
         with sessions.begin() as session:
-            handout = (store.resend_webhook(session, job_id, stale_before) if job_id in hooks
-                       else store.webhook_handout(session, job_id))
+            handout = (deliveries.resend_webhook(session, job_id, stale_before) if job_id in hooks
+                       else deliveries.webhook_handout(session, job_id))
         if handout and send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done):
             report.webhooks_resent.append(job_id)
     with sessions.begin() as session:
@@ -107,16 +108,3 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
     if any(v for k, v in vars(report).items() if k != "stats_folded"):
         log.info("reconciled: %s", report)
     return report
-
-
-def enforce_retention(sessions, settings: Settings) -> list[str]:
-    """Delete what the retention settings say is past keeping; each deletion leaves a tombstone."""
-    if not settings.retention_days and not settings.retention_max_image_bytes:
-        return []
-    older_than = utcnow() - timedelta(days=settings.retention_days) if settings.retention_days else None
-    with sessions.begin() as session:
-        stones = store.delete_expired(session, older_than, settings.retention_max_image_bytes or None)
-    if stones:
-        log.info("retention deleted %d job(s), %d image bytes: %s", len(stones),
-                 sum(s.image_bytes for s in stones), sorted({s.reason for s in stones}))
-    return [s.job_id for s in stones]

@@ -15,12 +15,13 @@ import httpx
 import redis
 from celery.signals import worker_ready
 
-from shared import keys, store, webhooks
+from shared import deliveries, keys, webhooks
 from shared.db import session_factory
 from shared.jobs import WebhookStatus
 from shared.models import ApiKey
 from shared.queue import RECONCILE_LOCK_KEY, WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
-from shared.reconcile import enforce_retention, reconcile
+from ops.reconcile import reconcile
+from ops.retention import enforce_retention
 from shared.retry import retrying
 from shared.settings import get_settings
 
@@ -34,7 +35,7 @@ sessions = session_factory(settings.database_url)
 def _end(job_id: str, delivery_id: str | None, status: WebhookStatus) -> None:
     def write():
         with sessions.begin() as session:
-            store.end_webhook(session, job_id, delivery_id, status)
+            deliveries.end_webhook(session, job_id, delivery_id, status)
 
     retrying(write)
 
@@ -45,7 +46,7 @@ def deliver_webhook(self, job_id: str, delivery_id: str | None = None, attempts_
     body in X-Sdfleet-Signature); retried with exponential backoff; at-least-once (X-Sdfleet-Job dedups)."""
     def claim():
         with sessions.begin() as session:
-            send = store.claim_webhook(session, job_id, delivery_id, attempts_done)
+            send = deliveries.claim_webhook(session, job_id, delivery_id, attempts_done)
             owner = session.get(ApiKey, send.owner_key_id) if send and send.owner_key_id else None
             return send, (owner.webhook_secret if owner else settings.webhook_secret)
 

@@ -19,7 +19,7 @@ ranges are calibrated on UNet inputs collected by running the pipeline (int8 wei
 `--lora PATH [--lora-scale S]` fuses a LoRA (diffusers/PEFT or kohya safetensors: a file, a folder, or a hub
 ID) into the UNet, and into the text encoders it has weights for, before they are converted, as fastsdcpu does
 for LCM-LoRA; `--scheduler lcm` swaps the pipeline's scheduler (what an LCM-LoRA needs). SRC may be a hub ID
-(ORG/NAME), resolved through the Hugging Face cache (worker/hub.py).
+(ORG/NAME), resolved through the Hugging Face cache (modeltools/hub.py).
 
 The result is written beside OUT and moved into place whole, with a stamp (sdfleet_export.json) recording the
 weight format, the LoRA and scheduler, and what each step measured.
@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker.tiny_vae import TinyVaeError, tiny_vae_config
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +377,7 @@ def quantize_convolutions(xml: Path, data: Path, dest: Path) -> None:
 def _child(step: list[str]) -> dict:
     """Run one step in a fresh interpreter; returns its wall time and peak RSS."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "worker.export", *step]
+    cmd = [sys.executable, "-m", "modeltools.export", *step]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -414,7 +416,7 @@ def _lora_file(path: Path) -> Path:
 
 def _source(spec: str | Path, what: str) -> Path:
     """A local folder or file, or a hub ID's snapshot folder in the Hugging Face cache."""
-    from worker import hub
+    from modeltools import hub
 
     if os.path.exists(spec):
         return Path(spec).absolute()
@@ -575,32 +577,6 @@ def export(src: str | Path, out: str | Path, weight_format: str = "fp16", on_ste
 TINY_VAE_FILE = "sdfleet_tiny_vae.json"
 
 
-def _tiny_config(folder: Path, missing: str) -> dict:
-    """The config.json of a tiny autoencoder in `folder`; ExportError (`missing` says what was expected) when
-    there is none, or when it names another class (a full VAE, say)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{folder}: {missing} ({exc})") from None
-    if config.get("_class_name") != "AutoencoderTiny":
-        raise ExportError(f"{folder}: not a tiny autoencoder (its config.json names {config.get('_class_name')!r}, "
-                          f"not AutoencoderTiny: madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
-    return config
-
-
-def tiny_vae_decoder(folder: str | Path) -> Path:
-    """The decoder folder of a TAESD / TAESDXL in OpenVINO IR: `folder/vae_decoder` (the layout
-    `export_tiny_vae` writes, and fastsdcpu's deinferno/taesd-openvino and rupeshs/taesdxl-openvino), or `folder`
-    itself when it holds the decoder. Raises ExportError naming what is missing."""
-    folder = Path(folder)
-    for cand in (folder / "vae_decoder", folder):
-        if (cand / "openvino_model.xml").is_file():
-            _tiny_config(cand, "a tiny VAE decoder needs its config.json")
-            return cand
-    raise ExportError(f"{folder}: no TAESD decoder in OpenVINO IR here (expected vae_decoder/openvino_model.xml; "
-                      f"`sdfleet model export-tiny-vae` converts a diffusers TAESD such as madebyollin/taesd)")
-
-
 def convert_vae_decoder(vae, latent_channels: int):
     """A diffusers VAE's decoder (AutoencoderKL or AutoencoderTiny) as an OpenVINO model, traced as optimum-intel
     traces it (`vae.decode`): input `latent_sample` of any batch and size, output `sample`."""
@@ -634,7 +610,10 @@ def export_tiny_vae(src: str | Path, out: str | Path) -> dict:
     if out.exists():
         raise ExportError(f"{out} exists: remove it or choose another folder")
     src = _source(src, "source")
-    _tiny_config(src, "not a diffusers model folder (config.json)")
+    try:
+        tiny_vae_config(src, "not a diffusers model folder (config.json)")
+    except TinyVaeError as exc:
+        raise ExportError(str(exc)) from None
     t0 = time.perf_counter()
     vae = AutoencoderTiny.from_pretrained(src, torch_dtype=torch.float32).eval()
     model = convert_vae_decoder(vae, vae.config.latent_channels)

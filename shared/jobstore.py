@@ -1,23 +1,25 @@
-"""Job persistence. Every status change goes through `transition`, a compare-and-set on the row, so two
-processes (an API and a worker, or two workers after a redelivery) can never both win the same change."""
+"""Jobs in the database. Every status change goes through `transition`, a compare-and-set on the row, so two
+processes (an API and a worker, or two workers after a redelivery) can never both win the same change. Also
+here: a worker's claim on a job (`Attempt`) and its outcome, queue positions, cancel, and the public record."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from shared import ids
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
-    PRIORITY_ORDER, TERMINAL, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
+    PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
     WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
-from shared.models import Job, JobImage, JobMemory, JobTombstone, utcnow
+from shared.models import Job, JobImage, JobTombstone, utcnow
 from shared.queue import new_delivery_id
 
 
@@ -38,7 +40,6 @@ class MemoryReading:
             "peak_rss_method": self.method,
         }
 
-
 @dataclass(frozen=True)
 class GeneratedImage:
     index: int
@@ -47,7 +48,6 @@ class GeneratedImage:
     height: int
     png: bytes
 
-
 @dataclass(frozen=True)
 class Attempt:
     """A worker's claim on a job: the attempt number fences off writes from an older, lost attempt."""
@@ -55,7 +55,6 @@ class Attempt:
     job_id: str
     number: int
     parameters: JobParameters
-
 
 def transition(
     session: Session, job_id: str, expect: JobStatus, new: JobStatus, *, attempt: int | None = None,
@@ -79,7 +78,6 @@ def transition(
         values.update(progress_step=None, progress_steps=None, progress_image=None)
     return session.execute(stmt.values(status=new.value, **values)).rowcount == 1
 
-
 @dataclass(frozen=True)
 class NewJob:
     params: JobParameters
@@ -92,9 +90,7 @@ class NewJob:
     prediction_source: str | None = None
     memory_class_bytes: int | None = None
 
-
 _JOB_COLUMNS = tuple(c.key for c in Job.__table__.columns)
-
 
 def new_job_values(new: NewJob) -> dict:
     """Every column of a queued job's row (its ID, delivery ID, creation and enqueue time are set here): what
@@ -109,11 +105,9 @@ def new_job_values(new: NewJob) -> dict:
                   enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0)
     return values
 
-
 def as_record(values: dict) -> SimpleNamespace:
     """A stored row's values read like a Job with no images (for `to_public` and `queue_position`)."""
     return SimpleNamespace(**values, images=[])
-
 
 def create_job(session: Session, new: NewJob) -> Job:
     job = Job(**new_job_values(new), images=[])
@@ -121,11 +115,9 @@ def create_job(session: Session, new: NewJob) -> Job:
     session.flush()
     return job
 
-
 def find_idempotent(session: Session, owner_key_id: str | None, key: str) -> Job | None:
     return session.scalar(select(Job).where(
         func.coalesce(Job.owner_key_id, "") == (owner_key_id or ""), Job.idempotency_key == key))
-
 
 def get_job(session: Session, job_id: str, owner_key_id: str | None = None) -> Job | None:
     """The job, or None; with an owner (a keyed API), only that owner's jobs exist for it."""
@@ -133,7 +125,6 @@ def get_job(session: Session, job_id: str, owner_key_id: str | None = None) -> J
     if job is not None and owner_key_id is not None and job.owner_key_id != owner_key_id:
         return None
     return job
-
 
 def list_jobs(session: Session, owner_key_id: str | None, statuses: list[JobStatus], limit: int,
               after: tuple[datetime, str] | None = None) -> list[Job]:
@@ -149,10 +140,8 @@ def list_jobs(session: Session, owner_key_id: str | None, statuses: list[JobStat
         stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
     return list(session.scalars(stmt))
 
-
 def count_jobs(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Job))
-
 
 def image_png(session: Session, job_id: str, index: int, owner_key_id: str | None = None) -> bytes | None:
     stmt = select(JobImage.png).join(Job).where(JobImage.job_id == job_id, JobImage.index == index)
@@ -160,12 +149,10 @@ def image_png(session: Session, job_id: str, index: int, owner_key_id: str | Non
         stmt = stmt.where(Job.owner_key_id == owner_key_id)
     return session.scalar(stmt)
 
-
 def parameters_of(job: Job) -> JobParameters:
     return JobParameters.model_validate(
         {name: getattr(job, name) for name in JobParameters.model_fields}
     )
-
 
 def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: str, worker_name: str,
                   max_attempts: int, job_timeout_s: float | None = None) -> Attempt | None:
@@ -183,11 +170,10 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         return None
     if status is JobStatus.running:
         lost = f"the worker running attempt {job.attempts} (on {job.worker_host}) was lost"
-        if not take_back(session, job, lost, max_attempts, job_timeout_s, keep_delivery=True):
+        if take_back(session, job, lost, max_attempts, job_timeout_s, keep_delivery=True).outcome \
+                is not TakeBackOutcome.queued:
             return None
         session.refresh(job)
-        if JobStatus(job.status).is_terminal:
-            return None
     number = job.attempts + 1
     if not transition(
         session, job_id, JobStatus.queued, JobStatus.running,
@@ -199,34 +185,43 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))
 
-
 def _history(job: Job, code: ErrorCode, message: str) -> list[dict]:
     entry = AttemptRecord(attempt=job.attempts, worker_host=job.worker_host, started_at=job.started_at,
                           ended_at=utcnow(), error=JobError(code=code.value, message=message),
                           peak_rss_bytes=job.peak_rss_bytes)
     return [*(job.history or []), entry.model_dump(mode="json")]
 
+class TakeBackOutcome(str, enum.Enum):
+    queued = "queued again"  # its message is to be sent with `delivery_id`
+    ended = "ended"  # past its timeout, or out of attempts: timeout / worker_lost
+    changed = "it had moved on"  # another process changed the job first: nothing was written
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    outcome: TakeBackOutcome
+    delivery_id: str | None = None  # with `queued`: the delivery to send (the old one with keep_delivery)
+
 
 def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_timeout_s: float | None = None,
-              keep_delivery: bool = False) -> str | None:
+              keep_delivery: bool = False) -> TakeBack:
     """A running job whose worker was lost: back to queued (its attempt in the history, its attempt count
-    kept) with a new delivery ID, or, once past its timeout or out of attempts, ended timeout /
-    worker_lost. Returns the delivery ID to send (the old one with `keep_delivery`: its message is already
-    back in the queue), "" when the job ended, None when another process changed the job first."""
+    kept) with a new delivery ID (the old one with `keep_delivery`: its message is already back in the
+    queue), or, once past its timeout or out of attempts, ended timeout / worker_lost."""
     reading = (f", at {fmt_size(job.peak_rss_bytes)} resident when last seen" if job.peak_rss_bytes else "")
     if job_timeout_s and job.started_at and utcnow() - job.started_at > timedelta(seconds=job_timeout_s):
         ended = transition(
             session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
             expect_delivery=job.delivery_id, error_code=ErrorCode.timeout.value,
             error_message=f"the job ran past SDFLEET_JOB_TIMEOUT_S={job_timeout_s:g} ({lost}{reading})")
-        return "" if ended else None
+        return TakeBack(TakeBackOutcome.ended if ended else TakeBackOutcome.changed)
     if job.attempts >= max_attempts:
         ended = transition(
             session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
             expect_delivery=job.delivery_id, error_code=ErrorCode.worker_lost.value,
             error_message=(f"{lost}{reading}; that was attempt {job.attempts} of {max_attempts}: "
                            "it will not be run again"))
-        return "" if ended else None
+        return TakeBack(TakeBackOutcome.ended if ended else TakeBackOutcome.changed)
     delivery = job.delivery_id if keep_delivery else new_delivery_id()
     moved = transition(
         session, job.id, JobStatus.running, JobStatus.queued, attempt=job.attempts,
@@ -234,7 +229,6 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
         delivery_id=delivery, progress_image=None, progress_step=None, progress_steps=None,
     )
     return delivery if moved else None
-
 
 def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str | None:
     """A worker's own pre-check found a queued job too big for it: it goes to the queue of a larger memory
@@ -246,7 +240,6 @@ def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str |
     ).values(delivery_id=new, memory_class_bytes=ceiling, handoffs=Job.handoffs + 1)).rowcount
     return new if moved else None
 
-
 def queued_job(session: Session, job_id: str, delivery_id: str | None) -> Job | None:
     """The job this message is for, if it is queued and the message is its current delivery."""
     job = session.get(Job, job_id)
@@ -256,17 +249,14 @@ def queued_job(session: Session, job_id: str, delivery_id: str | None) -> Job | 
         return None
     return job
 
-
 def fail_unplaceable(session: Session, job: Job, message: str) -> bool:
     """No live worker can take this queued job any more: it ends insufficient_memory."""
     return transition(session, job.id, JobStatus.queued, JobStatus.failed, expect_delivery=job.delivery_id,
                       error_code=ErrorCode.insufficient_memory.value, error_message=message)
 
-
 def running_on(session: Session, worker_name: str) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
                                                   Job.worker_name == worker_name).with_for_update()))
-
 
 def requeue_lost_message(session: Session, job: Job) -> str | None:
     """A queued job whose message Redis lost: a new delivery ID (the old message, should it turn up, is
@@ -275,7 +265,6 @@ def requeue_lost_message(session: Session, job: Job) -> str | None:
         Job.id == job.id, Job.status == JobStatus.queued.value, Job.delivery_id == job.delivery_id,
     ).values(delivery_id=(delivery := new_delivery_id()), enqueued_at=utcnow())).rowcount
     return delivery if changed == 1 else None
-
 
 def cancel(session: Session, job_id: str, owner_key_id: str | None) -> Job | None:
     """Cancel a queued job (it will never run) or ask a running one to stop at its next step.
@@ -303,7 +292,6 @@ def cancel(session: Session, job_id: str, owner_key_id: str | None) -> Job | Non
                        {"status": status.value})
     return job
 
-
 def sync_running(session: Session, attempt: Attempt, progress: tuple[int, int, int] | None) -> bool:
     """Write a running job's progress (image, step, steps) if given; True if a cancel was asked for."""
     if progress is not None:
@@ -312,7 +300,6 @@ def sync_running(session: Session, attempt: Attempt, progress: tuple[int, int, i
             Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
         ).values(progress_image=image, progress_step=step, progress_steps=steps))
     return session.scalar(select(Job.cancel_requested_at).where(Job.id == attempt.job_id)) is not None
-
 
 def queue_position(session: Session, job: Job) -> int:
     """1 for the next job its model's workers will take: higher priorities first, then by enqueue time
@@ -324,7 +311,6 @@ def queue_position(session: Session, job: Job) -> int:
         or_(Job.priority.in_(higher), and_(Job.priority == job.priority, Job.enqueued_at < job.enqueued_at)),
     )
     return session.scalar(ahead) + 1
-
 
 def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
     """`queue_position` of jobs stored together (in enqueue order): one count per model and priority, for the
@@ -338,7 +324,6 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
         out[job.id] = position + seen
         first[group] = (head, position, seen + 1)
     return out
-
 
 def finish_succeeded(
     session: Session, attempt: Attempt, images: list[GeneratedImage], generation_s: float,
@@ -356,13 +341,11 @@ def finish_succeeded(
     )
     return True
 
-
 def note_peak(session: Session, attempt: Attempt, peak_bytes: int) -> None:
     """The running job's peak so far: what remains known if its worker is killed before it finishes."""
     session.execute(update(Job).where(
         Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
     ).values(peak_rss_bytes=peak_bytes, peak_rss_method="partial"))
-
 
 def finish_failed(
     session: Session, attempt: Attempt, code: ErrorCode, message: str, memory: MemoryReading | None,
@@ -376,118 +359,11 @@ def finish_failed(
         **(memory.columns() if memory else {}),
     )
 
-
-@dataclass(frozen=True)
-class WebhookSend:
-    url: str
-    body: bytes
-    owner_key_id: str | None
-    attempt: int
-
-
-def claim_webhook(session: Session, job_id: str, delivery_id: str | None, attempts_done: int) -> WebhookSend | None:
-    """Take attempt `attempts_done + 1` of a job's webhook: a compare-and-set on its delivery ID and attempt
-    count, both carried by the message. None when there is nothing to send: delivered, failed, a message
-    from an older hand-out, or a duplicate of a message whose attempt another ops worker already took."""
-    job = get_job(session, job_id)
-    if job is None or job.webhook_status != WebhookStatus.pending.value:
-        return None
-    claimed = session.execute(update(Job).where(
-        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value,
-        Job.webhook_attempts == attempts_done, Job.webhook_delivery_id.is_not_distinct_from(delivery_id),
-    ).values(webhook_attempts=attempts_done + 1, webhook_sent_at=utcnow())).rowcount
-    if not claimed:
-        return None
-    return WebhookSend(job.webhook_url, to_public(job).model_dump_json().encode(), job.owner_key_id,
-                       attempts_done + 1)
-
-
-def end_webhook(session: Session, job_id: str, delivery_id: str | None, new: WebhookStatus) -> bool:
-    """pending -> delivered or failed, for the hand-out that holds `delivery_id`."""
-    check_webhook_transition(WebhookStatus.pending, new)
-    stmt = update(Job).where(Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value)
-    if delivery_id is not None:
-        stmt = stmt.where(Job.webhook_delivery_id == delivery_id)
-    return session.execute(stmt.values(webhook_status=new.value)).rowcount == 1
-
-
-@dataclass(frozen=True)
-class WebhookHandout:
-    """What a webhook message carries: the hand-out's delivery ID and the attempts already made."""
-
-    delivery_id: str | None
-    attempts_done: int
-
-
-def resend_webhook(session: Session, job_id: str, stale_before: datetime) -> WebhookHandout | None:
-    """A pending webhook whose last attempt (or the job's end) is older than `stale_before`: its hand-out is
-    taken to be lost, and a new one replaces it (compare-and-set: of several reconcilers, one wins)."""
-    job = get_job(session, job_id)
-    if job is None or job.webhook_status != WebhookStatus.pending.value:
-        return None
-    last = job.webhook_sent_at or job.finished_at
-    if last is not None and last >= stale_before:
-        return None
-    delivery = new_delivery_id()
-    changed = session.execute(update(Job).where(
-        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value,
-        Job.webhook_delivery_id.is_not_distinct_from(job.webhook_delivery_id),
-    ).values(webhook_delivery_id=delivery, webhook_sent_at=utcnow())).rowcount
-    return WebhookHandout(delivery, job.webhook_attempts) if changed else None
-
-
-def webhook_handout(session: Session, job_id: str) -> WebhookHandout | None:
-    """The current hand-out of a pending webhook (what the process that just ended the job sends)."""
-    row = session.execute(select(Job.webhook_delivery_id, Job.webhook_attempts).where(
-        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value)).first()
-    return WebhookHandout(row[0], row[1]) if row else None
-
-
-def delete_expired(session: Session, older_than: datetime | None, max_image_bytes: int | None,
-                   limit: int = 500) -> list[JobTombstone]:
-    """Retention: finished jobs that ended before `older_than`, then the oldest finished jobs while all
-    PNGs add up to more than `max_image_bytes`. Each deletion leaves a tombstone (GET answers 410)."""
-    sizes = (select(JobImage.job_id, func.sum(func.length(JobImage.png)).label("bytes"))
-             .group_by(JobImage.job_id).subquery())
-    finished = (select(Job, func.coalesce(sizes.c.bytes, 0))
-                .outerjoin(sizes, sizes.c.job_id == Job.id)
-                .where(Job.status.in_([s.value for s in TERMINAL]))
-                .order_by(Job.finished_at, Job.id))
-    doomed: list[tuple[Job, int, str]] = []
-    if older_than is not None:
-        for job, size in session.execute(finished.where(Job.finished_at < older_than).limit(limit)):
-            doomed.append((job, int(size), f"retention: finished before {older_than.isoformat()}"))
-    if max_image_bytes:
-        total = int(session.scalar(select(func.coalesce(func.sum(func.length(JobImage.png)), 0))))
-        total -= sum(size for _, size, _ in doomed)
-        taken = {job.id for job, _, _ in doomed}
-        if total > max_image_bytes:
-            for job, size in session.execute(finished.where(sizes.c.bytes > 0).limit(limit * 4)):
-                if total <= max_image_bytes or len(doomed) >= limit:
-                    break
-                if job.id in taken:
-                    continue
-                doomed.append((job, int(size), f"retention: the stored images exceeded {fmt_size(max_image_bytes)}"))
-                total -= int(size)
-    now = utcnow()
-    stones = [JobTombstone(job_id=job.id, owner_key_id=job.owner_key_id, status=job.status,
-                           created_at=job.created_at, finished_at=job.finished_at, deleted_at=now, image_bytes=size,
-                           reason=reason) for job, size, reason in doomed]
-    if doomed:
-        ids = [job.id for job, _, _ in doomed]
-        session.add_all(stones)
-        session.execute(delete(JobImage).where(JobImage.job_id.in_(ids)))
-        session.execute(delete(JobMemory).where(JobMemory.job_id.in_(ids)))
-        session.execute(delete(Job).where(Job.id.in_(ids)))
-    return stones
-
-
 def tombstone(session: Session, job_id: str, owner_key_id: str | None = None) -> JobTombstone | None:
     stone = session.get(JobTombstone, job_id)
     if stone is not None and owner_key_id is not None and stone.owner_key_id != owner_key_id:
         return None
     return stone
-
 
 def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
     """The public record of a job (what GET answers and what a webhook carries)."""

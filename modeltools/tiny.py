@@ -6,7 +6,7 @@ Architectures: `sd` (SD 1.5), `sdxl`, and the few-step models CPU users run: `lc
 model: UNet with `time_cond_proj_dim`, LCMScheduler, guidance as an embedding), `sd-turbo` (SD 2.x-style:
 linear projections, GELU text encoder, Euler with trailing timesteps) and `sdxl-turbo` (SDXL with Euler
 ancestral, trailing). The few-step ones are saved as diffusers folders and exported by `sdfleet model
-export` (worker/export.py), the way a user converts a downloaded model.
+export` (modeltools/export.py), the way a user converts a downloaded model.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def make_tiny(out: Path, arch: str = "sd", seed: int = 0) -> Path:
             BUILDERS[arch](tmp).save_pretrained(tmp / "torch")
             staged = tmp / "ir"
             if arch in _BY_EXPORT:
-                from worker.export import export
+                from modeltools.export import export
 
                 export(tmp / "torch", staged, "fp16", on_step=log.info)
             else:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from shared import fleet, store
+from shared import fleet, jobstore
 from shared.db import session_factory
+from shared.fleet_contract import WorkerState
 from shared.memory import fmt_size, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
@@ -39,12 +40,11 @@ def take_back_orphans(settings: Settings) -> None:
     ends timeout / worker_lost), instead of showing `running` on a dead process until its message comes round
     again. Celery has already put the message back (late ack, reject on worker lost): its delivery ID is kept."""
     with session_factory(settings.database_url).begin() as session:
-        for job in store.running_on(session, worker_name()):
+        for job in jobstore.running_on(session, worker_name()):
             lost = f"the worker process running attempt {job.attempts} on {job.worker_host} died"
-            outcome = store.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s,
-                                      keep_delivery=True)
-            log.warning("job %s: %s; %s", job.id, lost,
-                        "ended" if outcome == "" else "queued again" if outcome else "it had moved on")
+            taken = jobstore.take_back(session, job, lost, settings.max_attempts, settings.job_timeout_s,
+                                       keep_delivery=True)
+            log.warning("job %s: %s; %s", job.id, lost, taken.outcome.value)
 
 
 class Beacon:
@@ -89,7 +89,7 @@ class Beacon:
 
 @dataclass
 class Running:
-    attempt: store.Attempt
+    attempt: jobstore.Attempt
     meter: JobMeter
 
 
@@ -165,7 +165,7 @@ class Host:
             self.resident = self._resident()
         self.follow_owner()
         ram = psutil.virtual_memory()
-        hb = fleet.Heartbeat(
+        hb = WorkerState(
             name=self.name, host=HOST, model=self.model, backend=self.pipeline.backend,
             precision=self.pipeline.precision, memory_mode=self.memory_mode, budget_bytes=self.budget,
             cgroup_limit_bytes=self.cgroup_limit,
@@ -177,4 +177,4 @@ class Host:
         with self._sessions.begin() as session:
             fleet.beat(session, hb, self.started_at)
             if running is not None:
-                store.note_peak(session, running.attempt, running.meter.peak_so_far)
+                jobstore.note_peak(session, running.attempt, running.meter.peak_so_far)

@@ -1,0 +1,1 @@
+"""The ops worker: webhook deliveries, the reconciler, retention."""
