@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,11 @@ from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults
 from shared.memory import Profile, Prediction, Shape, fmt_size, job_shape, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
+
+if TYPE_CHECKING:
+    from api.submit import FleetCache
+
+T = TypeVar("T")
 
 _FORMAT_TOKENS = re.compile(r"(^|[-_.])(int8|int4|fp16|fp32|f16|bf16|ov|openvino)(?=$|[-_.])")
 _SIZES = (1024, 768, 512)
@@ -45,6 +51,34 @@ def with_defaults(fields: dict, defaults: ModelDefaults, model: str) -> dict:
                   f"guidance is an embedding, not a second pass")
         raise InvalidRequest(f"negative_prompt: {reason}", [{"field": "negative_prompt", "reason": reason}])
     return {**fields, **{k: getattr(defaults, k) for k in _DEFAULTED if fields.get(k) is None}}
+
+
+def requested_model(model: str | None, default: str | None) -> str:
+    """The model a request names, or the API's default (SDFLEET_DEFAULT_MODEL)."""
+    if model is None and default is None:
+        raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
+                             [{"field": "model", "reason": "required when the API has no default model"}])
+    return model or default
+
+
+def parameters_on(view: "FleetView", model: str, fields: dict, **fixed) -> tuple[list[Worker], JobParameters]:
+    """The live workers serving `model` (largest first; ModelUnavailable when none does) and the job's
+    parameters: what the request left out is the model's own default, as its workers announce it now."""
+    serving = view.serving(model)
+    return serving, JobParameters(**with_defaults(fields, model_defaults(serving), model), model=model, **fixed)
+
+
+async def decide_on_fleet(cache: "FleetCache", decide: Callable[["FleetView"], T],
+                          refused: Callable[[T], bool] = lambda _: False) -> T:
+    """`decide` on the cached view of the fleet; a refusal (ModelUnavailable or InsufficientMemory raised, or
+    `refused`) is decided again on a fresh read: a worker may have come up, or its profiles changed."""
+    try:
+        decided = decide(await cache.get())
+        if not refused(decided):
+            return decided
+    except (ModelUnavailable, InsufficientMemory):
+        pass
+    return decide(await cache.get(fresh=True))
 
 
 def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> Shape:

@@ -85,6 +85,14 @@ class Context:
             self._keys[digest] = (key, now + self.settings.api_cache_s)
         return key
 
+    def known_auth_required(self) -> bool | None:
+        """Whether keys are required as last decided, without asking the database; None once that decision is
+        older than KEYS_RECHECK_S (and keys are not yet required for good): then ask `auth_required`."""
+        state = self._auth
+        if state["required"] or time.monotonic() - state["checked"] <= KEYS_RECHECK_S:
+            return state["required"]
+        return None
+
     def auth_required(self) -> bool:
         """Fixed by SDFLEET_AUTH=required|off; with auto, required beyond loopback or once any key was ever
         created. Once required it stays required for the life of the process: nothing turns it off."""
@@ -112,9 +120,10 @@ Ctx = Annotated[Context, Depends(context)]
 async def principal(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> ApiKey | None:
     """The caller's key; None when the API is open (SDFLEET_AUTH off, or auto on loopback with no key ever).
     Runs on the event loop: the database is asked (in the thread pool) only when a cache is out of date."""
-    state = ctx._auth
-    fresh = state["required"] or time.monotonic() - state["checked"] <= KEYS_RECHECK_S
-    if not (state["required"] if fresh else await run_in_threadpool(ctx.auth_required)):
+    required = ctx.known_auth_required()
+    if required is None:
+        required = await run_in_threadpool(ctx.auth_required)
+    if not required:
         return None
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

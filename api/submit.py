@@ -50,10 +50,11 @@ class FleetCache:
         loop = asyncio.get_running_loop()
         if self._pending is None or self._pending.get_loop() is not loop:  # (a test client's loop per request)
             self._pending = asyncio.ensure_future(loop.run_in_executor(None, self._read))
-            self._pending.add_done_callback(self._settle)
+            self._pending.add_done_callback(self._keep_read)
         return await asyncio.shield(self._pending)
 
-    def _settle(self, future: asyncio.Future) -> None:
+    def _keep_read(self, future: asyncio.Future) -> None:
+        """The read is done: keep its view (a failed read keeps the old one), and let the next miss read again."""
         if self._pending is future:
             self._pending = None
         if not future.cancelled() and future.exception() is None:
@@ -156,7 +157,7 @@ class Submitter:
 
 
 def _answer(p: _Pending, result=None, exc: BaseException | None = None) -> None:
-    def settle() -> None:
+    def resolve_future() -> None:
         if p.future.done():  # the request went away
             return
         if exc is not None:
@@ -165,6 +166,6 @@ def _answer(p: _Pending, result=None, exc: BaseException | None = None) -> None:
             p.future.set_result(result)
 
     try:
-        p.loop.call_soon_threadsafe(settle)
+        p.loop.call_soon_threadsafe(resolve_future)
     except RuntimeError:  # its event loop is closed: nobody waits for the answer any more
         pass

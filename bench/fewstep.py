@@ -2,7 +2,7 @@
 (4 steps, guidance 8.5: an embedding, no classifier-free batch), SD-Turbo and SDXL-Turbo (1 step, guidance 0),
 each the fastsdcpu way (OVDiffusionPipeline.from_pretrained(IR, ov_config={"CACHE_DIR": ""}), the class read
 from model_index.json, dynamic shapes, every component resident) beside sdfleet's worker code
-(worker.pipelines.get_pipeline + generate + settle, as a worker's pool child runs them) in balanced and low
+(worker.pipelines.get_pipeline + generate + drop_weight_pages, as a worker's pool child runs them) in balanced and low
 memory mode, with the process's peak RSS.
 
     .venv/bin/python bench/fewstep.py --prepare     # once: build + `sdfleet model export` what is missing
@@ -91,15 +91,15 @@ def child(spec: dict) -> dict:
     else:
         sys.path.insert(0, str(ROOT))
         from shared.settings import Settings
-        from worker.pipelines import ImageRequest, get_pipeline, settle
+        from worker.pipelines import ImageRequest, get_pipeline
 
         settings = Settings(model=spec["model"], memory_mode=spec["mode"], cache_dir=spec["cache_dir"])
-        pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, settle
+        pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, drop weight pages
         pipeline_class = type(getattr(pipeline, "_pipe", pipeline)).__name__
 
         def make(seed: int):
             image = pipeline.generate(ImageRequest(PROMPT, None, size, size, steps, guidance, seed), on_step)
-            settle(pipeline)  # what the worker does after each job
+            pipeline.drop_weight_pages()  # what the worker does after each job
             return image
 
         def precision():

@@ -146,17 +146,17 @@ def child(spec: dict) -> dict:
     else:
         sys.path.insert(0, str(ROOT))
         from shared.settings import Settings
-        from worker.pipelines import ImageRequest, get_pipeline, settle
+        from worker.pipelines import ImageRequest, get_pipeline
 
         settings = Settings(model=spec["model"], backend=spec["backend"], memory_mode=spec["mode"],
                             static_shape=spec["static"], inference_precision=spec["precision"],
                             cache_dir=spec["cache_dir"], split_guidance=spec.get("split"), **spec.get("levers", {}))
-        pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, settle
+        pipeline = get_pipeline(settings)  # what a worker's pool child does: load, warm up, drop weight pages
         precision = pipeline.precision
         for i in range(n):
             last[0] = time.perf_counter()
             image = pipeline.generate(ImageRequest(PROMPT, None, size, size, steps, spec["guidance"], i), on_step)
-            settle(pipeline)
+            pipeline.drop_weight_pages()
             first_image = first_image or time.perf_counter() - T_START
             assert image.size == (size, size)
     status = Sampler.read()

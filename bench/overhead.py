@@ -2,7 +2,7 @@
 
 1. The same N jobs on the tiny model: a bare loop over the pipeline in one fresh process, loaded as the
    worker loads it (the same settings from the same environment: compile cache, memory mode, levers;
-   get_pipeline, then generate + settle per job), then through API + Redis + worker + SQLite (real
+   get_pipeline, then generate + drop_weight_pages per job), then through API + Redis + worker + SQLite (real
    processes). Throughput ratio and per-job overhead, split into the worker's generation (the pipeline,
    the PNG, the start-of-job heartbeat), what the worker does around it, and the gap between two jobs.
 2. The API's submission throughput with concurrent clients (jobs/s, p50/p99 latency), with 1 and 2 API
@@ -47,9 +47,9 @@ def free_port() -> int:
 def bare_loop(jobs: int, size: int, steps: int) -> dict:
     """The pipeline alone, loaded as the worker loads it: the same settings from the same environment (model,
     compile cache, memory mode and levers), get_pipeline's load + warm-up, then the same jobs back to back,
-    each followed by settle() as in the worker (run in a fresh process)."""
+    each followed by drop_weight_pages() as in the worker (run in a fresh process)."""
     from shared.settings import Settings
-    from worker.pipelines import ImageRequest, get_pipeline, settle
+    from worker.pipelines import ImageRequest, get_pipeline
 
     pipe = get_pipeline(Settings())
     times = []
@@ -57,7 +57,7 @@ def bare_loop(jobs: int, size: int, steps: int) -> dict:
     for i in range(jobs):
         t = time.perf_counter()
         pipe.generate(ImageRequest(f"a lighthouse {i}", None, size, size, steps, 7.5, i))
-        settle(pipe)
+        pipe.drop_weight_pages()
         times.append(time.perf_counter() - t)
     return {"seconds": time.perf_counter() - t0, "precision": pipe.precision, "mode": pipe.memory_mode,
             "job_ms": statistics.median(times) * 1000}
@@ -150,7 +150,10 @@ def run_submissions(env: dict, workdir: Path, seconds: float, clients: int, api_
     migrate(engine_for(url))
     model = "bench-nobody"
     with session_factory(url).begin() as s:  # a live worker's heartbeat for admission; nobody consumes
-        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
     port = free_port()
     api = spawn(["api", "--port", str(port), "--workers", str(api_processes), "--quiet"],
                 {**env, "SDFLEET_WORKER_STALE_S": "3600"}, str(workdir / f"api-{api_processes}.log"))
@@ -232,11 +235,11 @@ def main() -> None:
           f"| the same, first start to last done (the worker alone) | "
           f"{report['worker_jobs_per_s']:.2f} jobs/s (ratio {report['worker_throughput_ratio']:.3f}) |\n"
           f"| overhead per job (wall) | {report['overhead_ms_per_job']:.0f} ms |\n"
-          f"| in a worker, per job beside its generation (settle, heartbeat, profile, result; median) | "
+          f"| in a worker, per job beside its generation (releasing memory, heartbeat, profile, result; median) | "
           f"{report['worker_overhead_ms_median']:.1f} ms |\n"
           f"| between two jobs in a worker (ack, fetch, dispatch, pre-check, claim; median) | "
           f"{report['between_jobs_ms_median']:.1f} ms |\n"
-          f"| one job: bare loop (generate + settle) / the worker's generation (+ PNG, start beat; median) | "
+          f"| one job: bare loop (generate + drop_weight_pages) / the worker's generation (+ PNG, start beat; median) | "
           f"{report['bare_job_ms_median']:.1f} / {report['stack_generation_ms_median']:.1f} ms |")
     for n, r in report["submit"].items():
         print(f"| submissions, {args.clients} clients, {n} API process(es) | {r['jobs_per_s']:.0f} jobs/s, "

@@ -100,7 +100,10 @@ def prepare_database(url: str) -> str:
 
     migrate(engine_for(url))
     with session_factory(url).begin() as s:
-        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=MODEL, backend="optimum", precision="f32", memory_mode="low", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="bench:1", host="bench", model=MODEL, backend="optimum", precision="f32",
+                                  memory_mode="low", budget_bytes=16 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
         return keys.create_key(s, f"bench-{time.time_ns()}").token
 
 

@@ -18,13 +18,14 @@ from shared.jobstore import TakeBackOutcome
 from shared.models import Job, utcnow
 from shared.memory import fmt_size
 from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
+from shared.retry import WEBHOOK_RESEND_AFTER_S
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A pending webhook untouched this long has lost its hand-out (Redis restarted, an ops worker died): far
-# longer than the gap between two attempts of one delivery (backoff up to 2^5 s plus the send deadline).
-WEBHOOK_RESEND_AFTER = timedelta(minutes=10)
+# A pending webhook untouched this long has lost its hand-out (Redis restarted, an ops worker died): longer
+# than the longest gap between two attempts of one delivery, which the settings check at start.
+WEBHOOK_RESEND_AFTER = timedelta(seconds=WEBHOOK_RESEND_AFTER_S)
 
 
 @dataclass

@@ -40,7 +40,7 @@ class JobStatus(str, enum.Enum):
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
-# The state machine README's "Job states" table documents (tests check the code against that table).
+# The state machine docs/api.md's "Job states" table documents (tests check the code against that table).
 ALLOWED = {
     # queued -> failed: no live worker's memory class can hold it any more (insufficient_memory)
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),

@@ -228,7 +228,7 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
         expect_delivery=job.delivery_id, history=_history(job, ErrorCode.worker_lost, lost + reading),
         delivery_id=delivery, progress_image=None, progress_step=None, progress_steps=None,
     )
-    return delivery if moved else None
+    return TakeBack(TakeBackOutcome.queued, delivery) if moved else TakeBack(TakeBackOutcome.changed)
 
 def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str | None:
     """A worker's own pre-check found a queued job too big for it: it goes to the queue of a larger memory

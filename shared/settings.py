@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.retry import check_webhook_schedule
+
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 
@@ -241,7 +243,7 @@ class Settings(BaseSettings):
                 close = difflib.get_close_matches(name.upper(), known, n=1)
                 hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
             raise ValueError("unknown setting(s) in the environment: " + ", ".join(hints)
-                             + "; see README's Settings table")
+                             + "; see the Settings table in docs/operations.md")
         return data
 
     @model_validator(mode="after")
@@ -250,6 +252,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SDFLEET_WORKER_STALE_S must exceed twice SDFLEET_HEARTBEAT_S, or live workers look gone"
             )
+        check_webhook_schedule(self.webhook_timeout_s, self.webhook_max_attempts)
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError(
                 "SDFLEET_VISIBILITY_TIMEOUT_S must exceed SDFLEET_JOB_TIMEOUT_S: Redis would hand a "

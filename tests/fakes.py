@@ -13,10 +13,10 @@ import signal
 
 import numpy as np
 
-from worker.pipelines import OptimumPipeline
+from worker.pipelines import OptimumPipeline, PipelineBase
 
 
-class FaultyPipeline:
+class FaultyPipeline(PipelineBase):
     def __init__(self, settings):
         self._real = OptimumPipeline(settings.model, settings.device, levers=settings.levers)
         self.backend, self.precision = "fake-faulty", self._real.precision

@@ -132,7 +132,10 @@ def test_broker_down_is_503_and_nothing_is_stored(sqlite_url):
     from shared.models import utcnow
 
     with session_factory(sqlite_url).begin() as s:  # a live worker for "tiny", so admission passes
-        fleet.beat(s, WorkerState(name="h:1", host="h", model="tiny", backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 << 30, cgroup_limit_bytes=None, total_ram_bytes=16 << 30, available_bytes=12 << 30, resident_bytes=600 << 20, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model="tiny", backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=8 << 30, cgroup_limit_bytes=None,
+                                  total_ram_bytes=16 << 30, available_bytes=12 << 30, resident_bytes=600 << 20,
+                                  current_job_id=None), utcnow())
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", json={"prompt": "a cat"})
     assert_error_shape(r, 503, "service_unavailable")

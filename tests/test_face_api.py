@@ -85,7 +85,10 @@ def test_plan_is_what_admission_decides(stack):
     model = stack.model
     small = f"{model}-small"  # a worker of 1.5 GiB (a heartbeat row; admission reads only the rows)
     with stack.sessions.begin() as s:
-        fleet.beat(s, WorkerState(name=f"small:{small}", host="small-host", model=small, backend="optimum", precision="bf16", memory_mode="balanced", budget_bytes=int(1.5 * GB), cgroup_limit_bytes=None, total_ram_bytes=2 * GB, available_bytes=2 * GB, resident_bytes=GB // 2, current_job_id=None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=f"small:{small}", host="small-host", model=small, backend="optimum",
+                                  precision="bf16", memory_mode="balanced", budget_bytes=int(1.5 * GB),
+                                  cgroup_limit_bytes=None, total_ram_bytes=2 * GB, available_bytes=2 * GB,
+                                  resident_bytes=GB // 2, current_job_id=None), fleet.db_now(s))
     verdicts = set()
     for name, shape in [(model, {"width": 64, "height": 64}), (small, {"width": 64, "height": 64}),
                         (small, {"width": 1024, "height": 1024, "guidance_scale": 7.5})]:

@@ -33,7 +33,10 @@ def test_workers_heartbeat_and_a_silent_worker_is_gone_and_not_capacity(stack):
 
     long_ago = utcnow() - timedelta(minutes=10)
     with stack.sessions.begin() as s:
-        fleet.beat(s, WorkerState(name="gone-host:1", host="gone-host", model="ghost-model", backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=64 * GB, cgroup_limit_bytes=None, total_ram_bytes=128 * GB, available_bytes=100 * GB, resident_bytes=GB, current_job_id=None), long_ago)
+        fleet.beat(s, WorkerState(name="gone-host:1", host="gone-host", model="ghost-model", backend="optimum",
+                                  precision="bf16", memory_mode="fast", budget_bytes=64 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=128 * GB, available_bytes=100 * GB, resident_bytes=GB,
+                                  current_job_id=None), long_ago)
         s.get(fleet.Worker, "gone-host:1").last_seen = long_ago
     (ghost,) = [w for w in stack.api.workers() if w["name"] == "gone-host:1"]
     assert ghost["alive"] is False
@@ -65,7 +68,10 @@ def test_liveness_is_judged_by_the_database_clock_not_the_hosts(database_url):
     for skew in (timedelta(minutes=-10), timedelta(minutes=10)):
         name = f"skewed{skew.days}:1"
         with sessions.begin() as s:
-            fleet.beat(s, WorkerState(name=name, host="skewed", model="clock-model", backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow() + skew)
+            fleet.beat(s, WorkerState(name=name, host="skewed", model="clock-model", backend="optimum",
+                                      precision="bf16", memory_mode="fast", budget_bytes=8 * GB,
+                                      cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB,
+                                      resident_bytes=GB, current_job_id=None), utcnow() + skew)
         with sessions() as s:
             row, now = s.get(fleet.Worker, name), fleet.db_now(s)
             assert abs(row.last_seen - now) < timedelta(seconds=5)

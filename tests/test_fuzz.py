@@ -23,7 +23,7 @@ from shared.models import utcnow
 from shared.settings import Settings
 from tests.conftest import offline_resolver
 
-DOCUMENTED_STATUSES = {200, 202, 401, 404, 405, 409, 410, 413, 422, 429, 503}  # README's error table
+DOCUMENTED_STATUSES = {200, 202, 401, 404, 405, 409, 410, 413, 422, 429, 503}  # docs/api.md's error table
 # The OpenAI-compatible route answers in OpenAI's shape; with no worker running jobs, an admitted one outlives
 # the wait (504 job_timeout)
 OPENAI_STATUSES = {200, 400, 401, 404, 405, 409, 413, 429, 504}
@@ -35,7 +35,10 @@ def fuzz_schema(database_url, redis_url):
     migrate(engine_for(url))
     model = f"fuzz-{uuid.uuid4().hex[:6]}"  # a live worker for the default model, so valid jobs are admitted
     with session_factory(url).begin() as s:
-        fleet.beat(s, WorkerState(name="fuzz:1", host="fuzz", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None, total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="fuzz:1", host="fuzz", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=16 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=24 * GB, available_bytes=20 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
     app = create_app(Settings(database_url=url, redis_url=redis_url, default_model=model, worker_stale_s=3600,
                               heartbeat_s=5, auth="off", images_wait_s=0.05), resolver=offline_resolver)
     return schemathesis.openapi.from_asgi("/openapi.json", app)

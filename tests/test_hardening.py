@@ -72,7 +72,10 @@ def make_api(database_url, redis_url, **overrides):
     """An API in-process with a live worker's heartbeat for its own model (nobody consumes its queue)."""
     model = f"hard-{uuid.uuid4().hex[:6]}"
     with session_factory(database_url).begin() as s:
-        fleet.beat(s, WorkerState(name=f"h-{model}:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name=f"h-{model}:1", host="h", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
     settings = Settings(**{"database_url": database_url, "redis_url": redis_url, "default_model": model,
                            "auth": "off", **overrides})
     return TestClient(create_app(settings, resolver=offline_resolver))
@@ -299,7 +302,10 @@ def test_the_cli_sends_sdfleet_api_key(tmp_path, redis_url):
     migrate(engine_for(url))
     model = f"cli-{uuid.uuid4().hex[:6]}"
     with session_factory(url).begin() as s:
-        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
         key = keys.create_key(s, "cli")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SDFLEET_DATABASE_URL": url, "SDFLEET_REDIS_URL": redis_url,

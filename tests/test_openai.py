@@ -90,7 +90,10 @@ def test_insufficient_memory_is_a_400_whose_message_keeps_the_hints(stack):
     # a worker of 1.5 GiB serving its own model (a heartbeat row: admission only reads the fleet's rows)
     model = f"small-{uuid.uuid4().hex[:6]}"
     with stack.sessions.begin() as s:
-        fleet.beat(s, WorkerState(name=f"small-host:{model}", host="small-host", model=model, backend="optimum", precision="bf16", memory_mode="balanced", budget_bytes=int(1.5 * GB), cgroup_limit_bytes=None, total_ram_bytes=2 * GB, available_bytes=2 * GB, resident_bytes=GB // 2, current_job_id=None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=f"small-host:{model}", host="small-host", model=model, backend="optimum",
+                                  precision="bf16", memory_mode="balanced", budget_bytes=int(1.5 * GB),
+                                  cgroup_limit_bytes=None, total_ram_bytes=2 * GB, available_bytes=2 * GB,
+                                  resident_bytes=GB // 2, current_job_id=None), fleet.db_now(s))
     with pytest.raises(openai.BadRequestError) as e:
         _client(stack.api_url, max_retries=0).images.generate(prompt="a mural", model=model, size="1024x1024",
                                                               extra_body={"guidance_scale": 7.5})

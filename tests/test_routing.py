@@ -45,7 +45,10 @@ def fleet_db(database_url):
 
 def beat(sessions, model: str, name: str, budget: int, resident: int = GB, ago_s: float = 0) -> None:
     with sessions.begin() as s:
-        fleet.beat(s, WorkerState(name=name, host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=budget, cgroup_limit_bytes=None, total_ram_bytes=64 * GB, available_bytes=48 * GB, resident_bytes=resident, current_job_id=None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=name, host="h", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=budget, cgroup_limit_bytes=None,
+                                  total_ram_bytes=64 * GB, available_bytes=48 * GB, resident_bytes=resident,
+                                  current_job_id=None), fleet.db_now(s))
         if ago_s:
             s.get(Worker, name).last_seen = fleet.db_now(s) - timedelta(seconds=ago_s)
 

@@ -26,7 +26,10 @@ def secured(sqlite_url, redis_url):
     model = f"sec-{uuid.uuid4().hex[:6]}"  # a queue no worker consumes: jobs stay queued
     sessions = session_factory(sqlite_url)
     with sessions.begin() as s:
-        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16", memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16",
+                                  memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
+                                  current_job_id=None), utcnow())
         alice = keys.create_key(s, "alice")
         bob = keys.create_key(s, "bob", rate_limit_per_min=3)
     app = create_app(Settings(database_url=sqlite_url, redis_url=redis_url, default_model=model))

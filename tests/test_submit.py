@@ -95,7 +95,10 @@ def test_a_new_worker_is_admitted_at_once_though_the_fleet_is_cached(db, databas
         r = client.post("/v1/jobs", json={**BODY, "model": model})
         assert r.status_code == 503 and model in r.text
         with db.begin() as s:
-            fleet.beat(s, WorkerState(name=f"{model}:1", host="h", model=model, backend="optimum", precision="f32", memory_mode="low", budget_bytes=8 * GB, cgroup_limit_bytes=None, total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB, current_job_id=None), utcnow())
+            fleet.beat(s, WorkerState(name=f"{model}:1", host="h", model=model, backend="optimum", precision="f32",
+                                      memory_mode="low", budget_bytes=8 * GB, cgroup_limit_bytes=None,
+                                      total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
+                                      current_job_id=None), utcnow())
         assert client.post("/v1/jobs", json={**BODY, "model": model}).status_code == 202
 
 

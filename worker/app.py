@@ -16,7 +16,7 @@ from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_tim
 from shared.retry import retrying
 from shared.settings import get_settings
 from modeltools import hub
-from worker.process import Beacon, Host, take_back_orphans
+from worker.process import Beacon, WorkerProcess, take_back_orphans
 from worker.owner import Consumers, lower_cpu_priority
 from worker.pipelines import get_pipeline
 from worker.tasks import run_job
@@ -25,19 +25,19 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings)
-_host: Host | None = None
+_worker: WorkerProcess | None = None
 
 
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
     # webhooks go to the ops workers: this worker goes on to its next job at once
-    return run_job(job_id, delivery_id, _host, app)
+    return run_job(job_id, delivery_id, _worker, app)
 
 
 @worker_process_init.connect
 def _load_pipeline(**_kwargs) -> None:
     # Only the pool child holds the weights; a replaced child (after a SIGKILL) loads them again.
-    global _host
+    global _worker
     # connections opened by the parent (its migration) must not be shared across the fork
     engine_for(settings.database_url).dispose(close=False)
     try:
@@ -48,8 +48,8 @@ def _load_pipeline(**_kwargs) -> None:
     log.info("CPU priority of the inference: %s", lower_cpu_priority(settings.cpu_priority))
     pipeline = get_pipeline(settings)
     budget, _ = read_host_budget(settings.memory_reserve, settings.memory_budget)
-    _host = Host(settings, pipeline, Consumers(app, settings.served_model_name, budget, os.getppid()))
-    beacon.serve(_host)
+    _worker = WorkerProcess(settings, pipeline, Consumers(app, settings.served_model_name, budget, os.getppid()))
+    beacon.serve(_worker)
 
 
 def preflight() -> str:

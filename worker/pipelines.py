@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -60,19 +60,75 @@ class ImageRequest:
     seed: int
 
 
+@runtime_checkable
 class Pipeline(Protocol):
+    """Everything the worker uses of a pipeline. A backend of your own (SDFLEET_BACKEND=package.module:factory)
+    subclasses PipelineBase, which has a default for all of it but `generate`."""
+
     backend: str
     precision: str  # the precision the compiled UNet runs at, read back from it (genai: the hint or the default)
-    memory_mode: str  # Levers.key: what memory profiles are kept apart by
+    levers: Levers  # how it runs: what it releases between phases and jobs
+    warm_peak: int  # the warm-up's peak RSS (0 before it): what a pipeline that releases components reloads
+
+    @property
+    def memory_mode(self) -> str: ...  # Levers.key: what memory profiles are kept apart by
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image: ...
+
+    def model_files(self) -> list[str]: ...  # where its weights are mapped from (dropped with drop_file_pages)
+
+    def warm_up(self) -> None: ...
+
+    def drop_weight_pages(self, measure: bool = False) -> int: ...
+
+
+# A pipeline that does not say how it runs keeps everything resident.
+RESIDENT = Levers(mode="fast", release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False,
+                  split_guidance=False, static_shape=False, precision="auto", compile_threads=None, mmap=True)
+
+
+class PipelineBase:
+    """The defaults of the Pipeline contract: everything resident, no weight files of its own to drop."""
+
+    backend = "custom"
+    precision = "unknown"
+    levers: Levers = RESIDENT
+    warm_peak = 0
+
+    @property
+    def memory_mode(self) -> str:
+        return self.levers.key
+
+    def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
+        raise NotImplementedError
+
+    def model_files(self) -> list[str]:
+        return []
+
+    def warm_up(self) -> None:
+        """OpenVINO materialises (repacks) weights at the first inference, not at compile: one tiny generation
+        at load, so that the first job's measured peak is the job's, not the model's arrival. Its peak is kept:
+        a pipeline that releases components between jobs loads them again in each job."""
+        reset_high_water_mark()
+        t0 = time.perf_counter()
+        self.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
+        self.warm_peak = high_water_mark_bytes() or 0
+        log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, self.warm_peak >> 20)
+
+    def drop_weight_pages(self, measure: bool = False) -> int:
+        """Between jobs: drop the weights' file pages if the levers say so. With `measure`, returns the bytes
+        dropped, read from /proc/self/smaps (~30 ms with the model stack's ~1,600 mappings); without, the
+        mappings are read from /proc/self/maps (~3 ms) and 0 is returned: what a worker does after every job."""
+        if not self.levers.drop_file_pages:
+            return 0
+        return drop_file_pages(self.model_files(), check_rss=measure)
 
 
 PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3": "encode",
           "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
 
 
-class OptimumPipeline:
+class OptimumPipeline(PipelineBase):
     """optimum-intel's OVDiffusionPipeline family: the class (SD 1.x/2.x, SDXL, LCM, ...) is read from the
     folder's model_index.json, so one loader serves every architecture, from a local IR folder or a hub ID.
 
@@ -90,7 +146,6 @@ class OptimumPipeline:
         from optimum.intel.openvino import modeling_base, modeling_diffusion
 
         self.levers = levers or Settings().levers
-        self.memory_mode = self.levers.key
         # optimum-intel reads models with one Core and compiles with another; ENABLE_MMAP is read_model's
         # setting, so it goes on the Core (in a pipeline's ov_config it has no effect)
         for core in {id(c): c for c in (modeling_base.core, modeling_diffusion.core)}.values():
@@ -337,7 +392,7 @@ def tiled_decode(decode: Callable, latent_sample, *args, tile: int = VAE_TILE, o
     return type(first)(**{key: out / weight})
 
 
-class GenaiPipeline:
+class GenaiPipeline(PipelineBase):
     """openvino-genai's Text2ImagePipeline on the same exported folder (it needs the OpenVINO tokenizer that
     `sdfleet model make-tiny` and optimum-cli write). No torch in the process: the C++ generator is used."""
 
@@ -359,7 +414,6 @@ class GenaiPipeline:
             log.warning("openvino-genai backend: %s not applied (components stay resident)", ", ".join(unsupported))
         self.levers = dataclasses.replace(levers, release_encoders=False, release_all=False, vae_tiles=False,
                                           split_guidance=False)
-        self.memory_mode = self.levers.key
         props = dict(properties or {})
         if levers.precision != "auto":
             props["INFERENCE_PRECISION_HINT"] = levers.precision
@@ -422,16 +476,6 @@ class GenaiPipeline:
         return Image.fromarray(tensor.data[0])
 
 
-def settle(pipeline: Pipeline, measure: bool = False) -> int:
-    """Between jobs: drop the weights' file pages if the pipeline's levers say so. With `measure`, returns the
-    bytes dropped, read from /proc/self/smaps (~30 ms with the model stack's ~1,600 mappings); without, the
-    mappings are read from /proc/self/maps (~3 ms) and 0 is returned: what a worker does after every job."""
-    levers = getattr(pipeline, "levers", None)
-    if levers is None or not levers.drop_file_pages or not hasattr(pipeline, "model_files"):
-        return 0
-    return drop_file_pages(pipeline.model_files(), check_rss=measure)
-
-
 def _load_factory(spec: str) -> Callable[[Settings], Pipeline]:
     module, _, attr = spec.partition(":")
     if not attr:
@@ -464,7 +508,13 @@ def load_pipeline(settings: Settings) -> Pipeline:
         return OptimumPipeline(hub.resolve(settings.model), settings.device, {"CACHE_DIR": cache}, settings.levers)
     if settings.backend == "genai":
         return GenaiPipeline(hub.resolve(settings.model), settings.device, {"CACHE_DIR": cache}, settings.levers)
-    return _load_factory(settings.backend)(settings)
+    pipeline = _load_factory(settings.backend)(settings)
+    if not isinstance(pipeline, Pipeline):
+        missing = [name for name in ("backend", "precision", "levers", "warm_peak", "memory_mode", "generate",
+                                     "model_files", "warm_up", "drop_weight_pages") if not hasattr(pipeline, name)]
+        raise TypeError(f"SDFLEET_BACKEND={settings.backend}: the factory's {type(pipeline).__name__} lacks "
+                        f"{', '.join(missing)} of the Pipeline contract; subclass worker.pipelines.PipelineBase")
+    return pipeline
 
 
 _loaded: Pipeline | None = None
@@ -481,8 +531,9 @@ def get_pipeline(settings: Settings) -> Pipeline:
             if settings.levers.drop_file_pages and folder and os.path.isdir(folder) else []
         with FilePageTrimmer(roots):
             _loaded = load_pipeline(settings)
-            _warm_up(_loaded, settings)
-        dropped = settle(_loaded, measure=True)
+            if settings.warmup:
+                _loaded.warm_up()
+        dropped = _loaded.drop_weight_pages(measure=True)
         if dropped:
             log.info("dropped %d MB of the IR's file pages from the resident set", dropped >> 20)
         # The model stack's objects live as long as the process: move them out of the collector's sight.
@@ -491,16 +542,3 @@ def get_pipeline(settings: Settings) -> Pipeline:
         gc.collect()
         gc.freeze()
     return _loaded
-
-
-def _warm_up(pipeline: Pipeline, settings: Settings) -> None:
-    """OpenVINO materialises (repacks) weights at the first inference, not at compile: one tiny generation
-    at load, so that the first job's measured peak is the job's, not the model's arrival. Its peak is kept:
-    a pipeline that releases components between jobs loads them again in each job."""
-    if not settings.warmup:
-        return
-    reset_high_water_mark()
-    t0 = time.perf_counter()
-    pipeline.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
-    pipeline.warm_peak = high_water_mark_bytes() or 0
-    log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, pipeline.warm_peak >> 20)

@@ -51,16 +51,16 @@ class Beacon:
     """The worker's heartbeat thread. Started as the pool child starts, before the child lowers its CPU
     priority (a thread keeps the priority it was started with), so the owner's busy CPUs cannot silence it:
     it says `loading` while the model loads (the worker stays alive and its model served), then beats the
-    Host's full heartbeat once `host` is set."""
+    worker's full heartbeat once `worker` is set."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.host: Host | None = None
+        self.worker: WorkerProcess | None = None
         self._sessions = session_factory(settings.database_url)
 
     def _beat(self) -> None:
-        if self.host is not None:
-            self.host.beat()
+        if self.worker is not None:
+            self.worker.beat()
             return
         with self._sessions.begin() as session:
             fleet.mark_loading(session, worker_name(), "the pool child is loading the model")
@@ -81,26 +81,28 @@ class Beacon:
         threading.Thread(target=self._run, name="sdfleet-heartbeat", daemon=True).start()
         return self
 
-    def serve(self, host: "Host") -> None:
-        """The model is loaded: from now on the beats are the Host's (the first one at once)."""
-        self.host = host
-        host.try_beat()
+    def serve(self, worker: "WorkerProcess") -> None:
+        """The model is loaded: from now on the beats are the WorkerProcess's (the first one at once)."""
+        self.worker = worker
+        worker.try_beat()
 
 
 @dataclass
-class Running:
+class RunningJob:
     attempt: jobstore.Attempt
     meter: JobMeter
 
 
-class Host:
+class WorkerProcess:
+    """This worker process's state: the pipeline it serves, its budget (following the owner), what a job
+    starts from (`resident`), its pause state, the job it is running, and the heartbeat that says all of it."""
+
     def __init__(self, settings: Settings, pipeline: Pipeline, consumers: Consumers | None = None):
         self.settings = settings
         self.pipeline = pipeline
         self.model = settings.served_model_name
         self.defaults = worker_defaults(settings)  # the model's steps, guidance and size, and the operator's
-        # a custom pipeline that does not say how it runs is taken as keeping everything resident
-        self.memory_mode = getattr(pipeline, "memory_mode", "fast")
+        self.memory_mode = pipeline.memory_mode
         self.name = worker_name()
         # the configured budget is the ceiling; what the worker announces and checks follows the owner (beat)
         self.configured_budget, self.cgroup_limit = read_host_budget(settings.memory_reserve,
@@ -113,14 +115,13 @@ class Host:
         # A pipeline that releases components between jobs loads them again in every job (the text encoders
         # in balanced mode, every component in low mode): what that costs above the RSS between jobs is
         # measured once, at the warm-up (its peak above what stays resident after it).
-        levers = getattr(pipeline, "levers", None)
-        releases = levers is not None and (levers.release_all or levers.release_encoders)
-        self.floor = getattr(pipeline, "warm_peak", 0) if releases else 0
+        releases = pipeline.levers.release_all or pipeline.levers.release_encoders
+        self.floor = pipeline.warm_peak if releases else 0
         self.reload_bytes = max(0, self.floor - rss_bytes())
         self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
-        self.running: Running | None = None
+        self.running: RunningJob | None = None
         self._sessions = session_factory(settings.database_url)
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_size(self.budget), fmt_size(self.cgroup_limit) if self.cgroup_limit else "none",

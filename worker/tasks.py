@@ -5,11 +5,13 @@ code) and the worker goes on to the next one."""
 
 from __future__ import annotations
 
+import enum
 import gc
 import io
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
@@ -18,12 +20,12 @@ from shared import deliveries, fleet, jobstore
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, JobStatus
-from shared.memory import Shape, fmt_size, job_shape, predict
+from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
-from worker.process import HOST, Host, Running
+from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
-from worker.pipelines import ImageRequest, settle
+from worker.pipelines import ImageRequest
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,8 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def shape_of(params: JobParameters, host: Host) -> Shape:
-    return job_shape(params.width, params.height, params.guidance_scale, host.defaults.guidance_doubles_batch)
+def shape_of(params: JobParameters, worker: WorkerProcess) -> Shape:
+    return job_shape(params.width, params.height, params.guidance_scale, worker.defaults.guidance_doubles_batch)
 
 
 class Monitor:
@@ -99,7 +101,7 @@ class StepClock:
         self.last = now
 
 
-def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: Monitor,
+def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter, monitor: Monitor,
                   clock: StepClock) -> list[jobstore.GeneratedImage]:
     image_index = 0
 
@@ -119,7 +121,7 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
             raise JobCancelled()
         meter.mark("encode", i)
         clock.restart()
-        image = host.pipeline.generate(ImageRequest(
+        image = worker.pipeline.generate(ImageRequest(
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
         ), on_step)
@@ -129,26 +131,62 @@ def _generate_all(host: Host, params: JobParameters, meter: JobMeter, monitor: M
     return images
 
 
-def run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
+def run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> str:
     """Run one delivered job; returns the status it ended in (or 'skipped', 'handed on'). Messages this
     sends (a webhook's hand-out to the ops workers, a job handed on to a larger class) go through `celery`."""
     try:
-        return _run_job(job_id, delivery_id, host, celery)
+        return _run_job(job_id, delivery_id, worker, celery)
     finally:
-        _settle(host)  # a job that raised past its own settling (it settles before writing its result)
+        _release_after_job(worker)  # a job that raised before its own release (it releases before its result)
 
 
-def _settle(host: Host) -> None:
+def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> str:
+    """Pre-check, claim, run, account, store."""
+    sessions = session_factory(worker.settings.database_url)
+    if worker.state == "paused":
+        # a message taken just before the worker paused (its queues are cancelled at the pause): back to
+        # the queue for another worker, after a moment so that a lost cancel cannot spin
+        time.sleep(1)
+        raise Reject(f"paused: {worker.state_reason}", requeue=True)
+    check = _pre_check(sessions, job_id, delivery_id, worker, celery)
+    if check.outcome in (PreCheckOutcome.handed_on, PreCheckOutcome.failed):
+        return check.outcome.value
+    attempt = _claim(sessions, job_id, delivery_id, worker)
+    if attempt is None:
+        log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
+        _notify_if_due(sessions, job_id, celery)  # this delivery may just have ended it worker_lost / timeout
+        return "skipped"
+    params = attempt.parameters
+    if params.model != worker.model:
+        return _fail_unrun(sessions, attempt, celery, ErrorCode.model_unavailable,
+                           f"this worker serves {worker.model!r}, not {params.model!r}")
+    # the pre-check's prediction for the job it read queued; a redelivered job that was already running
+    # (the pre-check saw it not queued) is checked here
+    expected = check.expected if check.params == params else _expected(sessions, worker, params)
+    if expected.bytes > worker.budget:
+        return _fail_unrun(sessions, attempt, celery, ErrorCode.insufficient_memory,
+                           f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) exceeds this worker's "
+                           f"budget of {fmt_size(worker.budget)}")
+    run = _run(sessions, worker, attempt)
+    base = _account(worker, run)
+    # Release and beat before the result is written: a client that submits its next job the moment this one
+    # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
+    # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
+    _release_after_job(worker)
+    return _store(sessions, worker, attempt, run, base, expected, celery)
+
+
+def _release_after_job(worker: WorkerProcess) -> None:
     """After a job's generation, once (a job is running until then): the job's garbage and freed heap go back
     to the OS, the weights' file pages are dropped (with the levers that say so), and a heartbeat at once:
     admission predicts the next jobs from what this one left resident."""
-    if host.running is None:
+    if worker.running is None:
         return
-    host.running = None
+    worker.running = None
     gc.collect()
     release_free_memory()
-    settle(host.pipeline)
-    host.try_beat()
+    worker.pipeline.drop_weight_pages()
+    worker.try_beat()
 
 
 def _notify_if_due(sessions, job_id: str, celery: Celery) -> None:
@@ -162,13 +200,71 @@ def _notify_if_due(sessions, job_id: str, celery: Celery) -> None:
         send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done)
 
 
-def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> jobstore.Attempt | None:
-    settings = host.settings
+class PreCheckOutcome(str, enum.Enum):
+    run = "run"  # it fits here: claim it
+    not_queued = "not queued"  # a redelivery after a lost worker, or nothing to run: the claim decides
+    handed_on = "handed on"  # sent to the queue of the memory class that holds this worker's prediction
+    failed = "failed"  # no live worker's class holds it: ended insufficient_memory
+
+
+@dataclass(frozen=True)
+class PreCheck:
+    outcome: PreCheckOutcome
+    params: JobParameters | None = None  # with `run`: the parameters checked
+    expected: Prediction | None = None  # and this worker's prediction for them
+
+
+def _pre_check(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> PreCheck:
+    """The worker's own pre-check, before it claims the job: profiles may have grown since admission, and
+    this worker may run another memory mode than the one admission predicted for. A job it cannot fit goes
+    to the queue of the memory class that holds this worker's prediction, if a live worker covers it, else
+    it ends insufficient_memory."""
+    def read():
+        with sessions() as session:
+            job = jobstore.queued_job(session, job_id, delivery_id)
+            return (jobstore.parameters_of(job), job) if job is not None and job.model == worker.model else (None, None)
+
+    params, job = retrying(read)
+    if params is None:
+        return PreCheck(PreCheckOutcome.not_queued)
+    expected = _expected(sessions, worker, params)
+    if expected.bytes <= worker.budget:
+        return PreCheck(PreCheckOutcome.run, params, expected)
+    return _hand_on(sessions, job, delivery_id, worker, expected, celery)
+
+
+def _hand_on(sessions, job, delivery_id: str | None, worker: WorkerProcess, expected: Prediction,
+             celery: Celery) -> PreCheck:
+    target = memory_class(expected.bytes)
+
+    def move() -> tuple[PreCheckOutcome, str | bool | None]:
+        with sessions.begin() as session:
+            classes = [top_class(w.budget_bytes) for w in fleet.live_workers(session, worker.settings.worker_stale_s,
+                                                                              worker.model) if w.name != worker.name]
+            if target is not None and any(c >= target for c in classes):
+                return PreCheckOutcome.handed_on, jobstore.hand_on(session, job, delivery_id or job.delivery_id, target)
+            message = (f"predicted to need {fmt_size(expected.bytes)} ({expected.source}) on {worker.name}, past its "
+                       f"budget of {fmt_size(worker.budget)}, and no live worker's memory class holds it (largest: "
+                       f"{fmt_size(max(classes, default=0))})")
+            return PreCheckOutcome.failed, jobstore.fail_unplaceable(session, job, message)
+
+    outcome, done = retrying(move)
+    if outcome is PreCheckOutcome.handed_on and done:
+        send_generate(celery, job.id, done, worker.model, job.priority, target)
+        log.info("job %s: predicted %s here, past the budget %s: handed on to memory class %s", job.id,
+                 fmt_size(expected.bytes), fmt_size(worker.budget), fmt_size(target))
+    elif outcome is PreCheckOutcome.failed and done:
+        _notify_if_due(sessions, job.id, celery)
+    return PreCheck(outcome)
+
+
+def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess) -> jobstore.Attempt | None:
+    settings = worker.settings
 
     def claim():
         with sessions.begin() as session:
-            return jobstore.start_attempt(session, job_id, delivery_id, HOST, host.name, settings.max_attempts,
-                                       settings.job_timeout_s)
+            return jobstore.start_attempt(session, job_id, delivery_id, HOST, worker.name, settings.max_attempts,
+                                          settings.job_timeout_s)
 
     try:
         return retrying(claim, patience_s=30)
@@ -181,107 +277,60 @@ def _claim(sessions, job_id: str, delivery_id: str | None, host: Host) -> jobsto
         raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
 
 
-def _expected(sessions, host: Host, params: JobParameters):
-    pipeline = host.pipeline
+def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> Prediction:
+    pipeline = worker.pipeline
 
     def read_profiles():
         with sessions() as session:
-            return fleet.profiles(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode)
+            return fleet.profiles(session, worker.model, pipeline.backend, pipeline.precision, worker.memory_mode)
 
-    return predict(shape_of(params, host), retrying(read_profiles), host.resident)
+    return predict(shape_of(params, worker), retrying(read_profiles), worker.resident)
 
 
-def _hand_on_if_too_big(sessions, job_id: str, delivery_id: str | None, host: Host,
-                        celery: Celery) -> tuple[str | None, tuple | None]:
-    """The worker's own pre-check, before it claims the job: profiles may have grown since admission, and
-    this worker may run another memory mode than the one admission predicted for. A job it cannot fit goes
-    to the queue of the memory class that holds this worker's prediction, if a live worker covers it, else
-    it ends insufficient_memory. Returns what happened (None to run it here), and the parameters and
-    prediction it checked (None when the job was not queued)."""
-    def read():
-        with sessions() as session:
-            job = jobstore.queued_job(session, job_id, delivery_id)
-            return (jobstore.parameters_of(job), job) if job is not None and job.model == host.model else (None, None)
-
-    params, job = retrying(read)
-    if params is None:
-        return None, None  # not queued (a redelivery after a lost worker, or nothing to run): the claim decides
-    expected = _expected(sessions, host, params)
-    if expected.bytes <= host.budget:
-        return None, (params, expected)
-    target = memory_class(expected.bytes)
-
-    def move():
+def _fail_unrun(sessions, attempt: jobstore.Attempt, celery: Celery, code: ErrorCode, message: str) -> str:
+    """End a claimed attempt that this worker will not run (another model, or more than its budget)."""
+    def write():
         with sessions.begin() as session:
-            classes = [top_class(w.budget_bytes) for w in fleet.live_workers(session, host.settings.worker_stale_s,
-                                                                              host.model) if w.name != host.name]
-            if target is not None and any(c >= target for c in classes):
-                return "handed on", jobstore.hand_on(session, job, delivery_id or job.delivery_id, target)
-            message = (f"predicted to need {fmt_size(expected.bytes)} ({expected.source}) on {host.name}, past its "
-                       f"budget of {fmt_size(host.budget)}, and no live worker's memory class holds it (largest: "
-                       f"{fmt_size(max(classes, default=0))})")
-            return "failed", jobstore.fail_unplaceable(session, job, message)
+            jobstore.finish_failed(session, attempt, code, message, None, None)
 
-    outcome, done = retrying(move)
-    if outcome == "handed on" and done:
-        send_generate(celery, job_id, done, host.model, job.priority, target)
-        log.info("job %s: predicted %s here, past the budget %s: handed on to memory class %s", job_id,
-                 fmt_size(expected.bytes), fmt_size(host.budget), fmt_size(target))
-    elif outcome == "failed" and done:
-        _notify_if_due(sessions, job_id, celery)
-    return outcome, None
+    retrying(write)
+    _notify_if_due(sessions, attempt.job_id, celery)
+    return JobStatus.failed.value
 
 
-def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -> str:
-    settings = host.settings
-    sessions = session_factory(settings.database_url)
-    if host.state == "paused":
-        # a message taken just before the worker paused (its queues are cancelled at the pause): back to
-        # the queue for another worker, after a moment so that a lost cancel cannot spin
-        time.sleep(1)
-        raise Reject(f"paused: {host.state_reason}", requeue=True)
-    moved, checked = _hand_on_if_too_big(sessions, job_id, delivery_id, host, celery)
-    if moved:
-        return moved
-    attempt = _claim(sessions, job_id, delivery_id, host)
-    if attempt is None:
-        log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
-        _notify_if_due(sessions, job_id, celery)  # this delivery may just have ended it worker_lost / timeout
-        return "skipped"
-    params = attempt.parameters
+@dataclass(frozen=True)
+class Generation:
+    """What one attempt's run came to: its images, or why it stopped (`code`), and what it measured."""
 
-    def end(code: ErrorCode, message: str, reading=None, elapsed=None) -> str:
-        def write():
-            with sessions.begin() as session:
-                jobstore.finish_failed(session, attempt, code, message, reading, elapsed)
+    images: list[jobstore.GeneratedImage]
+    code: ErrorCode | None
+    message: str | None
+    elapsed_s: float
+    meter: JobMeter
+    slowest_step_s: float
 
-        retrying(write)
-        _notify_if_due(sessions, job_id, celery)
-        return JobStatus.cancelled.value if code is ErrorCode.cancelled else JobStatus.failed.value
+    @property
+    def status(self) -> str:
+        if self.code is None:
+            return JobStatus.succeeded.value
+        return (JobStatus.cancelled if self.code is ErrorCode.cancelled else JobStatus.failed).value
 
-    if params.model != host.model:
-        return end(ErrorCode.model_unavailable, f"this worker serves {host.model!r}, not {params.model!r}")
-    shape = shape_of(params, host)
-    pipeline = host.pipeline
-    # the pre-check's prediction for the job it read queued; a redelivered job that was already running
-    # (the pre-check saw it not queued) is checked here
-    expected = checked[1] if checked and checked[0] == params else _expected(sessions, host, params)
-    if expected.bytes > host.budget:
-        return end(ErrorCode.insufficient_memory, f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) "
-                   f"exceeds this worker's budget of {fmt_size(host.budget)}")
 
+def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generation:
+    """Generate the job's images under the memory guard and the job monitor (progress, cancel)."""
+    settings = worker.settings
     # the guard: the job's own RSS against the budget, and the host's available memory against half the
     # pause threshold (the owner's programs came back while the job ran)
-    meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=host.budget,
+    meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=worker.budget,
                      min_available_bytes=settings.pause_available_bytes // 2)
     clock = StepClock()
-    code = message = None
+    images, code, message = [], None, None
     t0 = time.perf_counter()
     try:
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
-            host.running = Running(attempt, meter)
-            host.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
-            images = _generate_all(host, params, meter, monitor, clock)
+            worker.running = RunningJob(attempt, meter)
+            worker.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
+            images = _generate_all(worker, attempt.parameters, meter, monitor, clock)
     except JobCancelled:
         code, message = ErrorCode.cancelled, "cancelled while running"
     except MemoryBudgetExceeded as exc:
@@ -289,59 +338,66 @@ def _run_job(job_id: str, delivery_id: str | None, host: Host, celery: Celery) -
     except SoftTimeLimitExceeded:
         code, message = ErrorCode.timeout, f"the job ran past SDFLEET_JOB_TIMEOUT_S={settings.job_timeout_s}"
     except Exception as exc:
-        log.exception("job %s failed", job_id)
+        log.exception("job %s failed", attempt.job_id)
         code, message = ErrorCode.generation_failed, f"{type(exc).__name__}: {exc}"
-    elapsed = time.perf_counter() - t0
-    reading = meter.reading
+    return Generation(images, code, message, time.perf_counter() - t0, meter, clock.slowest)
 
+
+def _account(worker: WorkerProcess, run: Generation) -> int:
+    """The memory-accounting rule: what this job teaches the worker's resident figure, and the base its
+    profile is recorded against (returned)."""
+    reading = run.meter.reading
     # What encoding the prompt took above the job's start (text encoders compiled for it, in a mode that
     # releases them): the same for every shape, on top of whatever the worker holds then. Not so where
     # every component is loaded per phase: the UNet is compiled before the first step ends the "encode" mark.
-    encode_peak = meter.phase_peak("encode")
-    levers = getattr(pipeline, "levers", None)
-    prompt_only = not (levers is not None and levers.release_all)
+    encode_peak = run.meter.phase_peak("encode")
+    prompt_only = not worker.pipeline.levers.release_all
     encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None and prompt_only else 0
     # The profile's base is what predictions start from (for a pipeline that releases components between
     # jobs, what it loads again in each, which holds the weights), or the RSS the job started at if higher;
     # never the little a low-memory worker holds between jobs, or the weights would count twice when scaled
     # to another size. The prompt encoding stays out of it: scaled with the shape, it covers the VAE's
     # attention, which grows faster than the pixels (SD 1.5 at 1024x1024 from 768x512).
-    base = max(host.resident, reading.rss_before_bytes)
-    host.last_start = reading.rss_before_bytes
-    if code is None:
-        host.encode_bytes = encode_bytes
-    # Settle and beat before the result is written: a client that submits its next job the moment this one
-    # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
-    # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
-    _settle(host)
+    base = max(worker.resident, reading.rss_before_bytes)
+    worker.last_start = reading.rss_before_bytes
+    if run.code is None:
+        worker.encode_bytes = encode_bytes
+    return base
 
-    def finish() -> bool:
-        with sessions.begin() as session:
-            if code is None:
-                ok = jobstore.finish_succeeded(session, attempt, images, elapsed, reading)
-            else:
-                ok = jobstore.finish_failed(session, attempt, code, message, reading, elapsed)
-            if ok:
-                fleet.save_timeline(session, job_id, attempt.number, meter.interval_s, meter.timeline())
-            return ok
+
+def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
+           expected: Prediction, celery: Celery) -> str:
+    """The profile (complete runs only), then the result and its memory timeline; the webhook's hand-out."""
+    reading, pipeline = run.meter.reading, worker.pipeline
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
         # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result. Before
         # the result, like the beat: whoever sees the job succeeded is admitted on what it measured.
         with sessions.begin() as session:
-            fleet.record_profile(session, host.model, pipeline.backend, pipeline.precision, host.memory_mode,
-                                 shape, reading.peak_rss_bytes, base, clock.slowest or None)
+            fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, worker.memory_mode,
+                                 shape_of(attempt.parameters, worker), reading.peak_rss_bytes, base,
+                                 run.slowest_step_s or None)
 
-    if code is None:
+    def finish() -> bool:
+        with sessions.begin() as session:
+            if run.code is None:
+                ok = jobstore.finish_succeeded(session, attempt, run.images, run.elapsed_s, reading)
+            else:
+                ok = jobstore.finish_failed(session, attempt, run.code, run.message, reading, run.elapsed_s)
+            if ok:
+                fleet.save_timeline(session, attempt.job_id, attempt.number, run.meter.interval_s, run.meter.timeline())
+            return ok
+
+    if run.code is None:
         try:
             retrying(learn)
         except Exception:
-            log.exception("job %s: its memory profile was not recorded", job_id)
+            log.exception("job %s: its memory profile was not recorded", attempt.job_id)
     ok = retrying(finish)
-    status = "succeeded" if code is None else ("cancelled" if code is ErrorCode.cancelled else "failed")
-    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", job_id, status, elapsed,
-             fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source, clock.slowest)
+    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", attempt.job_id, run.status,
+             run.elapsed_s, fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source,
+             run.slowest_step_s)
     if ok:
-        _notify_if_due(sessions, job_id, celery)
-    return status if ok else "superseded"
+        _notify_if_due(sessions, attempt.job_id, celery)
+    return run.status if ok else "superseded"

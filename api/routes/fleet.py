@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
-from api.admission import FleetView, fits_on, model_defaults, refusal, shape_on, with_defaults
+from api.admission import (
+    FleetView, WorkerFit, decide_on_fleet, fits_on, model_defaults, parameters_on, refusal, requested_model, shape_on,
+)
 from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
 from shared import fleet
-from shared.errors import InvalidRequest, ModelUnavailable
 from shared.fleet_contract import ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic
 from shared.jobs import JobParameters, JobShape
 from shared.memory import fmt_size, predict
+from shared.models import Worker
 from shared.queue import top_class
 
 router = APIRouter()
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    view: FleetView
+    serving: list[Worker]
+    params: JobParameters
+    fits: list[WorkerFit]
 
 
 @router.get("/v1/workers", response_model=list[WorkerPublic], responses=responses(), tags=["fleet"])
@@ -35,25 +47,15 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     prediction a submission is admitted by, on the same cached view of the fleet), its memory class and
     whether it fits; the prediction of each runtime with measured profiles; and, when none fits, the changes
     that would."""
-    model = shape.model or ctx.settings.default_model
-    if model is None:
-        raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
-                             [{"field": "model", "reason": "required when the API has no default model"}])
+    model = requested_model(shape.model, ctx.settings.default_model)
 
-    def decide(view: FleetView):
-        serving = view.serving(model)
-        fields = with_defaults(shape.model_dump(exclude={"model"}), model_defaults(serving), model)
-        params = JobParameters(prompt="", negative_prompt=None, seed=0, **fields, model=model)
-        fits = fits_on(view, params, serving)
-        return view, serving, params, fits
+    def decide(view: FleetView) -> PlanDecision:
+        serving, params = parameters_on(view, model, shape.model_dump(exclude={"model"}), prompt="",
+                                        negative_prompt=None, seed=0)
+        return PlanDecision(view, serving, params, fits_on(view, params, serving))
 
-    try:
-        decided = decide(await ctx.fleet.get())
-    except ModelUnavailable:
-        decided = None
-    if decided is None or not any(f.fits for f in decided[3]):  # a refusal is decided on a fresh read
-        decided = decide(await ctx.fleet.get(fresh=True))
-    view, serving, params, fits = decided
+    decided = await decide_on_fleet(ctx.fleet, decide, refused=lambda d: not any(f.fits for f in d.fits))
+    view, serving, params, fits = decided.view, decided.serving, decided.params, decided.fits
     fitting = [f for f in fits if f.fits]
     hints = [] if fitting else refusal(view, params, fits).details["hints"]
     runtimes = {(backend, precision, mode): known
@@ -75,7 +77,7 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
         guidance=job_shape.guidance,
         num_images=params.num_images, admitted=best is not None,
         memory_class_bytes=best.memory_class_bytes if best else None, message=message,
-        workers=[WorkerPlan(name=f.worker.name, host=f.worker.process, state=f.worker.state, backend=f.worker.backend,
+        workers=[WorkerPlan(name=f.worker.name, host=f.worker.host, state=f.worker.state, backend=f.worker.backend,
                             precision=f.worker.precision, memory_mode=f.worker.memory_mode,
                             budget_bytes=f.worker.budget_bytes, class_limit_bytes=top_class(f.worker.budget_bytes),
                             resident_bytes=f.worker.resident_bytes, predicted_peak_bytes=f.prediction.bytes,

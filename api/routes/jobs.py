@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import Admission, FleetView, admit, model_defaults, with_defaults
+from api.admission import Admission, FleetView, admit, decide_on_fleet, parameters_on, requested_model
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from shared import deliveries, fleet, jobstore, webhooks
-from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, ModelUnavailable, NotFound
+from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
 from shared.jobs import MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus
 from shared.models import Job, Worker
 from shared.queue import send_webhook
@@ -61,21 +61,11 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
             return earlier, 200
     if caller is not None and caller.rate_limit_per_min:
         await run_in_threadpool(enforce_rate_limit, ctx, caller)
-    model = job.model or ctx.settings.default_model
-    if model is None:
-        raise InvalidRequest(
-            "model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
-            [{"field": "model", "reason": "required when the API has no default model"}],
-        )
+    model = requested_model(job.model, ctx.settings.default_model)
     if job.webhook_url is not None:
         await run_in_threadpool(_check_webhook, ctx, job.webhook_url)
     seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
-    view = await ctx.fleet.get()
-    try:
-        params, admitted = _admit(view, job, model, seed)
-    except (ModelUnavailable, InsufficientMemory):
-        # a refusal is decided on a fresh read: a worker may have come up, or its profiles changed
-        params, admitted = _admit(await ctx.fleet.get(fresh=True), job, model, seed)
+    params, admitted = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed))
     values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
@@ -91,11 +81,8 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
 
 
 def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission]:
-    serving = view.serving(model)
-    # what the job leaves out is the model's own default, as its workers announce it now
-    fields = with_defaults(job.model_dump(exclude={"model", "seed", "priority", "webhook_url"}),
-                           model_defaults(serving), model)
-    params = JobParameters(**fields, model=model, seed=seed)
+    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url"})
+    _, params = parameters_on(view, model, fields, seed=seed)
     return params, admit(view, params)
 
 
