@@ -23,8 +23,8 @@ def test_terminal_states():
 
 
 def documented_transitions() -> set[tuple[JobStatus, JobStatus]]:
-    """The state machine as README's "Job states" table documents it (not the code's own table)."""
-    text = (ROOT / "README.md").read_text()
+    """The state machine as docs/api.md's "Job states" table documents it (not the code's own table)."""
+    text = (ROOT / "docs" / "api.md").read_text()
     section = text.split("## Job states", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (\w+) \| (\w+) \| .+ \|$", section, re.MULTILINE)
     pairs = {(JobStatus(a), JobStatus(b)) for a, b in rows if a != "from"}
