@@ -31,7 +31,7 @@ _worker: WorkerProcess | None = None
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
     # webhooks go to the ops workers: this worker goes on to its next job at once
-    return run_job(job_id, delivery_id, _worker, app)
+    return run_job(job_id, delivery_id, _worker, app).value
 
 
 @worker_process_init.connect

@@ -19,7 +19,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from shared import deliveries, fleet, jobstore
 from shared.db import session_factory
 from shared.errors import ErrorCode
-from shared.jobs import JobParameters, JobStatus
+from shared.jobs import JobParameters
 from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
@@ -131,16 +131,27 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
     return images
 
 
-def run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> str:
-    """Run one delivered job; returns the status it ended in (or 'skipped', 'handed on'). Messages this
-    sends (a webhook's hand-out to the ops workers, a job handed on to a larger class) go through `celery`."""
+class RunOutcome(str, enum.Enum):
+    """What became of one delivered message (the task's result, in the worker's log)."""
+
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"  # nothing to run: unknown, a stale delivery, finished, or out of attempts
+    handed_on = "handed on"  # too big for this worker: sent to a larger memory class
+    superseded = "superseded"  # another attempt took the job over while this one ran: its result is dropped
+
+
+def run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
+    """Run one delivered job and say what became of it. Messages this sends (a webhook's hand-out to the ops
+    workers, a job handed on to a larger class) go through `celery`."""
     try:
         return _run_job(job_id, delivery_id, worker, celery)
     finally:
         _release_after_job(worker)  # a job that raised before its own release (it releases before its result)
 
 
-def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> str:
+def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
     """Pre-check, claim, run, account, store."""
     sessions = session_factory(worker.settings.database_url)
     if worker.state == "paused":
@@ -149,13 +160,15 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
         time.sleep(1)
         raise Reject(f"paused: {worker.state_reason}", requeue=True)
     check = _pre_check(sessions, job_id, delivery_id, worker, celery)
-    if check.outcome in (PreCheckOutcome.handed_on, PreCheckOutcome.failed):
-        return check.outcome.value
+    if check.outcome is PreCheckOutcome.handed_on:
+        return RunOutcome.handed_on
+    if check.outcome is PreCheckOutcome.failed:
+        return RunOutcome.failed
     attempt = _claim(sessions, job_id, delivery_id, worker)
     if attempt is None:
         log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
         _notify_if_due(sessions, job_id, celery)  # this delivery may just have ended it worker_lost / timeout
-        return "skipped"
+        return RunOutcome.skipped
     params = attempt.parameters
     if params.model != worker.model:
         return _fail_unrun(sessions, attempt, celery, ErrorCode.model_unavailable,
@@ -212,6 +225,8 @@ class PreCheck:
     outcome: PreCheckOutcome
     params: JobParameters | None = None  # with `run`: the parameters checked
     expected: Prediction | None = None  # and this worker's prediction for them
+    delivery_id: str | None = None  # with `handed on`: the delivery to send (None: the job changed meanwhile)
+    ended: bool = False  # with `failed`: this worker ended the job (not another process first)
 
 
 def _pre_check(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> PreCheck:
@@ -237,25 +252,26 @@ def _hand_on(sessions, job, delivery_id: str | None, worker: WorkerProcess, expe
              celery: Celery) -> PreCheck:
     target = memory_class(expected.bytes)
 
-    def move() -> tuple[PreCheckOutcome, str | bool | None]:
+    def move() -> PreCheck:
         with sessions.begin() as session:
             classes = [top_class(w.budget_bytes) for w in fleet.live_workers(session, worker.settings.worker_stale_s,
                                                                               worker.model) if w.name != worker.name]
             if target is not None and any(c >= target for c in classes):
-                return PreCheckOutcome.handed_on, jobstore.hand_on(session, job, delivery_id or job.delivery_id, target)
+                return PreCheck(PreCheckOutcome.handed_on,
+                                delivery_id=jobstore.hand_on(session, job, delivery_id or job.delivery_id, target))
             message = (f"predicted to need {fmt_size(expected.bytes)} ({expected.source}) on {worker.name}, past its "
                        f"budget of {fmt_size(worker.budget)}, and no live worker's memory class holds it (largest: "
                        f"{fmt_size(max(classes, default=0))})")
-            return PreCheckOutcome.failed, jobstore.fail_unplaceable(session, job, message)
+            return PreCheck(PreCheckOutcome.failed, ended=jobstore.fail_unplaceable(session, job, message))
 
-    outcome, done = retrying(move)
-    if outcome is PreCheckOutcome.handed_on and done:
-        send_generate(celery, job.id, done, worker.model, job.priority, target)
+    moved = retrying(move)
+    if moved.outcome is PreCheckOutcome.handed_on and moved.delivery_id:
+        send_generate(celery, job.id, moved.delivery_id, worker.model, job.priority, target)
         log.info("job %s: predicted %s here, past the budget %s: handed on to memory class %s", job.id,
                  fmt_size(expected.bytes), fmt_size(worker.budget), fmt_size(target))
-    elif outcome is PreCheckOutcome.failed and done:
+    elif moved.ended:
         _notify_if_due(sessions, job.id, celery)
-    return PreCheck(outcome)
+    return moved
 
 
 def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess) -> jobstore.Attempt | None:
@@ -287,7 +303,7 @@ def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> Predict
     return predict(shape_of(params, worker), retrying(read_profiles), worker.resident)
 
 
-def _fail_unrun(sessions, attempt: jobstore.Attempt, celery: Celery, code: ErrorCode, message: str) -> str:
+def _fail_unrun(sessions, attempt: jobstore.Attempt, celery: Celery, code: ErrorCode, message: str) -> RunOutcome:
     """End a claimed attempt that this worker will not run (another model, or more than its budget)."""
     def write():
         with sessions.begin() as session:
@@ -295,7 +311,7 @@ def _fail_unrun(sessions, attempt: jobstore.Attempt, celery: Celery, code: Error
 
     retrying(write)
     _notify_if_due(sessions, attempt.job_id, celery)
-    return JobStatus.failed.value
+    return RunOutcome.failed
 
 
 @dataclass(frozen=True)
@@ -310,10 +326,10 @@ class Generation:
     slowest_step_s: float
 
     @property
-    def status(self) -> str:
+    def outcome(self) -> RunOutcome:
         if self.code is None:
-            return JobStatus.succeeded.value
-        return (JobStatus.cancelled if self.code is ErrorCode.cancelled else JobStatus.failed).value
+            return RunOutcome.succeeded
+        return RunOutcome.cancelled if self.code is ErrorCode.cancelled else RunOutcome.failed
 
 
 def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generation:
@@ -366,7 +382,7 @@ def _account(worker: WorkerProcess, run: Generation) -> int:
 
 
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
-           expected: Prediction, celery: Celery) -> str:
+           expected: Prediction, celery: Celery) -> RunOutcome:
     """The profile (complete runs only), then the result and its memory timeline; the webhook's hand-out."""
     reading, pipeline = run.meter.reading, worker.pipeline
 
@@ -395,9 +411,9 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         except Exception:
             log.exception("job %s: its memory profile was not recorded", attempt.job_id)
     ok = retrying(finish)
-    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", attempt.job_id, run.status,
+    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", attempt.job_id, run.outcome.value,
              run.elapsed_s, fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source,
              run.slowest_step_s)
     if ok:
         _notify_if_due(sessions, attempt.job_id, celery)
-    return run.status if ok else "superseded"
+    return run.outcome if ok else RunOutcome.superseded
