@@ -47,11 +47,12 @@ def free_port() -> int:
 # Seconds each file takes (the sum of its tests, measured with --durations=0 under `make test`), roughly:
 # the longest files start first, so the test processes finish together rather than one running a long file
 # alone at the end. A file not listed starts after these.
-FILE_SECONDS = {
-    "test_export.py": 230, "test_levers.py": 170, "test_multihost.py": 175, "test_operations.py": 70,
-    "test_kill_storm.py": 172, "test_fleet.py": 115, "test_worker_failures.py": 115, "test_fewstep.py": 110,
-    "test_faults.py": 110, "test_worker_states.py": 100, "test_end_to_end.py": 50, "test_web.py": 50, "test_fuzz.py": 40,
-    "test_api_validation.py": 40, "test_cli.py": 40,
+FILE_SECONDS = {  # by path under tests/
+    "modeltools/test_export.py": 230, "worker/test_levers.py": 170, "system/test_multihost.py": 175,
+    "system/test_operations.py": 70, "system/test_kill_storm.py": 172, "system/test_fleet.py": 115,
+    "worker/test_failures.py": 115, "worker/test_fewstep.py": 110, "system/test_faults.py": 110,
+    "worker/test_states.py": 100, "system/test_end_to_end.py": 50, "api/test_web.py": 50, "api/test_fuzz.py": 40,
+    "api/test_validation.py": 40, "cli/test_cli.py": 40,
 }
 
 
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
     """Order files longest first (FILE_SECONDS; a file's own order is kept). Tests marked `one_database`
     exercise processes, signals and the broker rather than SQL (the SQL they use is tested on both databases
     elsewhere): with PostgreSQL available they run on it alone."""
-    items.sort(key=lambda i: -FILE_SECONDS.get(i.path.name, 0))
+    items.sort(key=lambda i: -FILE_SECONDS.get(i.path.relative_to(ROOT / "tests").as_posix(), 0))
     if not POSTGRES_URL:
         return
     dropped = [i for i in items if i.get_closest_marker("one_database") and getattr(i, "callspec", None)

@@ -3,42 +3,12 @@
 
 from __future__ import annotations
 
-import uuid
 
-import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.app import create_app
-from shared import fleet, jobstore, keys
-from shared.fleet_contract import WorkerState
-from shared.db import session_factory
-from shared.memory import GB
-from shared.models import ApiKey, utcnow
-from shared.settings import Settings
-from tests.test_api_validation import assert_error_shape
-
-BODY = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1}
-
-
-@pytest.fixture
-def secured(sqlite_url, redis_url):
-    model = f"sec-{uuid.uuid4().hex[:6]}"  # a queue no worker consumes: jobs stay queued
-    sessions = session_factory(sqlite_url)
-    with sessions.begin() as s:
-        fleet.beat(s, WorkerState(name="h:1", host="h", model=model, backend="optimum", precision="bf16",
-                                  memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None,
-                                  total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
-                                  current_job_id=None), utcnow())
-        alice = keys.create_key(s, "alice")
-        bob = keys.create_key(s, "bob", rate_limit_per_min=3)
-    app = create_app(Settings(database_url=sqlite_url, redis_url=redis_url, default_model=model))
-    with TestClient(app) as client:
-        yield client, sessions, alice, bob
-
-
-def auth(key) -> dict:
-    return {"Authorization": f"Bearer {key.token}"}
+from shared import jobstore, keys
+from shared.models import ApiKey
+from tests.helpers import BODY, assert_error_shape, auth, secured  # noqa: F401 (a fixture)
 
 
 def test_keys_are_stored_hashed(secured):

@@ -16,7 +16,7 @@ from shared.db import engine_for, migrate, session_factory
 from shared.jobs import JobParameters, JobStatus
 from shared.memory import GB
 from shared.models import Job, utcnow
-from tests.test_hardening import fresh_url  # noqa: F401  (a database of the test's own, on each backend)
+from tests.helpers import fresh_url  # noqa: F401  (a database of the test's own, on each backend)
 
 PARAMS = JobParameters(prompt="a cat", negative_prompt=None, width=64, height=64, steps=1, guidance_scale=1.0,
                        seed=1, num_images=1, model="m-a")

@@ -20,7 +20,7 @@ from shared.queue import GENERATE_TASK, make_celery, queue_name, send_generate
 from shared.settings import Settings
 # this module's own database on each backend (a key created here must not turn auth on elsewhere), the
 # in-process API with a live worker's heartbeat
-from tests.test_hardening import database_url, db, make_api  # noqa: F401
+from tests.helpers import database_url, db, make_api  # noqa: F401
 
 BODY = {"prompt": "a lighthouse on a cliff"}
 

@@ -13,8 +13,8 @@ from shared import fleet
 from shared.fleet_contract import WorkerState
 from shared.memory import GB
 from tests.conftest import ROOT
-from tests.test_api_validation import assert_error_shape
-from tests.test_security import BODY, auth, secured  # noqa: F401 (a fixture)
+from tests.helpers import assert_error_shape
+from tests.helpers import BODY, auth, secured  # noqa: F401 (a fixture)
 
 
 def test_job_list_pages_newest_first_filters_by_status_and_refuses_bad_cursors(stack):

@@ -15,7 +15,7 @@ import pytest
 
 from shared.memory import GB
 from tests.conftest import pool_child
-from tests.test_api_validation import assert_error_shape
+from tests.helpers import assert_error_shape
 
 
 @pytest.mark.one_database

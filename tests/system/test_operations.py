@@ -12,8 +12,8 @@ import pytest
 
 from shared import keys
 from tests.conftest import WEBHOOK_SECRET, wait_for
-from tests.test_api_validation import assert_error_shape
-from tests.test_worker_failures import wait_status
+from tests.helpers import assert_error_shape
+from tests.helpers import wait_status
 
 # 150 steps at 256x256: seconds on the tiny model (a quarter of 512x512's work), long enough to watch it run
 LONG = dict(width=256, height=256, steps=150, guidance_scale=1.0)

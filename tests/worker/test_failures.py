@@ -10,15 +10,12 @@ import pytest
 
 from shared import jobstore
 from shared.memory import GB
-from tests.conftest import pool_child, wait_for
+from tests.conftest import pool_child
+from tests.helpers import wait_status
 
 pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
 
 FAULTY = {"SDFLEET_BACKEND": "tests.fakes:faulty"}
-
-
-def wait_status(stack, job_id: str, status: str, timeout: float = 60) -> dict:
-    return wait_for(stack, job_id, "status", status, timeout)
 
 
 def test_exception_fails_the_job_and_the_next_job_succeeds_on_the_same_worker(stack, spawn_worker):

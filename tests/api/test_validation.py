@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import redis
 
@@ -11,6 +10,7 @@ from shared import jobstore
 from shared.fleet_contract import WorkerState
 from shared.queue import queue_depth
 from shared.settings import Settings
+from tests.helpers import assert_error_shape
 
 BAD_BODIES = [
     ({}, "prompt"),
@@ -52,16 +52,6 @@ BAD_BODIES = [
     ({"prompt": "a cat", "webhook_url": "http://[fe80::1]/hook"}, "webhook_url"),
     ({"prompt": "a cat", "webhook_url": "http://0/hook"}, "webhook_url"),
 ]
-
-
-def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code
-    assert body["error"]["message"]
-    return body["error"]
 
 
 @pytest.fixture

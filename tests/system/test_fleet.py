@@ -17,7 +17,7 @@ from shared.memory import GB
 from shared.models import Job, utcnow
 from shared.queue import queue_depth
 from shared.settings import Settings
-from tests.test_api_validation import assert_error_shape
+from tests.helpers import assert_error_shape
 
 
 def _job_count(stack) -> int:

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.conftest import pool_child
-from tests.test_faults import LONG, SHORT, image_counts, jobs_of, wait_all_terminal
-from tests.test_worker_failures import wait_status
+from tests.helpers import LONG, SHORT, image_counts, jobs_of, wait_all_terminal
+from tests.helpers import wait_status
 
 pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
 KILLS = 12  # pool children SIGKILLed mid-job, one after another

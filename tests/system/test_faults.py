@@ -16,50 +16,23 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import select
-from sqlalchemy.orm import lazyload
 
 from sdfleet.client import ApiError, Client
 from sdfleet.stack import stop
-from shared.models import Job, JobImage
+from shared.models import Job
 from shared.queue import make_celery, queue_depth
 from ops.reconcile import reconcile
 from shared.settings import Settings
 from tests.conftest import ROOT, free_port, stack_env
-from tests.test_worker_failures import wait_status
+from tests.helpers import wait_status
+from tests.helpers import LONG, SHORT, image_counts, wait_all_terminal
 
 pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
-
-LONG = dict(width=512, height=512, steps=150, guidance_scale=1.0)
-SHORT = dict(width=64, height=64, steps=1)
-
-
-def jobs_of(stack, model: str) -> list[Job]:
-    with stack.sessions() as s:
-        return list(s.scalars(select(Job).where(Job.model == model).options(lazyload(Job.images))))
-
-
-def image_counts(stack, model: str) -> dict[str, int]:
-    with stack.sessions() as s:
-        rows = s.execute(select(JobImage.job_id).join(Job).where(Job.model == model)).scalars().all()
-    counts = {}
-    for job_id in rows:
-        counts[job_id] = counts.get(job_id, 0) + 1
-    return counts
 
 
 def reconcile_now(stack) -> object:
     settings = Settings(database_url=stack.database_url, redis_url=stack.redis_url, reconcile_grace_s=0)
     return reconcile(stack.sessions, redis.Redis.from_url(stack.redis_url), make_celery(settings), settings)
-
-
-def wait_all_terminal(stack, model: str, timeout: float = 300) -> list[Job]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = jobs_of(stack, model)
-        if all(j.status in ("succeeded", "failed", "cancelled") for j in rows):
-            return rows
-        assert time.monotonic() < deadline, [(j.id, j.status) for j in rows if j.status not in ("succeeded",)]
-        time.sleep(0.3)
 
 
 def test_redis_flushed_while_jobs_are_queued_the_reconciler_brings_them_back(stack, spawn_worker):
