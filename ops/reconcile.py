@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
 from shared import deliveries, fleet, jobstats, jobstore
 from shared.jobs import JobStatus, WebhookStatus
 from shared.jobstore import TakeBackOutcome
-from shared.models import Job, utcnow
+from shared.models import Job, Worker, utcnow
 from shared.memory import fmt_size
 from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
 from shared.retry import WEBHOOK_RESEND_AFTER_S
@@ -39,28 +39,70 @@ class Report:
     stats_folded: int = 0  # job statistics' deltas folded into their totals (shared/jobstats.py)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What one pass decides by, read in one go: the jobs past the grace period, every worker, the database's
+    clock, the pending webhooks left untouched, and then the message IDs Redis holds."""
+
+    queued: list[Job]
+    running: list[Job]
+    workers: dict[str, Worker]
+    db_now: datetime
+    stale_hooks: list[str]
+    present: set[str]
+
+    @classmethod
+    def read(cls, sessions, broker, settings: Settings, now: datetime) -> "Snapshot":
+        old = now - timedelta(seconds=settings.reconcile_grace_s)
+        with sessions() as session:
+            queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued.value,
+                                                            Job.enqueued_at < old)))
+            running = list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
+                                                             Job.started_at < old)))
+            workers = {w.name: w for w in fleet.workers(session)}
+            db_now = fleet.db_now(session)
+            hooks = list(session.scalars(select(Job.id).where(
+                Job.webhook_status == WebhookStatus.pending.value,
+                func.coalesce(Job.webhook_sent_at, Job.finished_at) < now - WEBHOOK_RESEND_AFTER)))
+        # read after the rows: a message sent since is either found here or belongs to a younger job
+        present = message_ids_in_broker(broker, sorted({j.model for j in queued + running}))
+        return cls(queued, running, workers, db_now, hooks, present)
+
+    def alive(self, worker: Worker | None, settings: Settings) -> bool:
+        return worker is not None and fleet.is_alive(worker, settings.worker_stale_s, self.db_now)
+
+
 def reconcile(sessions, broker, celery, settings: Settings) -> Report:
     report = Report()
     now = utcnow()
-    old = now - timedelta(seconds=settings.reconcile_grace_s)
-    with sessions() as session:
-        queued = list(session.scalars(select(Job).where(Job.status == JobStatus.queued.value, Job.enqueued_at < old)))
-        running = list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
-                                                          Job.started_at < old)))
-        workers = {w.name: w for w in fleet.workers(session)}
-        db_now = fleet.db_now(session)
-        hooks = list(session.scalars(select(Job.id).where(
-            Job.webhook_status == WebhookStatus.pending.value,
-            func.coalesce(Job.webhook_sent_at, Job.finished_at) < now - WEBHOOK_RESEND_AFTER)))
-    # read after the rows: a message sent since is either found here or belongs to a younger job
-    present = message_ids_in_broker(broker, sorted({j.model for j in queued + running}))
+    seen = Snapshot.read(sessions, broker, settings, now)
+    _queued(seen, sessions, celery, settings, report)
+    _running(seen, sessions, celery, settings, report)
+    stale_before = now - WEBHOOK_RESEND_AFTER
+    for job_id in seen.stale_hooks + report.ended_lost + report.failed_unplaceable:
+        with sessions.begin() as session:
+            handout = (deliveries.resend_webhook(session, job_id, stale_before) if job_id in seen.stale_hooks
+                       else deliveries.webhook_handout(session, job_id))
+        if handout and send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done):
+            report.webhooks_resent.append(job_id)
+    with sessions.begin() as session:
+        report.workers_forgotten = fleet.forget_workers(session, settings.worker_forget_s)
+    with sessions.begin() as session:
+        report.stats_folded = jobstats.compact(session)
+    if any(v for k, v in vars(report).items() if k != "stats_folded"):
+        log.info("reconciled: %s", report)
+    return report
 
+
+def _queued(seen: Snapshot, sessions, celery, settings: Settings, report: Report) -> None:
+    """Queued jobs: failed when no live worker covers their memory class any more, re-sent when Redis lost
+    their message."""
     largest = {}  # the largest memory class a live worker of each model covers (loading and paused included)
-    for w in workers.values():
-        if fleet.is_alive(w, settings.worker_stale_s, db_now):
+    for w in seen.workers.values():
+        if seen.alive(w, settings):
             # the configured budget: a desktop squeezed by its owner for now will take the job later
             largest[w.model] = max(largest.get(w.model, 0), top_class(w.max_budget_bytes or w.budget_bytes))
-    for job in queued:
+    for job in seen.queued:
         ceiling = job.memory_class_bytes or 0
         if job.model in largest and ceiling > largest[job.model]:
             # the workers that covered its class left: no live worker can take it (with none live at all,
@@ -71,7 +113,7 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
                 if jobstore.fail_unplaceable(session, job, message):
                     report.failed_unplaceable.append(job.id)
             continue
-        if job.delivery_id in present:
+        if job.delivery_id in seen.present:
             continue
         with sessions.begin() as session:
             delivery = jobstore.requeue_lost_message(session, job)
@@ -79,10 +121,13 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
             send_generate(celery, job.id, delivery, job.model, job.priority, job.memory_class_bytes)
             report.requeued_lost_messages.append(job.id)
 
-    for job in running:
-        worker = workers.get(job.worker_name)
-        alive = worker is not None and fleet.is_alive(worker, settings.worker_stale_s, db_now)
-        if alive and (worker.current_job_id == job.id or job.delivery_id in present):
+
+def _running(seen: Snapshot, sessions, celery, settings: Settings, report: Report) -> None:
+    """Running jobs whose worker is gone or has moved on without them: taken back (or ended)."""
+    for job in seen.running:
+        worker = seen.workers.get(job.worker_name)
+        alive = seen.alive(worker, settings)
+        if alive and (worker.current_job_id == job.id or job.delivery_id in seen.present):
             continue  # running there, or redelivered to it after its pool child died
         where = f"on {job.worker_host}" if job.worker_host else ""
         lost = (f"the worker running attempt {job.attempts} {where} "
@@ -94,18 +139,3 @@ def reconcile(sessions, broker, celery, settings: Settings) -> Report:
             report.requeued_from_lost_workers.append(job.id)
         elif taken.outcome is TakeBackOutcome.ended:
             report.ended_lost.append(job.id)
-
-    stale_before = now - WEBHOOK_RESEND_AFTER
-    for job_id in hooks + report.ended_lost + report.failed_unplaceable:
-        with sessions.begin() as session:
-            handout = (deliveries.resend_webhook(session, job_id, stale_before) if job_id in hooks
-                       else deliveries.webhook_handout(session, job_id))
-        if handout and send_webhook(celery, job_id, handout.delivery_id, handout.attempts_done):
-            report.webhooks_resent.append(job_id)
-    with sessions.begin() as session:
-        report.workers_forgotten = fleet.forget_workers(session, settings.worker_forget_s)
-    with sessions.begin() as session:
-        report.stats_folded = jobstats.compact(session)
-    if any(v for k, v in vars(report).items() if k != "stats_folded"):
-        log.info("reconciled: %s", report)
-    return report
