@@ -141,7 +141,7 @@ def until_admission_routes(stack, memory_class: int, **shape) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.one_database  # the profile SQL races on both databases in test_hardening
+@pytest.mark.one_database  # the profile SQL races on both databases in tests/shared/test_races.py
 def test_predictions_improve_as_profiles_fill(stack, spawn_worker):
     model, _ = spawn_worker("learning")
     params = dict(prompt="a forest river", model=model, width=384, height=256, steps=2, guidance_scale=7.5)

@@ -20,7 +20,7 @@ LONG = dict(width=256, height=256, steps=150, guidance_scale=1.0)
 SHORT = dict(width=64, height=64, steps=1)
 
 
-@pytest.mark.one_database  # the cancel's compare-and-set races on both databases in test_hardening
+@pytest.mark.one_database  # the cancel's compare-and-set races on both databases in tests/shared/test_races.py
 def test_cancel_queued_never_runs_running_stops_at_next_step_finished_is_409(stack, spawn_worker):
     model, _ = spawn_worker("cancel")
     running = stack.api.submit(prompt="a long job", model=model, **LONG)
@@ -171,7 +171,7 @@ def test_a_slow_webhook_does_not_hold_up_the_workers_next_job(stack, webhook_ser
     assert len(received) == 1
 
 
-@pytest.mark.one_database  # the cancel's compare-and-set races on both databases in test_hardening
+@pytest.mark.one_database  # the cancel's compare-and-set races on both databases in tests/shared/test_races.py
 def test_cancelled_queued_job_calls_its_webhook(stack, spawn_worker, webhook_server):
     url, received = webhook_server()
     model, _ = spawn_worker("hooked")
