@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import case, delete, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from shared.db import upsert
 from shared.fleet_contract import WorkerPublic, WorkerState
 from shared.memory import Profile, Shape
 from shared.models import JobMemory, MemoryProfile, Worker, utcnow
@@ -105,19 +104,21 @@ def record_profile(session: Session, model: str, backend: str, precision: str, m
     with the base it was measured above, and the slowest step."""
     key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
                height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance)
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(MemoryProfile).values(**key, peak_bytes=peak_bytes, base_bytes=base_bytes, samples=1,
-                                        updated_at=utcnow(), max_step_s=max_step_s)
-    old, new = MemoryProfile.__table__.c, stmt.excluded
-    worse = new.peak_bytes > old.peak_bytes
-    session.execute(stmt.on_conflict_do_update(index_elements=list(key), set_={
-        "samples": old.samples + 1,
-        "updated_at": new.updated_at,
-        "peak_bytes": case((worse, new.peak_bytes), else_=old.peak_bytes),
-        "base_bytes": case((worse, new.base_bytes), else_=old.base_bytes),
-        "max_step_s": case((old.max_step_s.is_(None), new.max_step_s), (new.max_step_s > old.max_step_s,
-                                                                       new.max_step_s), else_=old.max_step_s),
-    }))
+
+    def fold(old, new) -> dict:
+        worse = new.peak_bytes > old.peak_bytes
+        return {
+            "samples": old.samples + 1,
+            "updated_at": new.updated_at,
+            "peak_bytes": case((worse, new.peak_bytes), else_=old.peak_bytes),
+            "base_bytes": case((worse, new.base_bytes), else_=old.base_bytes),
+            "max_step_s": case((old.max_step_s.is_(None), new.max_step_s), (new.max_step_s > old.max_step_s,
+                                                                           new.max_step_s), else_=old.max_step_s),
+        }
+
+    upsert(session, MemoryProfile.__table__, {**key, "peak_bytes": peak_bytes, "base_bytes": base_bytes,
+                                               "samples": 1, "updated_at": utcnow(), "max_step_s": max_step_s},
+           list(key), fold)
 
 
 def slowest_step_s(session: Session, model: str) -> float | None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, delete, text
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
+
+from shared.db import upsert
 
 # the bounds of the histograms' buckets, as migration 0009 froze them (a change needs a migration)
 DURATION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -54,12 +54,10 @@ def histograms(session: Session) -> dict[str, dict[str, tuple[list[int], float]]
     return out
 
 
-def _upsert(session: Session, table: Table, keys: list[str], rows: list[dict]) -> None:
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+def _add_to(session: Session, table: Table, keys: list[str], rows: list[dict]) -> None:
+    """Add each row's values to its totals (a new key starts at the row)."""
     for row in rows:
-        stmt = insert(table).values(**row)
-        update = {c: table.c[c] + stmt.excluded[c] for c in row if c not in keys}
-        session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update))
+        upsert(session, table, row, keys, lambda old, new, row=row: {c: old[c] + new[c] for c in row if c not in keys})
 
 
 def compact(session: Session) -> int:
@@ -71,7 +69,7 @@ def compact(session: Session) -> int:
     sums: dict = defaultdict(int)
     for model, status, n in moved:
         sums[(model, status)] += n
-    _upsert(session, job_counts, ["model", "status"],
+    _add_to(session, job_counts, ["model", "status"],
             [{"model": m, "status": s, "n": n} for (m, s), n in sorted(sums.items())])
     moved_h = session.execute(delete(job_histogram_deltas).returning(
         job_histogram_deltas.c.model, job_histogram_deltas.c.metric, job_histogram_deltas.c.bucket,
@@ -80,7 +78,7 @@ def compact(session: Session) -> int:
     for model, metric, bucket, n, total in moved_h:
         hist[(model, metric, bucket)][0] += n
         hist[(model, metric, bucket)][1] += total
-    _upsert(session, job_histograms, ["model", "metric", "bucket"],
+    _add_to(session, job_histograms, ["model", "metric", "bucket"],
             [{"model": m, "metric": k, "bucket": b, "n": n, "total": t}
              for (m, k, b), (n, t) in sorted(hist.items())])
     return len(moved) + len(moved_h)
