@@ -21,11 +21,16 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from sdfleet.client import ApiError, ApiUnreachable, Client
 from shared.jobs import JobCreate, JobStatus
 from shared.memory import fmt_size
+from shared.waiting import WaitTimeout, wait_until
 from modeltools.tiny import ARCHES as TINY_ARCHES
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 DEFAULT_PORT = 8000
 API_HELP = "the API's URL (default: SDFLEET_API_URL, else http://127.0.0.1:8000)"
@@ -561,6 +566,125 @@ def _choose_port(requested: int | None) -> int | None:
     return port
 
 
+def _up_settings() -> tuple[Settings, dict[str, str]]:
+    """The settings the stack runs with, and what its processes' environment adds to ours."""
+    from shared.settings import get_settings
+    from modeltools.tiny import default_tiny_dir
+
+    settings = get_settings()
+    env: dict[str, str] = {}
+    if settings.model is None:
+        # the demo's model: built once (about half a minute), then reused from the cache
+        tiny = default_tiny_dir(settings.cache_dir)
+        subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True,
+                       stdout=sys.stderr)
+        settings = settings.model_copy(update={"model": str(tiny)})
+        env["SDFLEET_MODEL"] = str(tiny)
+    env["SDFLEET_DEFAULT_MODEL"] = settings.default_model or settings.served_model_name
+    if "SDFLEET_PAUSE_CPU_PERCENT" not in os.environ:
+        env["SDFLEET_PAUSE_CPU_PERCENT"] = "100"  # whoever runs the local stack wants it to run: no CPU pause
+    return settings, env
+
+
+def _log_files(log_dir: Path) -> dict[str, Path]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return {part: log_dir / f"{part}.log" for part in ("worker", "ops", "api")}
+
+
+def _ensure_redis_and_migrate(settings: Settings, procs: list[subprocess.Popen], migration_log: Path) -> None:
+    """Redis (the bundled one, added to `procs`, when none answers) and the schema at its newest revision."""
+    from sdfleet.stack import ensure_redis
+    from shared.db import engine_for, migrate, wait_for_database
+
+    redis_proc = ensure_redis(settings.redis_url, owned=True)
+    if redis_proc:
+        print(f"no Redis answered at {settings.redis_url}: started the bundled redis-server", file=sys.stderr)
+        procs.append(redis_proc)
+    engine = engine_for(settings.database_url)
+    wait_for_database(engine)
+    # once, before two processes would race to do it; alembic's lines go to the API's log (where the API's
+    # own migrations log), so that the terminal shows only sdfleet's lines
+    migrate(engine, log_file=migration_log)
+
+
+def _start_children(env: dict[str, str], port: int, logs: dict[str, Path], procs: list[subprocess.Popen]):
+    """Start the worker, the ops worker and the API, each into `procs` ahead of Redis (they stop in this
+    order, Redis last); returns the check that ends `sdfleet up` (SystemExit) once one of them has exited."""
+    from sdfleet.stack import spawn
+
+    children = (("worker", ["worker"], logs["worker"]), ("ops worker", ["ops"], logs["ops"]),
+                ("API", ["api", "--port", str(port)], logs["api"]))
+    started = []
+    for i, (part, argv, log) in enumerate(children):
+        proc = spawn(argv, env, str(log), owned=True)
+        procs.insert(i, proc)
+        started.append((part, proc, log))
+
+    def check() -> None:
+        for part, proc, log in started:
+            if proc.poll() is not None:
+                raise SystemExit(f"sdfleet up: the {part} exited (code {proc.returncode}); see {log}")
+
+    return check
+
+
+def _wait_until_ready(client: Client, model: str, settings: Settings, logs: dict[str, Path], check) -> None:
+    """Until the API answers (60 s) and a worker of the model is alive (SDFLEET_MODEL_LOAD_TIMEOUT_S); a
+    child that exits meanwhile ends the wait (`check` raises)."""
+    def api_answers() -> bool:
+        if client.healthy():
+            return True
+        check()
+        return False
+
+    def worker_alive() -> bool:
+        if any(w["alive"] and w["model"] == model for w in client.workers()):
+            return True
+        check()  # also: the API we talk to is ours (one that failed to bind has exited by now)
+        return False
+
+    try:
+        wait_until(api_answers, 60, 0.2, "the API to answer")
+    except WaitTimeout:
+        raise SystemExit(f"sdfleet up: the API did not answer in 60 s; see {logs['api']}") from None
+    try:
+        wait_until(worker_alive, settings.model_load_timeout_s, 0.2, f"a worker of {model!r}")
+    except WaitTimeout:
+        raise SystemExit(f"sdfleet up: the worker did not come up; see {logs['worker']}") from None
+    check()
+
+
+def _submit_and_write(client: Client, args, check) -> int:
+    """--submit: the job's progress on stderr, its record on stdout, its PNGs in --out; 0 if it succeeded."""
+    record = client.submit(**_job_params(args, args.submit))
+    try:
+        record = _wait_with_progress(client, record, args.timeout, check=check)
+    except TimeoutError:
+        raise SystemExit(f"sdfleet up: job {record['id']} not finished after {args.timeout:.0f} s") from None
+    print(json.dumps(record, indent=2), flush=True)
+    if record["status"] == "succeeded" and args.out:
+        for path in _write_images(client, record, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if record["status"] == "succeeded" else 1
+
+
+def _serve_until_signal(check) -> NoReturn:
+    """Until a signal (StopRequested) or a child's exit (check's SystemExit) ends `sdfleet up`."""
+    print(f"the stack keeps running: Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it", file=sys.stderr,
+          flush=True)
+    while True:
+        check()
+        time.sleep(0.5)
+
+
+def _stop_uninterrupted(procs: list[subprocess.Popen]) -> None:
+    from sdfleet.stack import stop
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)  # nothing may interrupt the stopping
+    stop(procs)
+
+
 def cmd_up(args) -> int:
     """The whole local stack in one command: Redis if none answers, the API, one worker, one ops worker;
     stopped together on exit, Ctrl-C, SIGTERM or SIGHUP."""
@@ -568,90 +692,27 @@ def cmd_up(args) -> int:
     port = _choose_port(args.port)
     if port is None:
         return 2
-    from sdfleet.stack import ensure_redis, spawn, stop
-    from shared.db import engine_for, migrate, wait_for_database
-    from shared.settings import get_settings
-    from modeltools.tiny import default_tiny_dir
-
-    settings = get_settings()
-    env = {}
     procs: list[subprocess.Popen] = []
     try:
-        if settings.model is None:
-            # the demo's model: built once (about half a minute), then reused from the cache
-            tiny = default_tiny_dir(settings.cache_dir)
-            subprocess.run([sys.executable, "-m", "sdfleet", "model", "make-tiny", str(tiny)], check=True,
-                           stdout=sys.stderr)
-            settings = settings.model_copy(update={"model": str(tiny)})
-            env["SDFLEET_MODEL"] = str(tiny)
-        name = settings.served_model_name
-        env["SDFLEET_DEFAULT_MODEL"] = settings.default_model or name
-        if "SDFLEET_PAUSE_CPU_PERCENT" not in os.environ:
-            env["SDFLEET_PAUSE_CPU_PERCENT"] = "100"  # whoever runs the local stack wants it to run: no CPU pause
-
-        redis_proc = ensure_redis(settings.redis_url, owned=True)
-        if redis_proc:
-            print(f"no Redis answered at {settings.redis_url}: started the bundled redis-server", file=sys.stderr)
-            procs.append(redis_proc)
-        engine = engine_for(settings.database_url)
-        wait_for_database(engine)
-        migrate(engine)  # once, before two processes would race to do it
-
-        args.log_dir.mkdir(parents=True, exist_ok=True)
-        logs = {part: args.log_dir / f"{part}.log" for part in ("worker", "ops", "api")}
-        worker = spawn(["worker"], env, str(logs["worker"]), owned=True)
-        ops = spawn(["ops"], env, str(logs["ops"]), owned=True)
-        api = spawn(["api", "--port", str(port)], env, str(logs["api"]), owned=True)
-        parts = {"worker": worker, "ops worker": ops, "API": api}
-        procs[:0] = [worker, ops, api]  # stopped first, Redis last
-
-        def check() -> None:
-            for part, proc in parts.items():
-                if proc.poll() is not None:
-                    log = logs["ops" if part == "ops worker" else part.lower()]
-                    raise SystemExit(f"sdfleet up: the {part} exited (code {proc.returncode}); see {log}")
-
+        settings, env = _up_settings()
+        logs = _log_files(args.log_dir)
+        _ensure_redis_and_migrate(settings, procs, logs["api"])
+        check = _start_children(env, port, logs, procs)
         client = _client(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        while not client.healthy():
-            check()
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sdfleet up: the API did not answer in 60 s; see {logs['api']}")
-            time.sleep(0.2)
-        deadline = time.monotonic() + settings.model_load_timeout_s
-        while not any(w["alive"] and w["model"] == name for w in client.workers()):
-            check()  # also: the API we talk to is ours (one that failed to bind has exited by now)
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sdfleet up: the worker did not come up; see {logs['worker']}")
-            time.sleep(0.2)
-        check()
+        name = settings.served_model_name
+        _wait_until_ready(client, name, settings, logs, check)
         print(f"sdfleet is up: API http://127.0.0.1:{port} (docs at /docs), model {name!r}, "
               f"database {settings.database_url}; logs in {args.log_dir}", file=sys.stderr)
-
         if args.submit:
-            record = client.submit(**_job_params(args, args.submit))
-            try:
-                record = _wait_with_progress(client, record, args.timeout, check=check)
-            except TimeoutError:
-                raise SystemExit(f"sdfleet up: job {record['id']} not finished after {args.timeout:.0f} s") from None
-            print(json.dumps(record, indent=2), flush=True)
-            if record["status"] == "succeeded" and args.out:
-                for path in _write_images(client, record, args.out):
-                    print(f"wrote {path}", file=sys.stderr)
+            rc = _submit_and_write(client, args, check)
             if not args.keep:
-                return 0 if record["status"] == "succeeded" else 1
-        print(f"the stack keeps running: Ctrl-C (or SIGTERM to pid {os.getpid()}) stops it", file=sys.stderr,
-              flush=True)
-        while True:
-            check()
-            time.sleep(0.5)
+                return rc
+        _serve_until_signal(check)
     except StopRequested as exc:
         print(f"sdfleet up: {exc}: stopping the worker, ops worker, API and Redis it started", file=sys.stderr)
         return 0
     finally:
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)  # nothing may interrupt the stopping
-        stop(procs)
+        _stop_uninterrupted(procs)
 
 
 # ---- the parser ------------------------------------------------------------------------------------------
@@ -680,6 +741,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                               formatter_class=HelpFormatter, **kwargs)
 
+    # in this order in `sdfleet --help`
+    for add_commands in (_add_up, _add_server_commands, _add_keys, _add_job_commands, _add_fleet_commands,
+                         _add_model_tools, _add_db):
+        add_commands(command)
+    return parser
+
+
+def _add_up(command) -> None:
     p = command("up", "run the local stack: Redis (the bundled one if none answers), the API, one worker and one "
                 "ops worker; it runs until Ctrl-C or SIGTERM, which stop all it started")
     p.add_argument("--port", type=int, help=f"the API's port (default {DEFAULT_PORT}, or a free one, said so, when "
@@ -692,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p, "with --submit: write the PNGs here (image i > 0 gets a -i suffix)")
     p.set_defaults(func=cmd_up)
 
+
+def _add_server_commands(command) -> None:
+    """The processes a fleet runs: the API, workers, ops workers; and the reconciler, once."""
     p = command("api", "run the HTTP API (it migrates the database at start)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (any other than loopback counts "
                    "as public: keys are then required unless SDFLEET_AUTH=off)")
@@ -710,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reconcile", "reconcile the database with Redis once and print what changed")
     p.set_defaults(func=cmd_reconcile)
 
+
+def _add_keys(command) -> None:
     p = command("keys", "create or revoke API keys (in the database SDFLEET_DATABASE_URL names)")
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = ksub.add_parser("create", help="create a key (printed once) with its webhook secret",
@@ -721,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("name", help="the key's name")
     k.set_defaults(func=cmd_keys)
 
+
+def _add_job_commands(command) -> None:
+    """The client's commands on jobs: submit, status, jobs, cancel."""
     p = command("submit", "submit a prompt; prints the job record as JSON (with --wait: when the job ends, "
                 "its progress shown on stderr meanwhile)")
     p.add_argument("prompt", help="what the image should show (1..2000 characters)")
@@ -754,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help=API_HELP)
     p.set_defaults(func=cmd_cancel)
 
+
+def _add_fleet_commands(command) -> None:
+    """The client's commands on the fleet: workers, models, plan."""
     p = command("workers", "list the workers that sent heartbeats: model, state, budget, resident set, job")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     p.add_argument("--api", help=API_HELP)
@@ -778,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", help=API_HELP)
     p.set_defaults(func=cmd_plan)
 
+
+def _add_model_tools(command) -> None:
     p = command("model", "model tools: build the tiny test model, export a model to OpenVINO IR")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     m = msub.add_parser("make-tiny", help="build the tiny random-weight test model as OpenVINO IR",
@@ -785,6 +867,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", type=Path, help="the folder to build it in (reused when it is current)")
     m.add_argument("--arch", choices=TINY_ARCHES, default="sd", help="the architecture")
     m.set_defaults(func=cmd_make_tiny)
+    _add_export(msub)
+    m = msub.add_parser("export-tiny-vae", help="export a tiny autoencoder (TAESD, TAESDXL) to OpenVINO IR, for "
+                                                "SDFLEET_TINY_VAE", formatter_class=HelpFormatter)
+    m.add_argument("src", help="a diffusers AutoencoderTiny folder or hub ID: madebyollin/taesd for SD 1.x/2.x "
+                   "models, madebyollin/taesdxl for SDXL")
+    m.add_argument("out", type=Path, help="the new folder (must not exist); its decoder goes in vae_decoder/")
+    m.set_defaults(func=cmd_export_tiny_vae)
+
+
+def _add_export(msub) -> None:
     m = msub.add_parser("export", help="export a diffusers pipeline (or compress an IR folder) to OpenVINO IR, "
                                        "one component per process", formatter_class=HelpFormatter)
     m.add_argument("src", help="a diffusers pipeline folder, or an OpenVINO IR folder to compress; or a hub ID "
@@ -808,18 +900,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one child process per component (always), one for all (never), or per component from "
                    "1 GiB of weights up (auto)")
     m.set_defaults(func=cmd_export)
-    m = msub.add_parser("export-tiny-vae", help="export a tiny autoencoder (TAESD, TAESDXL) to OpenVINO IR, for "
-                                                "SDFLEET_TINY_VAE", formatter_class=HelpFormatter)
-    m.add_argument("src", help="a diffusers AutoencoderTiny folder or hub ID: madebyollin/taesd for SD 1.x/2.x "
-                   "models, madebyollin/taesdxl for SDXL")
-    m.add_argument("out", type=Path, help="the new folder (must not exist); its decoder goes in vae_decoder/")
-    m.set_defaults(func=cmd_export_tiny_vae)
 
+
+def _add_db(command) -> None:
     p = command("db", "database tools")
     dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     d = dsub.add_parser("upgrade", help="migrate the schema to the newest revision", formatter_class=HelpFormatter)
     d.set_defaults(func=cmd_db_upgrade)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from shared.jobs import JobStatus
+from shared.waiting import WaitTimeout, wait_until
 
 
 class ApiError(Exception):
@@ -88,16 +87,19 @@ class Client:
 
     def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.2, on_update=None) -> dict:
         """Poll until the job is finished; `on_update(record)` sees every record read on the way."""
-        deadline = time.monotonic() + timeout
-        while True:
+        record: dict = {}
+
+        def finished() -> dict | None:
+            nonlocal record
             record = self.job(job_id)
             if on_update is not None:
                 on_update(record)
-            if JobStatus(record["status"]).is_terminal:
-                return record
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {record['status']} after {timeout:.0f} s")
-            time.sleep(poll_s)
+            return record if JobStatus(record["status"]).is_terminal else None
+
+        try:
+            return wait_until(finished, timeout, poll_s, f"job {job_id} to finish")
+        except WaitTimeout:  # a plain TimeoutError as before, naming the status the job is still in
+            raise TimeoutError(f"job {job_id} still {record['status']} after {timeout:.0f} s") from None
 
     def image(self, url_or_job: str, index: int | None = None) -> bytes:
         url = url_or_job if index is None else f"/v1/jobs/{url_or_job}/images/{index}.png"

@@ -16,7 +16,9 @@ from urllib.parse import urlparse
 
 import redis
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+from shared.settings import LOOPBACK_HOSTS
+from shared.waiting import WaitTimeout, wait_until
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -67,13 +69,26 @@ def start_bundled_redis(port: int, owned: bool = False) -> subprocess.Popen:
          "--appendonly", "no", "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
         stdout=subprocess.DEVNULL, **(_owned() if owned else {}),
     )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not redis_answers(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the bundled redis-server did not start on port {port}")
-        time.sleep(0.05)
+    _until_redis_answers(proc, port)
     return proc
+
+
+def _until_redis_answers(proc: subprocess.Popen, port: int) -> None:
+    """Wait for the redis-server just started to answer: a RuntimeError if it exits, or is silent for 10 s."""
+    url = f"redis://127.0.0.1:{port}/0"
+    failed = RuntimeError(f"the bundled redis-server did not start on port {port}")
+
+    def answers() -> bool:
+        if redis_answers(url):
+            return True
+        if proc.poll() is not None:
+            raise failed
+        return False
+
+    try:
+        wait_until(answers, 10, 0.05, f"the bundled redis-server on port {port}")
+    except WaitTimeout:
+        raise failed from None
 
 
 def ensure_redis(url: str, owned: bool = False) -> subprocess.Popen | None:
@@ -81,7 +96,7 @@ def ensure_redis(url: str, owned: bool = False) -> subprocess.Popen | None:
     if redis_answers(url):
         return None
     parsed = urlparse(url)
-    if parsed.hostname not in LOOPBACK:
+    if parsed.hostname not in LOOPBACK_HOSTS:
         raise RuntimeError(f"no Redis answers at {url}")
     return start_bundled_redis(parsed.port or 6379, owned=owned)
 

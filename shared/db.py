@@ -7,8 +7,11 @@ import fcntl
 import functools
 import logging
 from pathlib import Path
+from typing import Callable
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import ColumnCollection, Engine, Table, create_engine, event, inspect, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -75,8 +78,48 @@ def _sqlite_file_lock(engine: Engine):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to the newest revision (a no-op when it is there already), or to `revision`."""
+class _ToRootHandlers(logging.Handler):
+    """Hands a record to the root logger's handlers, where the process's warnings and errors go."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+@contextlib.contextmanager
+def _alembic_logs_to(log_file: Path | None):
+    """While migrating: alembic's INFO lines (a few per revision, each with its docstring) go to log_file
+    alone, for a command whose terminal shows only its own lines; warnings and errors still go where the
+    process's other warnings go. Without log_file, alembic logs as any library does."""
+    if log_file is None:
+        yield
+        return
+    alembic_log = logging.getLogger("alembic")
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    to_root = _ToRootHandlers(logging.WARNING)
+    saved = alembic_log.level, alembic_log.propagate
+    alembic_log.setLevel(logging.INFO)
+    alembic_log.propagate = False
+    alembic_log.addHandler(to_file)
+    alembic_log.addHandler(to_root)
+    try:
+        yield
+    finally:
+        alembic_log.removeHandler(to_file)
+        alembic_log.removeHandler(to_root)
+        to_file.close()
+        alembic_log.setLevel(saved[0])
+        alembic_log.propagate = saved[1]
+
+
+def migrate(engine: Engine, revision: str = "head", log_file: Path | None = None) -> None:
+    """Bring the schema to the newest revision (a no-op when it is there already), or to `revision`.
+    `log_file`: alembic's INFO lines go there instead (see _alembic_logs_to)."""
+    with _alembic_logs_to(log_file):  # around the import too: importing alembic logs its plugins
+        _upgrade(engine, revision)
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
@@ -95,3 +138,12 @@ def schema_revision(engine: Engine) -> str | None:
         if not inspect(conn).has_table("alembic_version"):
             return None
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upsert(session: Session, table: Table, values: dict, keys: list[str],
+           update: Callable[[ColumnCollection, ColumnCollection], dict]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET update(existing columns, excluded values), in the session's
+    dialect: one statement, so two writers of the same new key both count and neither fails."""
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(table).values(**values)
+    session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update(table.c, stmt.excluded)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -75,7 +76,8 @@ def test_wait_shows_progress_and_jobs_lists_and_cancel_stops_a_running_job(stack
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdfleet", "submit", "a lighthouse", "--wait", "--width", "256", "--height", "256",
          "--steps", "30", "--num-images", "2", "--priority", "low", "--api", stack.api_url],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True)
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=open(err, "w"),
+        text=True)
     try:
         until(lambda: "queued, position 1" in err.read_text(), 60, err.read_text)
 
@@ -138,7 +140,10 @@ def test_workers_and_plan_agree_with_admission(stack):
     # a worker of another model with a 2 GiB budget (a heartbeat: no process needed to be planned for)
     model, name = f"small-{uuid.uuid4().hex[:6]}", f"small-host-{uuid.uuid4().hex[:4]}"
     with stack.sessions.begin() as s:
-        fleet.beat(s, WorkerState(name=f"{name}:1", host=name, model=model, backend="optimum", precision="bf16", memory_mode="low", budget_bytes=2 * GB, cgroup_limit_bytes=None, total_ram_bytes=4 * GB, available_bytes=3 * GB, resident_bytes=GB, current_job_id=None), fleet.db_now(s))
+        fleet.beat(s, WorkerState(name=f"{name}:1", host=name, model=model, backend="optimum", precision="bf16",
+                                  memory_mode="low", budget_bytes=2 * GB, cgroup_limit_bytes=None,
+                                  total_ram_bytes=4 * GB, available_bytes=3 * GB, resident_bytes=GB,
+                                  current_job_id=None), fleet.db_now(s))
 
     r = sdfleet("plan", "--model", model, "--size", "1024x1024", "--api", stack.api_url)
     assert r.returncode == 1, r.stderr  # fits nowhere
@@ -165,7 +170,8 @@ def test_workers_and_plan_agree_with_admission(stack):
 
 def test_api_down_is_one_sentence(tmp_path):
     port = free_port()  # nothing listens there
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SDFLEET_API_URL": f"http://127.0.0.1:{port}"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "SDFLEET_API_URL": f"http://127.0.0.1:{port}"}
     for args in (["jobs"], ["submit", "a cat", "--wait"], ["status", str(uuid.uuid4())], ["workers"], ["plan"]):
         r = sdfleet(*args, env=env, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stderr)
@@ -220,7 +226,7 @@ def test_worker_and_ops_hand_their_arguments_to_celery(monkeypatch, tmp_path):
 
 
 def _up_env(tiny_model: Path, tmp_path: Path) -> dict:
-    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
             "SDFLEET_CACHE_DIR": str(tiny_model.parents[1]),  # reuse the tiny model built for the session
             "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing answers there
 

@@ -5,10 +5,8 @@ are in OpenAI's shape too (api/errors.py renders them by route)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
-import time
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
@@ -22,6 +20,7 @@ from api.routes.jobs import submit
 from shared import jobstore
 from shared.errors import InvalidRequest
 from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobStatus, Priority
+from shared.waiting import WaitTimeout, wait_until_async
 
 router = APIRouter(tags=["openai"])
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -99,6 +98,30 @@ def _pngs(ctx, job: JobPublic, owner: str | None) -> list[bytes]:
         return [jobstore.image_png(session, job.id, image.index, owner) for image in job.images]
 
 
+class _CallerLeft(Exception):
+    """The caller disconnected while its job ran."""
+
+
+async def _until_ended(request: Request, ctx, job: JobPublic, owner: str | None) -> JobPublic:
+    """The job's record once it has ended, read every POLL_S; after SDFLEET_IMAGES_WAIT_S the last record read,
+    not ended. Raises _CallerLeft when the caller disconnects (checked before each read)."""
+    record, first = job, True
+
+    async def ended() -> JobPublic | None:
+        nonlocal record, first
+        if not first:  # the submitted record is the first one looked at: no read until a poll has passed
+            if await request.is_disconnected():
+                raise _CallerLeft
+            record = await run_in_threadpool(_finished, ctx, record.id, owner)
+        first = False
+        return record if record.status.is_terminal else None
+
+    try:
+        return await wait_until_async(ended, ctx.settings.images_wait_s, POLL_S, f"job {job.id} to end")
+    except WaitTimeout:
+        return record
+
+
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses={
     400: {"description": "invalid_value (param names the field) or insufficient_memory (the message says "
                          "which changes would fit)"},
@@ -111,19 +134,16 @@ async def generate_images(body: ImageGenerationRequest, request: Request, caller
     job = _job_request(body)
     submitted, _ = await submit(ctx, job, caller, None)
     owner = owner_id(caller)
-    deadline = time.monotonic() + ctx.settings.images_wait_s
-    record = submitted
-    while not record.status.is_terminal:
-        if time.monotonic() > deadline:
-            return openai_error(
-                504, "job_timeout",
-                f"job {record.id} is still {record.status.value} after {ctx.settings.images_wait_s:g} s "
-                f"(SDFLEET_IMAGES_WAIT_S); it goes on: poll GET /v1/jobs/{record.id}",
-                headers={"Location": f"/v1/jobs/{record.id}"})
-        if await request.is_disconnected():
-            return Response(status_code=499)  # the caller left; the job goes on, as it would on /v1/jobs
-        await asyncio.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
-        record = await run_in_threadpool(_finished, ctx, record.id, owner)
+    try:
+        record = await _until_ended(request, ctx, submitted, owner)
+    except _CallerLeft:
+        return Response(status_code=499)  # the caller left; the job goes on, as it would on /v1/jobs
+    if not record.status.is_terminal:
+        return openai_error(
+            504, "job_timeout",
+            f"job {record.id} is still {record.status.value} after {ctx.settings.images_wait_s:g} s "
+            f"(SDFLEET_IMAGES_WAIT_S); it goes on: poll GET /v1/jobs/{record.id}",
+            headers={"Location": f"/v1/jobs/{record.id}"})
     if record.status is JobStatus.cancelled:
         return openai_error(409, "job_cancelled", f"job {record.id} was cancelled before it finished",
                             headers={"Location": f"/v1/jobs/{record.id}"})
