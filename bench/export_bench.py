@@ -87,14 +87,14 @@ def compare(arch: str, cli_ir: Path, ir: Path, limit_gb: float, latent: int) -> 
 
 def reference_unet(src: Path, out: Path) -> None:
     """Child: the UNet alone, converted by optimum-intel's export code exactly as optimum-cli runs it (the
-    same `export_models` call, 16-bit patch included, traced at the model's own sample size): modeltools.export's
+    same `export_models` call, 16-bit patch included, traced at the model's own sample size): modeltools.steps'
     conversion with its small trace turned off. The reference where optimum-cli itself cannot finish."""
     sys.path.insert(0, str(HERE.parent))
-    from modeltools import export
+    from modeltools import steps
 
-    export.TRACE_LATENT_SIDE = 1 << 20
-    export.convert(src, out, ["unet"], False)
-    print(json.dumps({"peak_mb": export._maxrss_mb()}))
+    steps.TRACE_LATENT_SIDE = 1 << 20
+    steps.convert(src, out, ["unet"], False)
+    print(json.dumps({"peak_mb": steps.maxrss_mb()}))
 
 
 def main() -> int:

@@ -70,13 +70,13 @@ def _fixed_feed(model, latent_hw: tuple[int, int], pixels: bool) -> dict:
 
 
 def test_every_component_computes_what_optimum_cli_exports(exported, torch_pipeline, tmp_path):
-    """`sdfleet model export` traces the UNet and the VAE with small inputs (modeltools.export.TRACE_LATENT_SIDE: the
+    """`sdfleet model export` traces the UNet and the VAE with small inputs (modeltools.steps.TRACE_LATENT_SIDE: the
     tiny model's own size is twice that), where optimum-cli traces them at the model's sample size, to convert at
     a fraction of the memory. The IR must not depend on it: on the same input, at a size neither traced (and not
     square), each component gives what optimum-cli's own fp16 export gives."""
     import openvino as ov
 
-    from modeltools.export import TRACE_LATENT_SIDE
+    from modeltools.steps import TRACE_LATENT_SIDE
 
     assert json.loads((torch_pipeline / "unet" / "config.json").read_text())["sample_size"] > TRACE_LATENT_SIDE
     cli = tmp_path / "cli"
