@@ -16,7 +16,7 @@ import pytest
 from shared.settings import Settings
 from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sdfleet(*args) -> subprocess.CompletedProcess:
