@@ -9,7 +9,7 @@ Decoders, random weights at full size (time and memory do not depend on the valu
 - full, tiled: the same decoder through the worker's `tiled_decode` (the vae_tiles lever of low mode:
   512-pixel tiles, so 1024 only);
 - tiny: TAESD's published configuration (AutoencoderTiny defaults; TAESDXL has the same architecture), made
-  by `sdfleet model export-tiny-vae` (modeltools/export.py), what SDFLEET_TINY_VAE serves.
+  by `sdfleet model export-tiny-vae` (modeltools/tiny_vae.py), what SDFLEET_TINY_VAE serves.
 
 Each row runs in a fresh process under bench/watchdog.py: read + compile (no cache), one first decode (the
 CPU plugin repacks the weights at the first inference), then --repeats timed decodes of random latents.
