@@ -26,8 +26,10 @@ demo: install
 up: install
 	$(BIN)/sdfleet up --log-dir out
 
+# --no-loadscope-reorder: xdist would otherwise start the files with the most tests first, and the longest ones
+# (FILE_SECONDS in tests/conftest.py: few tests, minutes each) would end the run alone
 test: install
-	$(BIN)/pytest -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) out sdfleet.db sdfleet.db-wal sdfleet.db-shm sdfleet.db.migrate.lock

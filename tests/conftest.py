@@ -46,7 +46,8 @@ def free_port() -> int:
 
 # Seconds each file takes (the sum of its tests, measured with --durations=0 under `make test`), roughly:
 # the longest files start first, so the test processes finish together rather than one running a long file
-# alone at the end. A file not listed starts after these.
+# alone at the end (with --no-loadscope-reorder, as `make test` runs it: else xdist starts the files with the
+# most tests first, whatever this order). A file not listed starts after these.
 FILE_SECONDS = {  # by path under tests/
     "modeltools/test_export.py": 230, "worker/test_levers.py": 170, "system/test_multihost.py": 175,
     "system/test_operations.py": 70, "system/test_kill_storm.py": 172, "system/test_fleet.py": 115,
