@@ -55,7 +55,7 @@ def with_defaults(fields: dict, defaults: ModelDefaults, model: str) -> dict:
 
 def requested_model(model: str | None, default: str | None) -> str:
     """The model a request names, or the API's default (SDFLEET_DEFAULT_MODEL)."""
-    if model is None and default is None:
+    if not (model or default):
         raise InvalidRequest("model: no model named and the API has no default (SDFLEET_DEFAULT_MODEL)",
                              [{"field": "model", "reason": "required when the API has no default model"}])
     return model or default
