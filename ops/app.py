@@ -22,7 +22,8 @@ from shared.models import ApiKey
 from shared.queue import RECONCILE_LOCK_KEY, WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
 from ops.reconcile import reconcile
 from ops.retention import enforce_retention
-from shared.retry import retrying, webhook_backoff_s
+from shared.retry import retrying
+from shared.webhook_schedule import webhook_backoff_s
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _end(job_id: str, delivery_id: str | None, status: WebhookStatus) -> None:
 @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None, acks_late=True)
 def deliver_webhook(self, job_id: str, delivery_id: str | None = None, attempts_done: int = 0) -> str:
     """POST the finished job's record to its webhook_url, signed with its key's secret (HMAC-SHA256 of the
-    body in X-Sdfleet-Signature); retried on the schedule in shared/retry.py; at least once (X-Sdfleet-Job
+    body in X-Sdfleet-Signature); retried on the schedule in shared/webhook_schedule.py; at least once (X-Sdfleet-Job
     dedups)."""
     def claim():
         with sessions.begin() as session:

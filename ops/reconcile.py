@@ -18,7 +18,7 @@ from shared.jobstore import TakeBackOutcome
 from shared.models import Job, Worker, utcnow
 from shared.memory import fmt_size
 from shared.queue import message_ids_in_broker, send_generate, send_webhook, top_class
-from shared.retry import WEBHOOK_RESEND_AFTER_S
+from shared.webhook_schedule import WEBHOOK_RESEND_AFTER_S
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

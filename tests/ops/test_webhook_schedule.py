@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.retry import (
+from shared.webhook_schedule import (
     WEBHOOK_BACKOFF_MAX_S, WEBHOOK_RESEND_AFTER_S, check_webhook_schedule, webhook_backoff_s,
 )
 from shared.settings import Settings
@@ -14,6 +14,9 @@ from shared.settings import Settings
 def test_attempts_back_off_exponentially_up_to_a_cap():
     assert [webhook_backoff_s(n) for n in range(1, 6)] == [1, 2, 4, 8, 16]  # the default 6 attempts
     assert [webhook_backoff_s(n) for n in (9, 19)] == [WEBHOOK_BACKOFF_MAX_S] * 2  # 2^18 s no more
+    from celery.utils.time import get_exponential_backoff_interval as celerys  # the same schedule as Celery's
+
+    assert all(webhook_backoff_s(n) == celerys(1, n - 1, WEBHOOK_BACKOFF_MAX_S, False) for n in range(1, 21))
 
 
 def test_every_setting_allowed_keeps_a_waiting_delivery_from_looking_lost():
