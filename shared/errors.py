@@ -17,6 +17,7 @@ class ErrorCode(str, enum.Enum):
     out_of_memory = "out_of_memory"
     generation_failed = "generation_failed"
     worker_lost = "worker_lost"
+    worker_left = "worker_left"  # an attempt's end in a job's history: handed back, queued again
     model_unavailable = "model_unavailable"
     service_unavailable = "service_unavailable"
     timeout = "timeout"

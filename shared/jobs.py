@@ -225,7 +225,9 @@ class JobError(BaseModel):
 
 
 class AttemptRecord(BaseModel):
-    """An earlier attempt of a job that was taken back (its worker lost) and queued again."""
+    """An earlier attempt of a job that was taken back (its worker lost) or handed back (`worker_left`: the
+    worker stopped or its owner took the host back; not counted against SDFLEET_MAX_ATTEMPTS) and queued
+    again."""
 
     attempt: int
     worker_host: str | None
@@ -233,6 +235,20 @@ class AttemptRecord(BaseModel):
     ended_at: datetime
     error: JobError
     peak_rss_bytes: int | None = Field(description="the last memory reading of that attempt")
+
+
+class ResumeRecord(BaseModel):
+    """How an attempt that found a checkpoint started: from it, or again from step 0 and why."""
+
+    attempt: int
+    worker_host: str | None = Field(description="the host that ran this attempt")
+    resumed: bool = Field(description="true: it went on from the checkpoint; false: it started again")
+    image: int = Field(description="the image (0-based) the checkpoint was denoising")
+    step: int = Field(description="the denoising steps the checkpoint had done (0 when it started again)")
+    steps: int | None
+    images_kept: int = Field(description="finished images of a multi-image job kept from earlier attempts")
+    checkpoint_host: str | None = Field(description="the host that wrote the checkpoint")
+    note: str = Field(description='e.g. "resumed from step 12 of 25 on host B", or why it started again')
 
 
 class JobPublic(BaseModel):
@@ -264,6 +280,8 @@ class JobPublic(BaseModel):
                                            "workers whose budget covers it take it")
     handoffs: int = Field(description="times a worker's own pre-check handed it on to a larger class")
     history: list[AttemptRecord] = Field(description="earlier attempts taken back, oldest first")
+    resumes: list[ResumeRecord] = Field(description="attempts that found a checkpoint: resumed or started "
+                                        "again, oldest first")
     error: JobError | None
     images: list[ImageLink]
 

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from shared import ids
+from shared import checkpoints, ids
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
     PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
-    WebhookStatus, check_transition, check_webhook_transition,
+    ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
 from shared.models import Job, JobImage, JobTombstone, utcnow
@@ -76,7 +76,10 @@ def transition(
         values["webhook_status"] = case((Job.webhook_url.is_not(None), WebhookStatus.pending.value), else_=None)
         values["webhook_delivery_id"] = case((Job.webhook_url.is_not(None), new_delivery_id()), else_=None)
         values.update(progress_step=None, progress_steps=None, progress_image=None)
-    return session.execute(stmt.values(status=new.value, **values)).rowcount == 1
+    changed = session.execute(stmt.values(status=new.value, **values)).rowcount == 1
+    if changed and new.is_terminal:
+        checkpoints.drop(session, job_id)  # an ended job is never resumed
+    return changed
 
 @dataclass(frozen=True)
 class NewJob:
@@ -102,7 +105,7 @@ def new_job_values(new: NewJob) -> dict:
                   request_hash=new.request_hash, webhook_url=new.webhook_url,
                   predicted_peak_bytes=new.predicted_peak_bytes, prediction_source=new.prediction_source,
                   memory_class_bytes=new.memory_class_bytes, delivery_id=new_delivery_id(), created_at=now,
-                  enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0)
+                  enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0, leaves=0)
     return values
 
 def as_record(values: dict) -> SimpleNamespace:
@@ -215,11 +218,12 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
             expect_delivery=job.delivery_id, error_code=ErrorCode.timeout.value,
             error_message=f"the job ran past SDFLEET_JOB_TIMEOUT_S={job_timeout_s:g} ({lost}{reading})")
         return TakeBack(TakeBackOutcome.ended if ended else TakeBackOutcome.changed)
-    if job.attempts >= max_attempts:
+    counted = job.attempts - (job.leaves or 0)  # attempts handed back politely do not count
+    if counted >= max_attempts:
         ended = transition(
             session, job.id, JobStatus.running, JobStatus.failed, attempt=job.attempts,
             expect_delivery=job.delivery_id, error_code=ErrorCode.worker_lost.value,
-            error_message=(f"{lost}{reading}; that was attempt {job.attempts} of {max_attempts}: "
+            error_message=(f"{lost}{reading}; that was attempt {counted} of {max_attempts}: "
                            "it will not be run again"))
         return TakeBack(TakeBackOutcome.ended if ended else TakeBackOutcome.changed)
     delivery = job.delivery_id if keep_delivery else new_delivery_id()
@@ -229,6 +233,34 @@ def take_back(session: Session, job: Job, lost: str, max_attempts: int, job_time
         delivery_id=delivery, progress_image=None, progress_step=None, progress_steps=None,
     )
     return TakeBack(TakeBackOutcome.queued, delivery) if moved else TakeBack(TakeBackOutcome.changed)
+
+def hand_back(session: Session, attempt: Attempt, why: str) -> Job | None:
+    """A worker gives a running job back (it is stopping, or its owner took the host back), its checkpoint
+    written: back to queued with a new delivery ID, the attempt in the history as `worker_left` and not
+    counted against SDFLEET_MAX_ATTEMPTS. The job (to send its message), or None if this attempt no longer
+    held it."""
+    job = session.get(Job, attempt.job_id, with_for_update=True)
+    if job is None or job.status != JobStatus.running.value or job.attempts != attempt.number:
+        return None
+    reading = f", at {fmt_size(job.peak_rss_bytes)} resident" if job.peak_rss_bytes else ""
+    if not transition(
+        session, job.id, JobStatus.running, JobStatus.queued, attempt=attempt.number,
+        history=_history(job, ErrorCode.worker_left, f"{why}{reading}; handed back, not counted as an attempt"),
+        delivery_id=new_delivery_id(), enqueued_at=utcnow(), leaves=Job.leaves + 1,
+        progress_image=None, progress_step=None, progress_steps=None,
+    ):
+        return None
+    session.refresh(job)
+    return job
+
+
+def note_resume(session: Session, attempt: Attempt, record: ResumeRecord) -> None:
+    """How this attempt started from the checkpoint it found (resumed, or again and why): the job's record."""
+    job = session.get(Job, attempt.job_id, with_for_update=True)
+    if job is None or job.status != JobStatus.running.value or job.attempts != attempt.number:
+        return
+    job.resumes = [*(job.resumes or []), record.model_dump(mode="json")]
+
 
 def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str | None:
     """A worker's own pre-check found a queued job too big for it: it goes to the queue of a larger memory
@@ -396,6 +428,7 @@ def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
         memory_class_bytes=job.memory_class_bytes,
         handoffs=job.handoffs or 0,
         history=[AttemptRecord.model_validate(h) for h in (job.history or [])],
+        resumes=[ResumeRecord.model_validate(r) for r in (getattr(job, "resumes", None) or [])],
         error=error,
         images=[
             ImageLink(index=i.index, seed=i.seed, width=i.width, height=i.height,

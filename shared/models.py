@@ -88,6 +88,11 @@ class Job(Base):
     # The memory class (queue) the job was routed to, and how often a worker handed it on to a larger one
     memory_class_bytes: Mapped[int | None] = mapped_column(BigInteger)
     handoffs: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts handed back politely (the worker stopped, or its owner took the host back): counted in
+    # `attempts`, not against SDFLEET_MAX_ATTEMPTS
+    leaves: Mapped[int] = mapped_column(Integer, default=0)
+    # How each attempt started: resumed from a checkpoint, or again from step 0 and why (ResumeRecord dicts)
+    resumes: Mapped[list | None] = mapped_column(JSON)
 
     worker_host: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -158,6 +163,38 @@ class MemoryProfile(Base):
     samples: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     max_step_s: Mapped[float | None] = mapped_column(Float)  # the slowest denoising step measured
+
+
+class JobCheckpoint(Base):
+    """A running job's progress, where any host can read it: the state of the image being denoised after
+    `step` of `steps` (latents, scheduler, generator; opaque bytes of the runtime that wrote it), written by
+    attempt `attempt`. Dropped when the job ends."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    runtime: Mapped[str] = mapped_column(String(255))  # what must match to resume (model, backend, numerics)
+    host: Mapped[str] = mapped_column(String(255))
+    image: Mapped[int] = mapped_column(Integer)  # the image being denoised (the earlier ones are finished)
+    step: Mapped[int | None] = mapped_column(Integer)  # denoising loop iterations done; None: none yet
+    steps: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    written_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class JobCheckpointImage(Base):
+    """An image of a multi-image job finished by an attempt that did not end it: kept for the next one."""
+
+    __tablename__ = "job_checkpoint_images"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runtime: Mapped[str] = mapped_column(String(255))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class JobTombstone(Base):

@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=6, ge=1, le=20)
 
     max_attempts: int = Field(default=2, ge=1, le=20)
+    # A running job's checkpoint (its latents, step, scheduler and generator state, and the images a
+    # multi-image job has finished) is written at most this often, so another host resumes where it stopped;
+    # 0 writes one after every step. At most this much work is lost when a host goes away (plus one step).
+    checkpoint_interval_s: float = Field(default=10.0, ge=0, le=3600)
+    # A worker paused by its owner (CPU or memory) for longer than this while a job runs hands the job back
+    # with its checkpoint, so that another host continues it; 0 never hands back for a pause.
+    pause_handback_s: float = Field(default=60.0, ge=0)
 
     # Longest a job may run. Redis redelivers an unacknowledged task after the visibility timeout,
     # so that is derived from this and must stay above it (checked below).

@@ -2,7 +2,9 @@
 the per-process cache that loads a model once per host.
 
 `Pipeline.generate(request, on_step)` makes exactly one image: the worker runs one image per pass
-(seed, seed + 1, ...) so that N images cost the peak memory of one.
+(seed, seed + 1, ...) so that N images cost the peak memory of one. A pipeline that can resume
+(`resumable`) hands `on_step` a snapshot of its state after each step and goes on from one given back in
+`request.resume`: the result is bitwise the uninterrupted one on the same runtime (`runtime`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from worker.tiny_vae import tiny_vae_folder
 
 log = logging.getLogger(__name__)
 
-OnStep = Callable[[int, int], None]  # (step done, steps in all)
+# on_step(step done, steps in all, snapshot=None): a resumable pipeline passes `snapshot`, which returns its
+# state after that step as bytes (to be given back as ImageRequest.resume); only valid during the call
+OnStep = Callable[..., None]
+
+CHECKPOINT_FORMAT = 1  # the layout of a snapshot; a checkpoint of another format is not resumed from
+
+
+class CheckpointError(Exception):
+    """A checkpoint this pipeline cannot go on from (corrupt, another format, scheduler or shape)."""
 
 
 @contextlib.contextmanager
@@ -58,6 +68,7 @@ class ImageRequest:
     steps: int
     guidance_scale: float
     seed: int
+    resume: bytes | None = None  # a snapshot this pipeline took of this request: go on from it
 
 
 @runtime_checkable
@@ -94,10 +105,19 @@ class PipelineBase:
     precision = "unknown"
     levers: Levers = RESIDENT
     warm_peak = 0
+    resumable = False  # passes snapshots to on_step and takes them back in ImageRequest.resume
 
     @property
     def memory_mode(self) -> str:
         return self.levers.key
+
+    @property
+    def runtime(self) -> str:
+        """What a snapshot's numbers depend on: another runtime starts a checkpointed job again. The levers that
+        change the UNet's batch or compiled shapes count; those of memory only (release, file pages, the
+        decoder's tiles or a tiny VAE, after the last step) do not."""
+        numerics = [k for k in ("split_guidance", "static_shape") if getattr(self.levers, k)]
+        return "/".join([self.backend, self.precision, "+".join(numerics) or "plain", f"ckpt{CHECKPOINT_FORMAT}"])
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
         raise NotImplementedError
@@ -175,6 +195,11 @@ class OptimumPipeline(PipelineBase):
         self.decode_bytes_per_pixel: float | None = None  # a whole decode's cost per latent pixel, once measured
         if self.levers.split_guidance:
             self._parts["unet"].forward = functools.partial(one_by_one, self._parts["unet"].forward)
+        # Resuming: the loop's iterations before the checkpoint's step run without the UNet (see generate)
+        self._skipping = False
+        self.resumable = "unet" in self._parts
+        if self.resumable:
+            self._parts["unet"].forward = self._skippable(self._parts["unet"].forward)
         self.precision = self.levers.precision if self.levers.precision != "auto" else \
             core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
@@ -201,6 +226,16 @@ class OptimumPipeline(PipelineBase):
         if after > peak:  # it did raise the peak: the estimate was low; learn what it took
             self.decode_bytes_per_pixel = max(per_pixel, (after - rss) / (h * w))
         return out
+
+    def _skippable(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if self._skipping:  # an iteration the checkpoint has done: its output is replaced, not computed
+                import torch
+
+                return (torch.zeros_like(args[0] if args else kwargs["sample"]),)
+            return forward(*args, **kwargs)
+
+        return run
 
     def _use_tiny_vae(self, spec: str) -> None:
         """Decode with a TAESD / TAESDXL decoder instead of the model's VAE. Its config (AutoencoderTiny's:
@@ -282,16 +317,32 @@ class OptimumPipeline(PipelineBase):
         self._shape = shape
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
+        """One image. Resuming from `request.resume` (a snapshot taken after loop iteration k), the diffusers
+        loop runs its first k iterations without the UNet (a zero prediction: the scheduler's arithmetic only),
+        and at the end of iteration k the latents, the scheduler's state and the generator's are put back as
+        the snapshot holds them: from there on the loop computes exactly what the uninterrupted one did."""
         import torch
 
         self.prepare(request)
-        kwargs = {}
-        if on_step is not None:
-            def _callback(_pipe, i, _t, tensors):
-                on_step(i + 1, request.steps)
-                return tensors
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        resume = read_snapshot(request.resume) if request.resume is not None else None
+        skip = resume["step"] if resume else 0
+        scheduler = self._pipe.scheduler
 
-            kwargs["callback_on_step_end"] = _callback
+        def _callback(_pipe, i, _t, tensors):
+            done = i + 1
+            if done < skip:
+                return tensors
+            if done == skip:
+                restore_snapshot(resume, scheduler, generator, tensors)
+                self._skipping = False
+            if on_step is not None:
+                on_step(done, request.steps,
+                        lambda: take_snapshot(scheduler, generator, tensors["latents"], done) if done < len(
+                            scheduler.timesteps) else None)
+            return tensors
+
+        self._skipping = skip > 0
         try:
             out = self._pipe(
                 prompt=request.prompt,
@@ -301,12 +352,15 @@ class OptimumPipeline(PipelineBase):
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 num_images_per_prompt=1,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
+                generator=generator,
                 output_type="pil",
-                **kwargs,
+                callback_on_step_end=_callback if on_step is not None or skip else None,
             )
         finally:
+            self._skipping = False
             self._enter(None)  # between images: only what is kept stays compiled
+        if skip and resume.get("restored") is not True:
+            raise CheckpointError(f"the checkpoint's step {skip} is past this run's {len(scheduler.timesteps)}")
         return out.images[0]
 
     def model_files(self) -> list[str]:
@@ -314,6 +368,85 @@ class OptimumPipeline(PipelineBase):
         folders = {str(Path(p.model_save_dir).parent) for p in self._parts.values()}
         return sorted({root for f in folders for root in hub.storage_roots(f)}) + \
             ([self._config["CACHE_DIR"]] if self._config.get("CACHE_DIR") else [])
+
+
+def _portable(value, path: str):
+    """A scheduler attribute as torch.load(weights_only=True) reads it back: tensors, numbers, strings, lists."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(value.copy())}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise CheckpointError(f"the scheduler's {path} ({type(value).__name__}) cannot be checkpointed")
+
+
+def _native(value):
+    if isinstance(value, dict) and set(value) == {"__ndarray__"}:
+        return value["__ndarray__"].numpy()
+    if isinstance(value, list):
+        return [_native(v) for v in value]
+    return value
+
+
+def take_snapshot(scheduler, generator, latents, step: int) -> bytes:
+    """The state a denoising loop has after `step` iterations: the latents, every attribute of the scheduler
+    but its config (step index, sigmas, a multistep solver's earlier outputs...) and the generator's state."""
+    import io
+
+    import torch
+
+    state = {"format": CHECKPOINT_FORMAT, "scheduler": type(scheduler).__name__, "step": step,
+             "latents": latents.detach().clone(), "generator": generator.get_state(),
+             "scheduler_state": {k: _portable(v, k) for k, v in vars(scheduler).items() if k != "_internal_dict"}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_snapshot(data: bytes) -> dict:
+    """A snapshot's contents, checked as far as they can be before the run (CheckpointError if unusable)."""
+    import io
+
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or not a snapshot at all
+        raise CheckpointError(f"unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"format {state.get('format') if isinstance(state, dict) else '?'} is not "
+                              f"{CHECKPOINT_FORMAT}")
+    if not isinstance(state.get("step"), int) or state["step"] < 1 or not isinstance(state.get("latents"), torch.Tensor):
+        raise CheckpointError("no step or latents in it")
+    return state
+
+
+def restore_snapshot(state: dict, scheduler, generator, tensors: dict) -> None:
+    """Put a snapshot back at the end of the loop iteration it was taken after (CheckpointError if it is
+    another scheduler's or another shape's)."""
+    if state["scheduler"] != type(scheduler).__name__:
+        raise CheckpointError(f"written with the {state['scheduler']}, this pipeline runs the "
+                              f"{type(scheduler).__name__}")
+    latents, ours = state["latents"], tensors["latents"]
+    if latents.shape != ours.shape or latents.dtype != ours.dtype:
+        raise CheckpointError(f"latents of {tuple(latents.shape)} {latents.dtype}, this run has "
+                              f"{tuple(ours.shape)} {ours.dtype}")
+    saved = state["scheduler_state"]
+    if set(saved) != {k for k in vars(scheduler) if k != "_internal_dict"}:
+        raise CheckpointError("the scheduler's state has other fields (another diffusers version)")
+    for k, v in saved.items():
+        setattr(scheduler, k, _native(v))
+    generator.set_state(state["generator"])
+    tensors["latents"] = latents.clone()
+    state["restored"] = True
 
 
 def one_by_one(forward: Callable, sample, timestep, encoder_hidden_states, *args, return_dict: bool = False,
