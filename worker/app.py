@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
-from celery.signals import worker_process_init
+import psutil
+from celery.signals import worker_process_init, worker_shutting_down
+from celery.worker import state as celery_state
 
 from shared import fleet
 from shared.db import engine_for, migrate, session_factory, wait_for_database
@@ -31,7 +34,46 @@ _worker: WorkerProcess | None = None
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, delivery_id: str | None = None) -> str:
     # webhooks go to the ops workers: this worker goes on to its next job at once
+    _leave_on_sigterm()
     return run_job(job_id, delivery_id, _worker, app).value
+
+
+_pool_sigterm = None  # billiard's handler in the pool child (it exits the child), kept for an idle child
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM in the pool child (systemd stops the whole unit, or the main process passed it on): a job that
+    is running checkpoints at its next step and is handed back, then the child goes as billiard would have."""
+    if _worker is not None and _worker.busy:
+        _worker.stop("the worker is stopping (SIGTERM)")
+    elif callable(_pool_sigterm):
+        _pool_sigterm(signum, frame)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _leave_on_sigterm() -> None:
+    # Installed from the first task (the child's main thread): billiard sets its own after worker_process_init.
+    global _pool_sigterm
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _on_sigterm:
+        _pool_sigterm = current
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@worker_shutting_down.connect
+def _pass_sigterm_on(sig=None, how=None, **_kwargs) -> None:
+    """The main process got SIGTERM (`docker stop` signals it alone) and shuts down warm, waiting for the
+    running task: the pool child is told too, so the task hands its job back within one step instead of
+    running to the end."""
+    if how != "Warm" or not celery_state.active_requests:
+        return
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
 
 
 @worker_process_init.connect

@@ -199,9 +199,15 @@ class JobMeter:
     def check(self) -> None:
         if self.exceeded_at is not None:
             raise MemoryBudgetExceeded(self.exceeded_at, self.budget_bytes)
-        if self.starved is not None:
-            available, rss = self.starved
-            raise MemoryBudgetExceeded(rss, self.budget_bytes, available, self.min_available_bytes)
+        if (reason := self.starved_reason()) is not None:
+            raise MemoryBudgetExceeded(*reason)
+
+    def starved_reason(self) -> tuple[int, int, int, int] | None:
+        """(rss, budget, available, floor) once the host's available memory fell below the floor."""
+        if self.starved is None:
+            return None
+        available, rss = self.starved
+        return rss, self.budget_bytes, available, self.min_available_bytes
 
     @property
     def peak_so_far(self) -> int:

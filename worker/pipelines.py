@@ -3,8 +3,9 @@ the per-process cache that loads a model once per host.
 
 `Pipeline.generate(request, on_step)` makes exactly one image: the worker runs one image per pass
 (seed, seed + 1, ...) so that N images cost the peak memory of one. A pipeline that can resume
-(`resumable`) hands `on_step` a snapshot of its state after each step and goes on from one given back in
-`request.resume`: the result is bitwise the uninterrupted one on the same runtime (`runtime`).
+(`resumable`) gives, from inside `on_step`, a snapshot of its state after that step (`snapshot()`) and goes on
+from one given back in `request.resume`: the result is bitwise the uninterrupted one on the same runtime
+(`runtime`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ from worker.tiny_vae import tiny_vae_folder
 
 log = logging.getLogger(__name__)
 
-# on_step(step done, steps in all, snapshot=None): a resumable pipeline passes `snapshot`, which returns its
-# state after that step as bytes (to be given back as ImageRequest.resume); only valid during the call
-OnStep = Callable[..., None]
+OnStep = Callable[[int, int], None]  # (step done, steps in all)
 
 CHECKPOINT_FORMAT = 1  # the layout of a snapshot; a checkpoint of another format is not resumed from
 
@@ -88,6 +87,8 @@ class Pipeline(Protocol):
 
     def model_files(self) -> list[str]: ...  # where its weights are mapped from (dropped with drop_file_pages)
 
+    def snapshot(self) -> bytes | None: ...  # from inside on_step: the state to resume from (None: cannot)
+
     def warm_up(self) -> None: ...
 
     def drop_weight_pages(self, measure: bool = False) -> int: ...
@@ -105,7 +106,7 @@ class PipelineBase:
     precision = "unknown"
     levers: Levers = RESIDENT
     warm_peak = 0
-    resumable = False  # passes snapshots to on_step and takes them back in ImageRequest.resume
+    resumable = False  # gives snapshots (during on_step) and takes them back in ImageRequest.resume
 
     @property
     def memory_mode(self) -> str:
@@ -124,6 +125,11 @@ class PipelineBase:
 
     def model_files(self) -> list[str]:
         return []
+
+    def snapshot(self) -> bytes | None:
+        """Called from inside `on_step`: the state after that step, to be given back as ImageRequest.resume
+        (None: this pipeline cannot resume within an image, or that was the last step)."""
+        return None
 
     def warm_up(self) -> None:
         """OpenVINO materialises (repacks) weights at the first inference, not at compile: one tiny generation
@@ -197,6 +203,7 @@ class OptimumPipeline(PipelineBase):
             self._parts["unet"].forward = functools.partial(one_by_one, self._parts["unet"].forward)
         # Resuming: the loop's iterations before the checkpoint's step run without the UNet (see generate)
         self._skipping = False
+        self._snapshot: Callable[[], bytes] | None = None  # set during on_step
         self.resumable = "unet" in self._parts
         if self.resumable:
             self._parts["unet"].forward = self._skippable(self._parts["unet"].forward)
@@ -226,6 +233,9 @@ class OptimumPipeline(PipelineBase):
         if after > peak:  # it did raise the peak: the estimate was low; learn what it took
             self.decode_bytes_per_pixel = max(per_pixel, (after - rss) / (h * w))
         return out
+
+    def snapshot(self) -> bytes | None:
+        return self._snapshot() if self._snapshot is not None else None
 
     def _skippable(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -337,9 +347,12 @@ class OptimumPipeline(PipelineBase):
                 restore_snapshot(resume, scheduler, generator, tensors)
                 self._skipping = False
             if on_step is not None:
-                on_step(done, request.steps,
-                        lambda: take_snapshot(scheduler, generator, tensors["latents"], done) if done < len(
-                            scheduler.timesteps) else None)
+                self._snapshot = (lambda: take_snapshot(scheduler, generator, tensors["latents"], done)) \
+                    if done < len(scheduler.timesteps) else None
+                try:
+                    on_step(done, request.steps)
+                finally:
+                    self._snapshot = None
             return tensors
 
         self._skipping = skip > 0
@@ -644,7 +657,8 @@ def load_pipeline(settings: Settings) -> Pipeline:
     pipeline = _load_factory(settings.backend)(settings)
     if not isinstance(pipeline, Pipeline):
         missing = [name for name in ("backend", "precision", "levers", "warm_peak", "memory_mode", "generate",
-                                     "model_files", "warm_up", "drop_weight_pages") if not hasattr(pipeline, name)]
+                                     "model_files", "snapshot", "warm_up", "drop_weight_pages")
+                   if not hasattr(pipeline, name)]
         raise TypeError(f"SDFLEET_BACKEND={settings.backend}: the factory's {type(pipeline).__name__} lacks "
                         f"{', '.join(missing)} of the Pipeline contract; subclass worker.pipelines.PipelineBase")
     return pipeline

@@ -122,6 +122,10 @@ class WorkerProcess:
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
         self.resident = self._resident()
         self.running: RunningJob | None = None
+        self.busy = False  # inside a task (from before its claim to its end)
+        self.stopping: str | None = None  # why the worker is stopping (SIGTERM): jobs are handed back
+        self.paused_leave: str | None = None  # why the running job is handed back after a long pause
+        self._paused_since: float | None = None
         self._sessions = session_factory(settings.database_url)
         log.info("worker %s: budget %s (cgroup limit %s), resident %s, precision %s, memory mode %s", self.name,
                  fmt_size(self.budget), fmt_size(self.cgroup_limit) if self.cgroup_limit else "none",
@@ -139,8 +143,20 @@ class WorkerProcess:
         jobs come back as a job starts), and never below the warm-up's peak for such a pipeline."""
         return max(rss_bytes() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
 
+    @property
+    def leave_reason(self) -> str | None:
+        """Why the running job must be handed back at its next step, or None."""
+        return self.stopping or self.paused_leave
+
+    def stop(self, why: str) -> None:
+        """The worker is stopping: the running job checkpoints at its next step and is handed back."""
+        if self.stopping is None:
+            log.warning("worker %s stopping (%s): the running job is handed back at its next step", self.name, why)
+            self.stopping = why
+
     def follow_owner(self) -> None:
-        """Budget, pause and the classes consumed, from the owner's use of the host now."""
+        """Budget, pause and the classes consumed, from the owner's use of the host now. A job running through a
+        pause longer than SDFLEET_PAUSE_HANDBACK_S is handed back, for a host whose owner is away."""
         self.owner.sample()
         rss = rss_bytes()
         self.budget = self.owner.budget(self.configured_budget, rss)
@@ -148,6 +164,13 @@ class WorkerProcess:
         if (reason is None) != (self.state_reason is None):
             log.warning("worker %s %s", self.name, f"paused: {reason}" if reason else "resumes taking jobs")
         self.state, self.state_reason = ("paused", reason) if reason else ("ready", None)
+        now = time.monotonic()
+        self._paused_since = (self._paused_since or now) if reason else None
+        limit = self.settings.pause_handback_s
+        if reason and self.running is not None and limit and now - self._paused_since >= limit \
+                and self.paused_leave is None:
+            self.paused_leave = (f"paused by the host's owner for {now - self._paused_since:.0f} s "
+                                 f"(SDFLEET_PAUSE_HANDBACK_S={limit:g}): {reason}")
         if self.consumers is not None:
             try:
                 self.consumers.follow(self.budget, paused=reason is not None)

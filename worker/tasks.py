@@ -1,10 +1,12 @@
 """The generate task's body: claim the job, check it fits this host, run it one image per pass under the
-memory meter and guard, with progress and cancel checked at a bounded rate, and store the outcome, its
-memory timeline, and what it teaches the memory profile. A Python exception fails the job (with its
-code) and the worker goes on to the next one."""
+memory meter and guard, with progress and cancel checked at a bounded rate and checkpoints written as it
+goes (worker/resume.py), and store the outcome, its memory timeline, and what it teaches the memory profile.
+A Python exception fails the job (with its code) and the worker goes on to the next one; a worker that
+leaves (SIGTERM, its owner taking the host back) hands the job back with its checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import gc
 import io
@@ -25,13 +27,18 @@ from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
-from worker.pipelines import ImageRequest
+from worker.pipelines import CheckpointError, ImageRequest
+from worker.resume import Keeper
 
 log = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
     pass
+
+
+class JobLeft(Exception):
+    """The worker leaves the job (it is stopping, or its owner took the host back): hand it back."""
 
 
 def _png(image) -> bytes:
@@ -102,32 +109,59 @@ class StepClock:
 
 
 def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter, monitor: Monitor,
-                  clock: StepClock) -> list[jobstore.GeneratedImage]:
-    image_index = 0
+                  clock: StepClock, keeper: Keeper) -> list[jobstore.GeneratedImage]:
+    start = keeper.start()
+    images = list(start.images)
+    image_index = len(images)
+
+    def leaving() -> str | None:
+        # the worker is stopping, paused too long, or the owner's programs took memory back: the job goes
+        # elsewhere with its checkpoint (not the job's fault, not an attempt)
+        starved = meter.starved_reason()
+        return worker.leave_reason or (str(MemoryBudgetExceeded(*starved)) if starved else None)
 
     def on_step(step: int, total: int) -> None:
         clock.tick()
         monitor.position = (image_index, step, total)
         if monitor.cancelled.is_set():
             raise JobCancelled()
+        keeper.taken()
+        leave = leaving()
+        if leave is not None or (keeper.due() and step < total):
+            keeper.save_step(image_index, step, total, worker.pipeline.snapshot)
+        if leave is not None:
+            raise JobLeft(leave)
         meter.check()  # the guard: abort at the next step once the sampler saw the budget crossed
         meter.mark("decode" if step == total else "denoise")
 
-    images = []
-    for i in range(params.num_images):
+    for i in range(len(images), params.num_images):
         # one image per pass: N images cost the peak of one; seed + i makes image i reproducible alone
         image_index, seed = i, params.seed + i
         if monitor.cancelled.is_set():
             raise JobCancelled()
         meter.mark("encode", i)
         clock.restart()
-        image = worker.pipeline.generate(ImageRequest(
+        request = ImageRequest(
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
-        ), on_step)
+            resume=start.state if i == start.image else None,
+        )
+        try:
+            image = worker.pipeline.generate(request, on_step)
+        except CheckpointError as exc:
+            keeper.refused(i, str(exc))
+            clock.restart()
+            image = worker.pipeline.generate(dataclasses.replace(request, resume=None), on_step)
+        if (leave := leaving()) is not None:  # during the decode: the finished image is kept
+            images.append(jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
+                                               png=_png(image)))
+            keeper.save_image(images[-1])
+            raise JobLeft(leave)
         meter.check()
         images.append(jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
                                            png=_png(image)))
+        if i + 1 < params.num_images:
+            keeper.save_image(images[-1])
     return images
 
 
@@ -139,21 +173,26 @@ class RunOutcome(str, enum.Enum):
     cancelled = "cancelled"
     skipped = "skipped"  # nothing to run: unknown, a stale delivery, finished, or out of attempts
     handed_on = "handed on"  # too big for this worker: sent to a larger memory class
+    handed_back = "handed back"  # the worker left it (stopping, or its owner's): queued again, checkpointed
     superseded = "superseded"  # another attempt took the job over while this one ran: its result is dropped
 
 
 def run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
     """Run one delivered job and say what became of it. Messages this sends (a webhook's hand-out to the ops
     workers, a job handed on to a larger class) go through `celery`."""
+    worker.busy = True
     try:
         return _run_job(job_id, delivery_id, worker, celery)
     finally:
         _release_after_job(worker)  # a job that raised before its own release (it releases before its result)
+        worker.busy = False
 
 
 def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
     """Pre-check, claim, run, account, store."""
     sessions = session_factory(worker.settings.database_url)
+    if worker.stopping is not None:
+        raise Reject(f"stopping: {worker.stopping}", requeue=True)
     if worker.state == "paused":
         # a message taken just before the worker paused (its queues are cancelled at the pause): back to
         # the queue for another worker, after a moment so that a lost cancel cannot spin
@@ -180,13 +219,33 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
         return _fail_unrun(sessions, attempt, celery, ErrorCode.insufficient_memory,
                            f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) exceeds this worker's "
                            f"budget of {fmt_size(worker.budget)}")
+    if worker.leave_reason is not None:  # the worker began stopping as it claimed the job
+        _release_after_job(worker)
+        return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
     run = _run(sessions, worker, attempt)
+    if run.left is not None:
+        _release_after_job(worker)
+        return _hand_back(sessions, worker, attempt, run.left, celery)
     base = _account(worker, run)
     # Release and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
     _release_after_job(worker)
     return _store(sessions, worker, attempt, run, base, expected, celery)
+
+
+def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: str, celery: Celery) -> RunOutcome:
+    """The worker leaves a running job (its checkpoint written): queued again, for any host, at once."""
+    def write():
+        with sessions.begin() as session:
+            return jobstore.hand_back(session, attempt, why)
+
+    job = retrying(write, patience_s=10)
+    if job is None:
+        return RunOutcome.superseded
+    send_generate(celery, job.id, job.delivery_id, job.model, job.priority, job.memory_class_bytes)
+    log.info("job %s handed back: %s", job.id, why)
+    return RunOutcome.handed_back
 
 
 def _release_after_job(worker: WorkerProcess) -> None:
@@ -196,6 +255,7 @@ def _release_after_job(worker: WorkerProcess) -> None:
     if worker.running is None:
         return
     worker.running = None
+    worker.paused_leave = None  # a pause hands back the job it ran through, not the next one
     gc.collect()
     release_free_memory()
     worker.pipeline.drop_weight_pages()
@@ -324,6 +384,7 @@ class Generation:
     elapsed_s: float
     meter: JobMeter
     slowest_step_s: float
+    left: str | None = None  # the worker left the job (why): to be handed back, not stored
 
     @property
     def outcome(self) -> RunOutcome:
@@ -340,13 +401,16 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
     meter = JobMeter(settings.memory_sample_interval_s, budget_bytes=worker.budget,
                      min_available_bytes=settings.pause_available_bytes // 2)
     clock = StepClock()
-    images, code, message = [], None, None
+    keeper = Keeper(sessions, attempt, worker.model, worker.pipeline, HOST, settings.checkpoint_interval_s)
+    images, code, message, left = [], None, None, None
     t0 = time.perf_counter()
     try:
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
             worker.running = RunningJob(attempt, meter)
             worker.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
-            images = _generate_all(worker, attempt.parameters, meter, monitor, clock)
+            images = _generate_all(worker, attempt.parameters, meter, monitor, clock, keeper)
+    except JobLeft as exc:
+        left = str(exc)
     except JobCancelled:
         code, message = ErrorCode.cancelled, "cancelled while running"
     except MemoryBudgetExceeded as exc:
@@ -356,7 +420,11 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
     except Exception as exc:
         log.exception("job %s failed", attempt.job_id)
         code, message = ErrorCode.generation_failed, f"{type(exc).__name__}: {exc}"
-    return Generation(images, code, message, time.perf_counter() - t0, meter, clock.slowest)
+    if keeper.writes:
+        sizes, times = zip(*keeper.writes)
+        log.info("job %s: %d checkpoint(s) written, %d KiB and %.1f ms each at most", attempt.job_id, len(sizes),
+                 max(sizes) >> 10, 1000 * max(times))
+    return Generation(images, code, message, time.perf_counter() - t0, meter, clock.slowest, left)
 
 
 def _account(worker: WorkerProcess, run: Generation) -> int:
