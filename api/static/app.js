@@ -633,9 +633,15 @@ function renderJob() {
     el("div", {class: "gallery", "data-job-id": j.id}, j.images.map((im) => el("figure", {class: "tile", "data-testid": "job-image-item"},
       imageEl(im.url, `image ${im.index}`, "job-image"),
       el("figcaption", {}, el("span", {class: "small muted", text: `#${im.index} · ${im.width}×${im.height} · seed ${im.seed}`})))))) : null;
-  const history = j.history && j.history.length ? el("div", {class: "card"}, el("h3", {text: "Earlier attempts"}),
-    el("ul", {}, j.history.map((h) => el("li", {text:
-      `attempt ${h.attempt} on ${h.worker_host || "?"}: ${h.error.code} — ${h.error.message} (last reading ${fmtSize(h.peak_rss_bytes)})`})))) : null;
+  // the job's history: attempts taken or handed back, and how each later one started from the checkpoint
+  const events = [
+    ...(j.history || []).map((h) => ({attempt: h.attempt, order: 0, testid: "history-attempt", text:
+      `attempt ${h.attempt} on ${h.worker_host || "?"}: ${h.error.code} — ${h.error.message} (last reading ${fmtSize(h.peak_rss_bytes)})`})),
+    ...(j.resumes || []).map((r) => ({attempt: r.attempt, order: 1, testid: "history-resume",
+      text: `attempt ${r.attempt}: ${r.note}`})),
+  ].sort((a, b) => a.attempt - b.attempt || a.order - b.order);
+  const history = events.length ? el("div", {class: "card"}, el("h3", {text: "History"}),
+    el("ul", {}, events.map((e) => el("li", {"data-testid": e.testid, text: e.text})))) : null;
   // keep the image elements of this job (no flicker, no refetch while polling)
   const box = $("job-detail");
   const old = box.querySelector(`.gallery[data-job-id="${j.id}"]`);

@@ -267,6 +267,33 @@ def test_fleet_page_shows_workers_and_model_profiles(stack, page, tmp_path):
     screenshot(page, tmp_path, "fleet")
 
 
+def test_the_job_view_shows_its_history_attempts_and_resumes_in_order(stack, page):
+    """The history of a job taken back twice (a lost worker, then one that left) and resumed from its checkpoint
+    (its record's entries, as the worker writes them; the resume itself is tested in tests/worker)."""
+    from sqlalchemy import text
+
+    job = stack.api.wait(stack.api.submit(prompt="a resumed job", model=stack.model, width=64, height=64,
+                                          steps=2)["id"])
+    lost = {"attempt": 1, "worker_host": "host-a", "started_at": None, "ended_at": "2026-12-03T10:00:00Z",
+            "error": {"code": "worker_lost", "message": "the worker process running attempt 1 died"},
+            "peak_rss_bytes": None}
+    left = {**lost, "attempt": 2, "error": {"code": "worker_left", "message": "the worker is stopping (SIGTERM); "
+                                            "handed back, not counted as an attempt"}}
+    resumes = [{"attempt": n, "worker_host": host, "resumed": True, "image": 0, "step": step, "steps": 20,
+                "images_kept": 0, "checkpoint_host": "host-a", "note": f"resumed from step {step} of 20 on {host} "
+                "(checkpoint written on host-a)"} for n, step, host in ((2, 7, "host-b"), (3, 13, "host-c"))]
+    with engine_for(stack.database_url).begin() as conn:
+        conn.execute(text("UPDATE jobs SET history = :h, resumes = :r WHERE id = :j"),
+                     {"h": json.dumps([lost, left]), "r": json.dumps(resumes), "j": job["id"]})
+    page.goto(f"{stack.api_url}/#/job/{job['id']}")
+    items = page.locator('[data-testid^="history-"]')
+    expect(items).to_have_count(4)
+    assert [t.split(":")[0] for t in items.all_inner_texts()] == ["attempt 1 on host-a", "attempt 2 on host-a",
+                                                                  "attempt 2", "attempt 3"]
+    expect(items.nth(2)).to_have_text("attempt 2: resumed from step 7 of 20 on host-b (checkpoint written on host-a)")
+    expect(items.nth(1)).to_contain_text("worker_left")
+
+
 def test_cancel_a_queued_and_a_running_job_from_the_list(stack, page, tmp_path):
     # keep the worker busy, then queue one behind it
     busy = stack.api.submit(prompt="a very long job", model=stack.model, width=256, height=256, steps=150,

@@ -60,17 +60,20 @@ def test_worker_sigkilled_again_and_again_during_jobs_while_others_wait(stack, s
 
 
 
-def test_sigterm_finishes_the_current_job_and_hands_back_the_rest(stack, spawn_worker):
+def test_sigterm_hands_back_the_current_job_and_leaves_the_rest_queued(stack, spawn_worker):
     model, proc = spawn_worker("graceful")
     current = stack.api.submit(prompt="a long job", model=model, **LONG)
     waiting = [stack.api.submit(prompt=f"waiting {i}", model=model, **SHORT)["id"] for i in range(2)]
     wait_status(stack, current["id"], "running")
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert stack.api.job(current["id"])["status"] == "succeeded"
+    proc.wait(timeout=60)
+    left = stack.api.job(current["id"])
+    assert left["status"] == "queued" and [h["error"]["code"] for h in left["history"]] == ["worker_left"]
     for job_id in waiting:
         assert stack.api.job(job_id)["status"] == "queued"
     spawn_worker(model=model)  # a worker for the same model takes them over
     for job_id in waiting:
         done = stack.api.wait(job_id, timeout=60)
         assert done["status"] == "succeeded" and done["attempts"] == 1
+    done = stack.api.wait(current["id"], timeout=240)
+    assert done["status"] == "succeeded" and done["attempts"] == 2  # the handed-back attempt did not count
