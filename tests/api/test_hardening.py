@@ -4,7 +4,10 @@ cannot fall open. Live-process cases are in tests/system/test_faults.py and test
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -19,6 +22,46 @@ def test_a_malformed_job_id_is_404_on_every_route(api, job_id):
     for method, path in [("get", "/v1/jobs/{}"), ("delete", "/v1/jobs/{}"), ("get", "/v1/jobs/{}/images/0.png"),
                          ("get", "/v1/jobs/{}/memory")]:
         assert_error_shape(getattr(api, method)(path.format(job_id)), 404, "not_found")
+
+
+def _cursor(value) -> str:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()  # json.dumps escapes \u0000, \ud800
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+JOB = "72045503-5ffa-4421-902f-05d8c70b2a63"
+WHEN = "2026-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("cursor,reason", [
+    ("WyIyMDI2LTAxLTAxVDAwOjAwOjAwIiwgIngiXQ", "job ID"),  # ["2026-01-01T00:00:00", "x"], as the tester sent it
+    (_cursor(["2026-01-01T00:00:00", JOB]), "time zone"),  # naive: the database layer refused it (a 500)
+    (_cursor([WHEN, "a\u0000b"]), "job ID"),  # NUL: PostgreSQL's DataError
+    (_cursor([WHEN, "\ud800"]), "job ID"),  # a lone surrogate: UnicodeEncodeError
+    (_cursor([WHEN, JOB + "\n"]), "job ID"),  # a UUID and a newline (a `$` that matches before it)
+    (_cursor([WHEN, JOB.upper()]), "job ID"),
+    (_cursor([WHEN, 5]), "pair"), (_cursor([WHEN]), "pair"), (_cursor([WHEN, JOB, JOB]), "pair"),
+    (_cursor({WHEN: 1, JOB: 2}), "pair"), (_cursor(None), "pair"), (_cursor("x"), "pair"),
+    (_cursor(["yesterday", JOB]), "ISO 8601"), (_cursor(["2026-01-01T00:00:00\u0000+00:00", JOB]), "ISO 8601"),
+    (_cursor(["0001-01-01T00:00:00+14:00", JOB]), "out of range"),
+    (_cursor(b"\xff\xfe"), "JSON"), ("not-a-cursor", "JSON"), ("%00", "JSON"),
+])
+def test_a_cursor_the_api_never_gave_out_is_422_with_the_reason(api, cursor, reason):
+    error = assert_error_shape(api.get("/v1/jobs", params={"cursor": cursor}), 422, "invalid_request")
+    assert error["details"][0]["field"] == "cursor" and reason in error["details"][0]["reason"], error
+    assert reason in error["message"]
+
+
+def test_a_cursor_pages_the_same_whatever_zone_its_time_is_written_in(api):
+    ids = [api.post("/v1/jobs", json=BODY).json()["id"] for _ in range(3)]
+    first = api.get("/v1/jobs", params={"limit": 1}).json()
+    assert first["jobs"][0]["id"] == ids[-1]
+    rest = api.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()["jobs"]
+    assert [j["id"] for j in rest] == ids[-2::-1]
+    created, job_id = json.loads(base64.urlsafe_b64decode(first["next_cursor"] + "=="))
+    shifted = datetime.fromisoformat(created).astimezone(timezone(timedelta(hours=2))).isoformat()  # same instant
+    again = api.get("/v1/jobs", params={"limit": 2, "cursor": _cursor([shifted, job_id])}).json()["jobs"]
+    assert [j["id"] for j in again] == [j["id"] for j in rest]
 
 
 def test_wrong_method_is_405_with_allow_and_a_trailing_slash_is_404_not_a_redirect(api):
