@@ -10,6 +10,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from fastapi.routing import iter_route_contexts
+from starlette.routing import Mount
 
 from shared import keys
 from shared.db import session_factory
@@ -67,9 +69,50 @@ def test_a_cursor_pages_the_same_whatever_zone_its_time_is_written_in(api):
 def test_wrong_method_is_405_with_allow_and_a_trailing_slash_is_404_not_a_redirect(api):
     r = api.put("/v1/jobs", json=BODY)
     assert_error_shape(r, 405, "method_not_allowed")
-    assert r.headers["allow"] == "POST"
+    assert r.headers["allow"] == "GET, POST"
+    r = api.put(f"/v1/jobs/{uuid.uuid4()}", json=BODY)
+    assert_error_shape(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "DELETE, GET"
     r = api.post("/v1/jobs/", json=BODY, follow_redirects=False)
     assert_error_shape(r, 404, "not_found")
+
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _route_paths(app) -> dict[str, set[str]]:
+    """Every path of the app (a sample of each: UUIDs for job IDs, 0 for an index, a file under a mount) and the
+    methods its routes take, all of them: two routes of one path (GET and DELETE /v1/jobs/{id}) add up."""
+    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0"}
+    paths: dict[str, set[str]] = {}
+    for route in iter_route_contexts(app.routes):  # included routers' routes too, with their prefixes
+        if isinstance(route.original_route, Mount):  # the web page's files: StaticFiles takes GET and HEAD
+            paths.setdefault(route.path + "/app.js", set()).update({"GET", "HEAD"})
+            continue
+        path = route.path
+        for name, value in samples.items():
+            path = path.replace(name, value)
+        assert "{" not in path, f"no sample value for {route.path}"
+        paths.setdefault(path, set()).update(route.methods)
+    return paths
+
+
+def test_every_405_names_every_method_its_path_takes(api):
+    paths = _route_paths(api.app)
+    assert {"/v1/jobs", "/v1/images/generations", "/openapi.json", "/healthz", "/"} <= set(paths)
+    for path, allowed in paths.items():
+        for method in METHODS:
+            if method in allowed:
+                continue
+            r = api.request(method, path)
+            assert r.status_code == 405, (method, path, r.status_code, r.text)
+            assert r.headers["allow"] == ", ".join(sorted(allowed)), (method, path)
+            if method == "HEAD":
+                continue  # no body
+            if path.startswith("/v1/images/"):  # OpenAI's shape on its route
+                assert r.json()["error"]["code"] == "method_not_allowed", r.text
+            else:
+                assert_error_shape(r, 405, "method_not_allowed")
 
 
 def test_a_body_over_the_cap_is_413_whether_it_says_its_length_or_not(api, db):
