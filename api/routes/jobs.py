@@ -110,8 +110,9 @@ def _bad_cursor(reason: str) -> InvalidRequest:
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) a next_cursor holds, checked whole before the database sees it: a JSON pair of an
-    ISO 8601 time with its zone, as isoformat() writes it, and a job ID (a UUID). Anything else (a naive time, NUL or a lone surrogate in the
-    ID, another type) is 422 with the reason, never a query the database refuses."""
+    ISO 8601 time with its zone, as isoformat() writes it, and a job ID (a UUID). Anything else (a naive time,
+    NUL or a lone surrogate in the ID, another type) is 422 with the reason, never a query the database
+    refuses."""
     try:
         decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error):  # not base64, not UTF-8, not JSON (UnicodeDecodeError is a ValueError)
