@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     # The model a job gets when it names none (the API side).
     default_model: str | None = None
 
-    # API authentication. "required": every route but /healthz needs a bearer key (with no key created,
-    # every request is 401: revoking keys never opens the API). "off": open, for local use. "auto": off only
+    # API authentication. "required": every route but /healthz and the web page's files (/, /static/) needs a
+    # bearer key, /openapi.json, /docs and /redoc too (with no key created, every other request is 401:
+    # revoking keys never opens the API). "off": open, for local use. "auto": off only
     # while the API listens on loopback and no key was ever created in this database, else required.
     auth: Literal["auto", "required", "off"] = "auto"
     # The address the API listens on (`sdfleet api --host` sets it); unknown counts as beyond loopback.
