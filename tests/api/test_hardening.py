@@ -205,3 +205,40 @@ def test_required_auth_with_no_key_refuses_everyone_and_unknown_bind_is_required
         _all_401(client)
     with make_api(database_url, redis_url, auth="auto", api_host=None) as client:  # built elsewhere: not open
         _all_401(client)
+
+
+@pytest.fixture
+def openai_api(db, database_url, redis_url):
+    """The API with a short wait on /v1/images/generations: a job it admits (nobody runs it) answers 504 at once."""
+    with make_api(database_url, redis_url, images_wait_s=0.2) as client:
+        yield client
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("size", "64x64\n", "size"),  # Python's `$` matches before a final newline
+    ("size", "\u0666\u0664x\u0666\u0664", "size"),  # Arabic-Indic digits: `\d` matches them, int() reads 64
+    ("size", "\u06f6\u06f4x\u06f6\u06f4", "size"),  # extended Arabic-Indic
+    ("size", "\uff16\uff14x\uff16\uff14", "size"),  # fullwidth
+    ("size", " 64x64", "size"), ("size", "64x64 ", "size"), ("size", "64X64", "size"), ("size", "64x", "size"),
+    ("size", "+64x64", "size"), ("size", 64, "size"),
+    ("n", "2", "n"), ("n", True, "n"), ("n", 2.0, "n"), ("steps", "1", "steps"), ("seed", "7", "seed"),
+    ("guidance_scale", "1.0", "guidance_scale"), ("prompt", 5, "prompt"), ("user", 5, "user"),
+])
+def test_the_openai_route_is_as_strict_as_v1_jobs(openai_api, db, field, value, param):
+    before = count(db)
+    r = openai_api.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "steps": 1, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_value" and error["type"] == "invalid_request_error" and error["param"] == param
+    assert r.headers["x-should-retry"] == "false"
+    assert count(db) == before  # nothing stored
+
+
+def test_the_openai_route_takes_what_v1_jobs_takes(openai_api, db):
+    """The other side of the strictness: an ASCII size, numbers as numbers (an int guidance scale too), "auto"."""
+    before = count(db)
+    for body in ({"size": "64x64", "n": 2, "steps": 1, "guidance_scale": 1, "seed": 7}, {"size": "auto"}):
+        r = openai_api.post("/v1/images/generations", json={"prompt": "a cat", **body})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "job_timeout", r.text  # admitted, never run
+    assert count(db) == before + 2
