@@ -21,7 +21,7 @@ from api.deps import Caller, Context
 from api.routes import fleet as fleet_routes
 from api.routes import images as image_routes
 from api.routes import jobs as job_routes
-from shared.db import engine_for, migrate, session_factory, wait_for_database
+from shared.db import Pool, engine_for, migrate, session_factory, wait_for_database
 from shared.errors import PayloadTooLarge
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        engine = engine_for(settings.database_url)
+        engine = engine_for(settings.database_url, Pool.of(settings))
         wait_for_database(engine)
         migrate(engine)
         _freeze_startup_objects()
@@ -142,7 +142,8 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
         # the schema and its two pages are added below, behind the same key as every other route
         openapi_url=None, docs_url=None, redoc_url=None,
     )
-    app.state.ctx = Context.build(settings, session_factory(settings.database_url), make_celery(settings), resolver)
+    sessions = session_factory(settings.database_url, Pool.of(settings))
+    app.state.ctx = Context.build(settings, sessions, make_celery(settings), resolver)
     errors.install(app)
     app.include_router(job_routes.router)
     app.include_router(fleet_routes.router)

@@ -4,6 +4,7 @@ description of each status a route can answer."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import redis
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ErrorCode, RateLimited, SdfleetError, Unauthorized
@@ -49,7 +51,8 @@ _DESCRIBED = {
          "peak, the largest budget, and hints that would fit)",
     429: "rate_limited: this key's submissions in the last minute are used up; see Retry-After",
     503: "model_unavailable (no live worker serves the model) or service_unavailable (the database "
-         "or the broker is unreachable; nothing was stored)",
+         "or the broker is unreachable, or every connection of the API's database pool is busy: see "
+         "Retry-After; nothing was stored)",
 }
 
 
@@ -182,6 +185,16 @@ def install(app: FastAPI) -> None:
     async def _database_down(req: Request, exc: OperationalError):
         log.warning("database error: %s", exc)
         return render(req, 503, ErrorCode.service_unavailable, "the database is unreachable; retry shortly")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(req: Request, exc: PoolTimeout):
+        # Every connection of the process's pool was busy for SDFLEET_DB_POOL_TIMEOUT_S: overload, not an
+        # outage. Retry-After: as long as this request waited; the load that used the pool up is not gone sooner.
+        wait_s = req.app.state.ctx.settings.db_pool_timeout_s
+        log.warning("database pool exhausted (waited %.1f s): %s", wait_s, exc)
+        return render(req, 503, ErrorCode.service_unavailable,
+                      f"the API has no free database connection (waited {wait_s:g} s); retry shortly",
+                      headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
     @app.exception_handler(redis.RedisError)
     async def _broker_down(req: Request, exc: redis.RedisError):

@@ -18,6 +18,10 @@ from shared.webhook_schedule import check_webhook_schedule
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
+# An API process's PostgreSQL pool (docs/operations.md, "The database pool"): connections kept open, more
+# opened under load, and how long a request waits for one before it is answered 503 with Retry-After.
+DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_TIMEOUT_S = 5, 5, 10.0
+
 
 def default_cache_dir() -> Path:
     """Where built models and compiled-model caches live: outside any checkout, shared by tests and the demo."""
@@ -126,6 +130,12 @@ class Settings(BaseSettings):
     # jobs by) and of an API key it found (a revocation takes effect within this). A refusal is always
     # decided on a fresh read. 0 reads both for every request.
     api_cache_s: float = Field(default=1.0, ge=0, le=60)
+    # The API process's PostgreSQL connection pool (`sdfleet api --workers N`: one each): connections kept open,
+    # more opened under load, and how long a request waits for a free one before the answer is 503 with
+    # Retry-After. Small on purpose (docs/operations.md, "The database pool"); SQLite is not pooled by these.
+    db_pool_size: int = Field(default=DB_POOL_SIZE, ge=1, le=1000)
+    db_max_overflow: int = Field(default=DB_MAX_OVERFLOW, ge=0, le=1000)
+    db_pool_timeout_s: float = Field(default=DB_POOL_TIMEOUT_S, gt=0, le=300)
 
     # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
     # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -14,7 +15,8 @@ from fastapi.routing import iter_route_contexts
 from starlette.routing import Mount
 
 from shared import keys
-from shared.db import session_factory
+from shared.db import engine_for, migrate, session_factory
+from tests.conftest import POSTGRES_URL, postgres_database
 from tests.helpers import BODY, assert_error_shape, count, make_api
 from tests.helpers import api, database_url, db, fresh_url  # noqa: F401 (fixtures)
 
@@ -242,3 +244,37 @@ def test_the_openai_route_takes_what_v1_jobs_takes(openai_api, db):
         r = openai_api.post("/v1/images/generations", json={"prompt": "a cat", **body})
         assert r.status_code == 504 and r.json()["error"]["code"] == "job_timeout", r.text  # admitted, never run
     assert count(db) == before + 2
+
+
+def test_a_used_up_database_pool_is_503_with_retry_after_never_a_500(redis_url):
+    """A real PostgreSQL engine whose pool is one connection and whose wait is 0.2 s: while that connection is
+    held, a request that needs the database waits 0.2 s and is answered 503 in the error shape, with
+    Retry-After, and nothing is stored; once it is free again the same requests go through."""
+    if not POSTGRES_URL:
+        pytest.skip("SDFLEET_TEST_POSTGRES_URL is not set (CI sets it to the local server)")
+    for url in postgres_database():
+        migrate(engine_for(url))
+        with make_api(url, redis_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout_s=0.2,
+                      images_wait_s=0.2) as client:
+            engine = client.app.state.ctx.sessions.kw["bind"]
+            assert engine.dialect.name == "postgresql" and engine.pool.size() == 1
+            before = count(session_factory(url))
+            client.get("/v1/jobs")  # the fleet cache and the pool warm
+            held = engine.connect()  # the pool's one connection, as a slow request would hold it
+            try:
+                for method, path, kwargs in [("get", "/v1/jobs", {}), ("get", f"/v1/jobs/{uuid.uuid4()}", {}),
+                                             ("post", "/v1/jobs", {"json": BODY}), ("get", "/v1/workers", {})]:
+                    started = time.monotonic()
+                    r = getattr(client, method)(path, **kwargs)
+                    error = assert_error_shape(r, 503, "service_unavailable")
+                    assert "database connection" in error["message"] and r.headers["retry-after"] == "1"
+                    assert time.monotonic() - started >= 0.2
+                r = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+                assert r.headers["retry-after"] == "1" and r.headers["x-should-retry"] == "true"
+            finally:
+                held.close()
+            assert count(session_factory(url)) == before  # nothing was stored
+            assert client.get("/v1/jobs").status_code == 200
+            assert client.post("/v1/jobs", json=BODY).status_code == 202
+        engine.dispose()
