@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the key the command-line client sends (sdfleet submit/status/up)
     api_url: str = "http://127.0.0.1:8000"  # the API the command-line client talks to
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # How long the HTTP server waits for a request's headers (from the connection, or from the request's first
+    # byte on a kept-alive connection): past it, 408 and the connection closed (api/server.py)
+    api_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # POST /v1/images/generations (the OpenAI-compatible route) waits this long for its job, then answers
     # an error naming the job ID (the job goes on; poll GET /v1/jobs/{id})
     images_wait_s: float = Field(default=300.0, gt=0, le=3600)
