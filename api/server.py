@@ -1,5 +1,5 @@
 """The HTTP server's protocol (`sdfleet api` runs uvicorn with it): uvicorn's httptools protocol, with a
-deadline for a request's head and the API's error shape for what uvicorn answers itself.
+deadline and a size for a request's head, and the API's error shape for what the server answers itself.
 
 - **A head must arrive in time.** uvicorn times out nothing while a request's line and headers come in (its
   keep-alive timeout only starts after a response): a client that trickles a header a byte at a time, or
@@ -7,6 +7,9 @@ deadline for a request's head and the API's error shape for what uvicorn answers
   for 60 s). Here a connection's first request must have all its headers within SDFLEET_API_HEADER_TIMEOUT_S
   of the connection, and each later one within that time of its first byte. Past it: 408 `request_timeout`
   in the error shape and the connection closed; a connection that sent nothing is just closed.
+- **A head has a size.** httptools sets none: a client could send hundreds of MiB of headers within the
+  deadline, all held in the process's memory (190 MiB in one request, measured). A head past MAX_HEAD_BYTES
+  is 431 `headers_too_large` in the error shape, and the connection is closed.
 - **Malformed HTTP is a JSON 400.** uvicorn answered what httptools cannot parse with a plain-text 400
   ("Invalid HTTP request received."); here it is 400 `bad_request` in the one error shape.
 
@@ -26,6 +29,10 @@ from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+# The largest request line and headers taken (nginx takes 4 x 8 KiB by default, h11 16 KiB; the API's own
+# requests need a few hundred bytes, a browser's with cookies a few KiB)
+MAX_HEAD_BYTES = 64 * 1024
+
 
 def error_bytes(status: int, code: ErrorCode, message: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A whole HTTP/1.1 response with the error shape as its body, closing the connection."""
@@ -39,13 +46,15 @@ def error_bytes(status: int, code: ErrorCode, message: str, default_headers: lis
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's head and JSON 400s (module doc)."""
+    """uvicorn's httptools protocol with a deadline and a size for each request's head, and its own answers in
+    the error shape (module doc)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = get_settings().api_header_timeout_s
         self._head_deadline: asyncio.TimerHandle | None = None
         self._reading_head = False  # some of a request has arrived, not yet all its headers
+        self._head_bytes = 0  # bytes received while that was so
 
     # the deadline: armed when the connection opens and when a request's first byte arrives (if not armed
     # already), disarmed when its headers are complete or the connection closes
@@ -57,9 +66,18 @@ class HttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._reading_head and not self.transport.is_closing():  # the head goes on past this chunk
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, ErrorCode.headers_too_large,
+                             f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes; the "
+                             "connection is closed")
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading_head = True
+        self._reading_head, self._head_bytes = True, 0
         if self._head_deadline is None:
             self._arm()
 
@@ -81,20 +99,23 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_deadline = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            # a response is still being sent (the slow head is a pipelined request behind it): close the
-            # connection once that response is complete, rather than write into the middle of it
-            self.cycle.keep_alive = False
-            return
         if not self._reading_head:  # connected and sent nothing
             self.transport.close()
             return
-        log.info("%s: the request's headers did not arrive within %g s; closed",
-                 "%s:%d" % self.client if self.client else "a client", self.header_timeout_s)
-        self.transport.write(error_bytes(
-            408, ErrorCode.request_timeout,
-            f"the request's headers did not arrive within {self.header_timeout_s:g} s "
-            "(SDFLEET_API_HEADER_TIMEOUT_S); the connection is closed", self.server_state.default_headers))
+        self._refuse(408, ErrorCode.request_timeout, f"the request's headers did not arrive within "
+                     f"{self.header_timeout_s:g} s (SDFLEET_API_HEADER_TIMEOUT_S); the connection is closed")
+
+    def _refuse(self, status: int, code: ErrorCode, message: str) -> None:
+        """Answer the request whose head is being read with this error, and close the connection."""
+        self._disarm()
+        log.info("%s: %d %s", "%s:%d" % self.client if self.client else "a client", status, message)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a response is still being sent (the head is a pipelined request behind it): read no more, and
+            # close once that response is complete rather than write into the middle of it
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        self.transport.write(error_bytes(status, code, message, self.server_state.default_headers))
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

@@ -1,7 +1,7 @@
 """The HTTP server itself (`sdfleet api`: uvicorn with api/server.py's protocol), over raw sockets to a real API
 process on 127.0.0.1: a request whose headers trickle in is answered 408 in the error shape and closed after
-SDFLEET_API_HEADER_TIMEOUT_S, a connection that sends nothing is closed, and malformed HTTP is a 400 in the
-error shape, not uvicorn's plain text."""
+SDFLEET_API_HEADER_TIMEOUT_S, a connection that sends nothing is closed, a head past the server's cap is 431,
+and malformed HTTP is a 400 in the error shape, not uvicorn's plain text."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from api.server import MAX_HEAD_BYTES
 from sdfleet.stack import stop
 from shared.db import engine_for, migrate
 from tests.conftest import start_api, stack_env
@@ -42,6 +43,8 @@ def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
             chunk = sock.recv(65536)
         except socket.timeout:
             pytest.fail(f"the connection was still open at the deadline; read so far: {data!r}")
+        except ConnectionResetError:  # closed with our unread bytes in its buffer: what came before is here
+            return data
         if not chunk:
             return data
         data += chunk
@@ -146,3 +149,22 @@ def test_malformed_http_is_a_400_in_the_error_shape(server, raw):
         s.sendall(raw)
         error = assert_error(read_until_closed(s, time.monotonic() + 5), 400, "bad_request")
         assert "malformed HTTP request" in error["message"]
+
+
+def test_a_head_past_the_cap_is_431_and_closed_one_within_it_is_answered(server):
+    with socket.create_connection(server, timeout=5) as s:  # half the cap, in one header: fine
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Big: "
+                  + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n\r\n")
+        assert parse(read_until_closed(s, time.monotonic() + 5))[0] == 200
+    with socket.create_connection(server, timeout=5) as s:  # header lines that never end: cut at the cap
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        sent = 0
+        try:
+            while sent < 64 * MAX_HEAD_BYTES:
+                s.sendall(b"X-More: " + b"b" * 1000 + b"\r\n")
+                sent += 1010
+        except OSError:  # the server closed the connection
+            pass
+        assert sent < 64 * MAX_HEAD_BYTES, "the server read 4 MiB of headers"
+        error = assert_error(read_until_closed(s, time.monotonic() + 5), 431, "headers_too_large")
+        assert str(MAX_HEAD_BYTES) in error["message"]
