@@ -11,16 +11,17 @@ import logging
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors
-from api.deps import Context
+from api.deps import Caller, Context
 from api.routes import fleet as fleet_routes
 from api.routes import images as image_routes
 from api.routes import jobs as job_routes
-from shared.db import engine_for, migrate, session_factory, wait_for_database
+from shared.db import Pool, engine_for, migrate, session_factory, wait_for_database
 from shared.errors import PayloadTooLarge
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
@@ -91,6 +92,33 @@ def _freeze_startup_objects() -> None:
         gc.freeze()
 
 
+def _add_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs (Swagger UI) and /redoc as FastAPI makes them, but behind the caller's key
+    (FastAPI's own answer anyone who asks): with keys required they are 401 without one, like every route but
+    /healthz and the web page's files (docs/security.md). The two pages fetch /openapi.json without a key:
+    behind required keys a browser shows them only when something adds the key (a proxy); `curl` with the key
+    reads the schema, and so does the web page, which sends its key."""
+
+    def root_path(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request, _caller: Caller) -> JSONResponse:
+        schema, root = app.openapi(), root_path(request)
+        if root and app.root_path_in_servers and root not in {s.get("url") for s in schema.get("servers", [])}:
+            schema = {**schema, "servers": [{"url": root}, *schema.get("servers", [])]}
+        return JSONResponse(schema)
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request, _caller: Caller) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=root_path(request) + "/openapi.json", title=f"{app.title} - Swagger UI",
+                                   swagger_ui_parameters=app.swagger_ui_parameters)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request, _caller: Caller) -> HTMLResponse:
+        return get_redoc_html(openapi_url=root_path(request) + "/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
     settings = settings or get_settings()
     if settings.auth == "off" and not settings.api_on_loopback:
@@ -99,7 +127,7 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        engine = engine_for(settings.database_url)
+        engine = engine_for(settings.database_url, Pool.of(settings))
         wait_for_database(engine)
         migrate(engine)
         _freeze_startup_objects()
@@ -111,12 +139,16 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,  # /v1/jobs/ is no route (404), not a 307 to one
+        # the schema and its two pages are added below, behind the same key as every other route
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
-    app.state.ctx = Context.build(settings, session_factory(settings.database_url), make_celery(settings), resolver)
+    sessions = session_factory(settings.database_url, Pool.of(settings))
+    app.state.ctx = Context.build(settings, sessions, make_celery(settings), resolver)
     errors.install(app)
     app.include_router(job_routes.router)
     app.include_router(fleet_routes.router)
     app.include_router(image_routes.router)
+    _add_docs(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/", include_in_schema=False)

@@ -4,6 +4,7 @@ description of each status a route can answer."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import redis
@@ -12,9 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ErrorCode, RateLimited, SdfleetError, Unauthorized
+
+try:
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # FastAPI before 0.137.2: app.routes is flat
+    iter_route_contexts = None
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,8 @@ _DESCRIBED = {
          "peak, the largest budget, and hints that would fit)",
     429: "rate_limited: this key's submissions in the last minute are used up; see Retry-After",
     503: "model_unavailable (no live worker serves the model) or service_unavailable (the database "
-         "or the broker is unreachable; nothing was stored)",
+         "or the broker is unreachable, or every connection of the API's database pool is busy: see "
+         "Retry-After; nothing was stored)",
 }
 
 
@@ -64,7 +72,8 @@ def error_response(status: int, code: ErrorCode, message: str, details: Any = No
 OPENAI_PREFIX = "/v1/images/"
 _OPENAI_STATUS = {422: 400}
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+                405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
 _OPENAI_CODE = {ErrorCode.unauthorized: "invalid_api_key", ErrorCode.rate_limited: "rate_limit_exceeded",
                 ErrorCode.model_unavailable: "model_not_found", ErrorCode.invalid_request: "invalid_value"}
 _OPENAI_PARAM = {"width": "size", "height": "size", "num_images": "n"}
@@ -113,6 +122,30 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return out
 
 
+def route_table(routes) -> list:
+    """Every route of the app, those of included routers too (FastAPI 0.137.2 on keeps an included router as
+    one entry of app.routes and flattens it with iter_route_contexts; before, app.routes was flat)."""
+    return list(iter_route_contexts(routes)) if iter_route_contexts else list(routes)
+
+
+def allowed_methods(request: Request, headers: dict | None) -> list[str]:
+    """Every method the request's path answers, for a 405's Allow. The router hands a 405 to the first route
+    whose path matched, which names its own methods only (`PUT /v1/jobs/{id}` said `Allow: GET`, though DELETE
+    is there too): here the methods of every route whose path matches, with those the exception named (a
+    mounted app's own, such as the static files' GET and HEAD)."""
+    named = (headers or {}).get("Allow") or (headers or {}).get("allow") or ""
+    methods = {m.strip().upper() for m in named.split(",") if m.strip()}
+    root = request.scope.get("app_root_path", request.scope.get("root_path", ""))  # a mount moves root_path
+    path = request.scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root):]
+    for route in route_table(request.app.routes):
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if route_methods and regex is not None and regex.match(path):
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     def sdfleet_error(req: Request, exc: SdfleetError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
@@ -143,12 +176,25 @@ def install(app: FastAPI) -> None:
         code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code,
                                                                                  ErrorCode.invalid_request)
         message = {404: "no such route", 405: "method not allowed on this path"}.get(exc.status_code, str(exc.detail))
-        return render(req, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(req, headers))}
+        return render(req, exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(OperationalError)
     async def _database_down(req: Request, exc: OperationalError):
         log.warning("database error: %s", exc)
         return render(req, 503, ErrorCode.service_unavailable, "the database is unreachable; retry shortly")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(req: Request, exc: PoolTimeout):
+        # Every connection of the process's pool was busy for SDFLEET_DB_POOL_TIMEOUT_S: overload, not an
+        # outage. Retry-After: as long as this request waited; the load that used the pool up is not gone sooner.
+        wait_s = req.app.state.ctx.settings.db_pool_timeout_s
+        log.warning("database pool exhausted (waited %.1f s): %s", wait_s, exc)
+        return render(req, 503, ErrorCode.service_unavailable,
+                      f"the API has no free database connection (waited {wait_s:g} s); retry shortly",
+                      headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
     @app.exception_handler(redis.RedisError)
     async def _broker_down(req: Request, exc: redis.RedisError):

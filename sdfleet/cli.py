@@ -412,8 +412,9 @@ def cmd_api(args) -> int:
     os.environ["SDFLEET_API_HOST"] = args.host
     get_settings.cache_clear()
     get_settings()  # refuse bad or unknown settings here, before uvicorn starts
+    # api/server.py: uvicorn's httptools protocol with a deadline for a request's headers and JSON 400s
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level="warning" if args.quiet else "info")
+                http="api.server:HttpProtocol", log_level="warning" if args.quiet else "info")
     return 0
 
 

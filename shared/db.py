@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.retry import retrying
+from shared.settings import DB_MAX_OVERFLOW, DB_POOL_SIZE, DB_POOL_TIMEOUT_S, Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,23 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK_ID = 0x5DF1EE7  # a PostgreSQL advisory lock: hosts starting together migrate one at a time
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class Pool:
+    """A PostgreSQL engine's connection pool: `size` connections kept open, up to `max_overflow` more opened
+    under load, and `timeout_s` for a checkout to wait for a free one before SQLAlchemy raises its
+    TimeoutError (the API answers that 503). The API passes its settings (Pool.of); other processes, which
+    hold a handful of connections each, take the defaults."""
+
+    size: int = DB_POOL_SIZE
+    max_overflow: int = DB_MAX_OVERFLOW
+    timeout_s: float = DB_POOL_TIMEOUT_S
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Pool":
+        return cls(settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_s)
+
+
+def make_engine(url: str, pool: Pool = Pool()) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -40,16 +58,18 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool.size, max_overflow=pool.max_overflow,
+                         pool_timeout=pool.timeout_s)
 
 
 @functools.lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
-    return make_engine(url)
+def engine_for(url: str, pool: Pool = Pool()) -> Engine:
+    """The process's engine for this URL and pool (one per pair: the same arguments, the same engine)."""
+    return make_engine(url, pool)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(engine_for(url), expire_on_commit=False)
+def session_factory(url: str, pool: Pool = Pool()) -> sessionmaker[Session]:
+    return sessionmaker(engine_for(url, pool), expire_on_commit=False)
 
 
 def wait_for_database(engine: Engine, timeout_s: float = 30.0) -> None:

@@ -25,6 +25,9 @@ class ErrorCode(str, enum.Enum):
     gone = "gone"
     method_not_allowed = "method_not_allowed"
     payload_too_large = "payload_too_large"
+    bad_request = "bad_request"  # malformed HTTP, answered by the server before there is a request to route
+    request_timeout = "request_timeout"  # a request's headers did not arrive in time (SDFLEET_API_HEADER_TIMEOUT_S)
+    headers_too_large = "headers_too_large"  # a request's line and headers past the server's cap
     internal = "internal"
 
 

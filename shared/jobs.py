@@ -18,8 +18,9 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 MAX_URL_CHARS = 2000
 
-# Job IDs are UUIDs: anything else is no job, answered 404 without asking the database
-JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Job IDs are UUIDs: anything else is no job, answered 404 without asking the database. Matched whole
+# (fullmatch): with match, `$` also matches before a final newline, and "<uuid>\n" passed
+JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TEXT_CONTROLS_OK = frozenset("\t\n\r")
 
 Priority = Literal["low", "normal", "high"]
@@ -79,7 +80,7 @@ def check_webhook_transition(old: WebhookStatus | None, new: WebhookStatus) -> N
 
 
 def is_job_id(value: str) -> bool:
-    return bool(JOB_ID_RE.match(value))
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
 def check_text(v: str) -> str:

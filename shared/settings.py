@@ -18,6 +18,10 @@ from shared.webhook_schedule import check_webhook_schedule
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
+# An API process's PostgreSQL pool (docs/operations.md, "The database pool"): connections kept open, more
+# opened under load, and how long a request waits for one before it is answered 503 with Retry-After.
+DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_TIMEOUT_S = 5, 5, 10.0
+
 
 def default_cache_dir() -> Path:
     """Where built models and compiled-model caches live: outside any checkout, shared by tests and the demo."""
@@ -109,8 +113,9 @@ class Settings(BaseSettings):
     # The model a job gets when it names none (the API side).
     default_model: str | None = None
 
-    # API authentication. "required": every route but /healthz needs a bearer key (with no key created,
-    # every request is 401: revoking keys never opens the API). "off": open, for local use. "auto": off only
+    # API authentication. "required": every route but /healthz and the web page's files (/, /static/) needs a
+    # bearer key, /openapi.json, /docs and /redoc too (with no key created, every other request is 401:
+    # revoking keys never opens the API). "off": open, for local use. "auto": off only
     # while the API listens on loopback and no key was ever created in this database, else required.
     auth: Literal["auto", "required", "off"] = "auto"
     # The address the API listens on (`sdfleet api --host` sets it); unknown counts as beyond loopback.
@@ -118,6 +123,9 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the key the command-line client sends (sdfleet submit/status/up)
     api_url: str = "http://127.0.0.1:8000"  # the API the command-line client talks to
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # How long the HTTP server waits for a request's headers (from the connection, or from the request's first
+    # byte on a kept-alive connection): past it, 408 and the connection closed (api/server.py)
+    api_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # POST /v1/images/generations (the OpenAI-compatible route) waits this long for its job, then answers
     # an error naming the job ID (the job goes on; poll GET /v1/jobs/{id})
     images_wait_s: float = Field(default=300.0, gt=0, le=3600)
@@ -125,6 +133,12 @@ class Settings(BaseSettings):
     # jobs by) and of an API key it found (a revocation takes effect within this). A refusal is always
     # decided on a fresh read. 0 reads both for every request.
     api_cache_s: float = Field(default=1.0, ge=0, le=60)
+    # The API process's PostgreSQL connection pool (`sdfleet api --workers N`: one each): connections kept open,
+    # more opened under load, and how long a request waits for a free one before the answer is 503 with
+    # Retry-After. Small on purpose (docs/operations.md, "The database pool"); SQLite is not pooled by these.
+    db_pool_size: int = Field(default=DB_POOL_SIZE, ge=1, le=1000)
+    db_max_overflow: int = Field(default=DB_MAX_OVERFLOW, ge=0, le=1000)
+    db_pool_timeout_s: float = Field(default=DB_POOL_TIMEOUT_S, gt=0, le=300)
 
     # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
     # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").

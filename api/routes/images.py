@@ -23,14 +23,17 @@ from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobSta
 from shared.waiting import WaitTimeout, wait_until_async
 
 router = APIRouter(tags=["openai"])
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# Matched whole (fullmatch) and in ASCII digits: `\d` takes any Unicode digit (int() reads Arabic-Indic and
+# fullwidth ones), and `$` matches before a final newline, so "64x64\n" passed
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 POLL_S = 0.2
 
 
 class ImageGenerationRequest(BaseModel):
-    """OpenAI's request (prompt, n, size, response_format, model, user) and sdfleet's own fields."""
+    """OpenAI's request (prompt, n, size, response_format, model, user) and sdfleet's own fields. Strict as
+    POST /v1/jobs is: no coercion ("2" is not a number), no unknown fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     n: int = Field(default=1, ge=1, le=8, description="images, one pass each (at most 8 per job here)")
@@ -73,7 +76,7 @@ def _job_request(body: ImageGenerationRequest) -> JobCreate:
               "negative_prompt": body.negative_prompt, "steps": body.steps, "guidance_scale": body.guidance_scale,
               "seed": body.seed}
     if body.size not in (None, "auto"):
-        match = _SIZE.match(body.size)
+        match = _SIZE.fullmatch(body.size)
         if not match:
             raise InvalidRequest(f"size: {body.size!r} is not WIDTHxHEIGHT (e.g. \"512x512\")",
                                  [{"field": "size", "reason": "must be WIDTHxHEIGHT, e.g. 512x512"}])

@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import random
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -19,7 +19,8 @@ from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, ow
 from api.errors import responses
 from shared import deliveries, fleet, jobstore, webhooks
 from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
-from shared.jobs import MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus
+from shared.jobs import (MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus,
+                         is_job_id)
 from shared.models import Job, Worker
 from shared.queue import send_webhook
 
@@ -102,13 +103,37 @@ def _encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _bad_cursor(reason: str) -> InvalidRequest:
+    return InvalidRequest(f"cursor: not a cursor this API gave out ({reason}; pass next_cursor as it came)",
+                          [{"field": "cursor", "reason": f"not a cursor this API gave out: {reason}"}])
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a next_cursor holds, checked whole before the database sees it: a JSON pair of an
+    ISO 8601 time with its zone, as isoformat() writes it, and a job ID (a UUID). Anything else (a naive time,
+    NUL or a lone surrogate in the ID, another type) is 422 with the reason, never a query the database
+    refuses."""
     try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidRequest("cursor: not a cursor this API gave out (pass next_cursor as it came)",
-                             [{"field": "cursor", "reason": "not a cursor this API gave out"}]) from None
+        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):  # not base64, not UTF-8, not JSON (UnicodeDecodeError is a ValueError)
+        raise _bad_cursor("not base64 of JSON") from None
+    if not (isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(v, str) for v in decoded)):
+        raise _bad_cursor("not a pair of a time and a job ID")
+    created_text, job_id = decoded
+    if not is_job_id(job_id):
+        raise _bad_cursor("its job ID is not a job ID (a UUID)")
+    try:  # as isoformat() writes it: fromisoformat alone takes more (any character between date and time)
+        created = datetime.fromisoformat(created_text)
+        if created.isoformat() != created_text:
+            raise ValueError(created_text)
+    except ValueError:
+        raise _bad_cursor("its time is not an ISO 8601 time as this API writes it") from None
+    if created.utcoffset() is None:
+        raise _bad_cursor("its time has no time zone")
+    try:  # in UTC, as the times are stored (SQLite compares their text, which holds no zone)
+        return created.astimezone(timezone.utc), job_id
+    except OverflowError:  # year 1 at +14:00: before the first time there is
+        raise _bad_cursor("its time is out of range") from None
 
 
 @router.get("", response_model=JobList, responses=responses(422))

@@ -206,6 +206,7 @@ async function useKey(candidate) {
   localStorage.setItem(KEY_STORE, candidate);
   $("key-input").value = "";
   keyAccepted();
+  if (!state.schema) await loadSchema();
   await loadModels();
   kick();
 }
@@ -217,14 +218,16 @@ function fieldSchema(p) {  // Optional fields are anyOf [{...}, {type: null}]
   return p || {};
 }
 
+// The schema needs the key where every route does (SDFLEET_AUTH): a 401 opens the key panel, and the schema
+// is read again once a key is accepted (useKey).
 async function loadSchema() {
   try {
-    const {data} = await api("openapi.json", {key: null});
+    const {data} = await api("openapi.json");
     const props = data.components.schemas.JobCreate.properties;
     state.schema = props;
     initForm(props);
   } catch (e) {
-    showSubmitError(`Could not read the API's schema: ${e.message}`);
+    if (e.status !== 401) showSubmitError(`Could not read the API's schema: ${e.message}`);
   }
 }
 

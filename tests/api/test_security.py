@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import uuid
 
+from fastapi.routing import iter_route_contexts
 from sqlalchemy import select
+from starlette.routing import Mount
 
 from shared import jobstore, keys
+from shared.db import session_factory
 from shared.models import ApiKey
-from tests.helpers import BODY, assert_error_shape, auth, secured  # noqa: F401 (a fixture)
+from tests.helpers import BODY, assert_error_shape, auth, make_api, secured  # noqa: F401 (a fixture)
 
 
 def test_keys_are_stored_hashed(secured):
@@ -61,3 +65,54 @@ def test_rate_limit_is_429_with_retry_after(secured):
     with sessions() as s:
         assert jobstore.count_jobs(s) == 3  # nothing stored for a refused submission
     assert client.post("/v1/jobs", json=BODY, headers=auth(alice)).status_code == 202  # alice has no limit
+
+
+def _every_route(app) -> list[tuple[str, str]]:
+    """(method, a path of it) for every route of the app: included routers' too; a file for the static mount."""
+    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0"}
+    out = []
+    for route in iter_route_contexts(app.routes):
+        if isinstance(route.original_route, Mount):
+            out.append(("GET", route.path + "/app.js"))
+            continue
+        path = route.path
+        for name, value in samples.items():
+            path = path.replace(name, value)
+        out += [(method, path) for method in sorted(route.methods)]
+    return out
+
+
+# What answers without a key under SDFLEET_AUTH=required, as README.md and docs/security.md say: the health
+# check and the web page's own files. Everything else, the OpenAPI schema and its two pages too, is 401.
+WITHOUT_A_KEY = {"/healthz", "/", "/static/app.js"}
+
+
+def test_required_auth_walks_every_route_only_health_and_the_page_answer_without_a_key(sqlite_url, redis_url):
+    with session_factory(sqlite_url).begin() as s:
+        key = keys.create_key(s, "carol")
+    with make_api(sqlite_url, redis_url, auth="required", api_host="127.0.0.1", images_wait_s=0.2) as client:
+        routes = _every_route(client.app)
+        assert {"/openapi.json", "/docs", "/redoc", "/v1/jobs", "/v1/images/generations"} <= {p for _, p in routes}
+        answered = set()
+        for method, path in routes:
+            kwargs = {"json": BODY} if method == "POST" else {}
+            r = client.request(method, path, **kwargs)
+            if r.status_code == 401:
+                if path.startswith("/v1/images/"):  # OpenAI's shape there
+                    assert r.json()["error"]["code"] == "invalid_api_key", r.text
+                else:
+                    assert_error_shape(r, 401, "unauthorized")
+                assert r.headers["www-authenticate"] == "Bearer"
+            else:
+                answered.add(path)
+                assert r.status_code == 200, (method, path, r.status_code)
+            # with the key, each route answers (whatever its answer to this request: never 401)
+            r = client.request(method, path, headers=auth(key), **kwargs)
+            assert r.status_code != 401, (method, path, r.text)
+        assert answered == WITHOUT_A_KEY
+        # the schema and its pages, with the key
+        assert client.get("/openapi.json", headers=auth(key)).json()["paths"]["/v1/jobs"]
+        for page in ("/docs", "/redoc"):
+            r = client.get(page, headers=auth(key))
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            assert "/openapi.json" in r.text

@@ -406,11 +406,14 @@ def test_keys_asked_for_wrong_one_refused_and_only_the_keys_own_jobs(browser, ke
 
     sent = []
     page.on("request", lambda req: sent.append((req.url, req.headers.get("authorization")))
-            if "/v1/" in req.url else None)
+            if "/v1/" in req.url or req.url.endswith("/openapi.json") else None)
     page.goto(keyed.url + "/")
     panel = page.locator("#key-panel")
     expect(panel).to_be_visible()  # the API answered 401: the page asks for a key
     expect(page.locator("#key-status")).to_have_text("key needed")
+    # the schema needs the key too: the form waits for it, with no error of its own
+    expect(page.locator("#submit-button")).to_be_disabled()
+    expect(page.locator("#submit-error")).to_be_hidden()
     screenshot(page, tmp_path, "key")
 
     page.fill("#key-input", "sdf_not-a-key")
@@ -425,6 +428,11 @@ def test_keys_asked_for_wrong_one_refused_and_only_the_keys_own_jobs(browser, ke
     assert page.evaluate(f"localStorage.getItem('{KEY_STORE}')") == keyed.keys["alice"]
     expect(page.locator("#key-status")).to_have_text(f"key …{keyed.keys['alice'][-4:]}")
 
+    # with the key, the schema is read and the form takes its limits from it
+    schema = alice.http.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]
+    expect(page.locator("#submit-button")).to_be_enabled()
+    assert float(page.get_attribute("#f-steps", "max")) == schema["steps"]["anyOf"][0]["maximum"]
+    assert f"Bearer {keyed.keys['alice']}" in {h for u, h in sent if u.endswith("/openapi.json")}
     page.wait_for_selector(f'#f-model option[value="{keyed.model}"]', state="attached")
     fill_form(page, prompt="alice's own job", model=keyed.model, width=128, height=128, steps=2)
     page.click("#submit-button")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from shared.db import Pool, make_engine
 from shared.settings import Settings
 
 
@@ -39,3 +40,26 @@ def test_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("SDFLEET_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("SDFLEET_MODEL", "/models/x")
     assert Settings().max_attempts == 3 and Settings().model == "/models/x"
+
+
+def test_the_database_pool_settings_reach_a_postgresql_engine(monkeypatch):
+    defaults = Settings()
+    assert (defaults.db_pool_size, defaults.db_max_overflow, defaults.db_pool_timeout_s) == (5, 5, 10.0)
+    monkeypatch.setenv("SDFLEET_DB_POOL_SIZE", "3")
+    monkeypatch.setenv("SDFLEET_DB_MAX_OVERFLOW", "2")
+    monkeypatch.setenv("SDFLEET_DB_POOL_TIMEOUT_S", "1.5")
+    pool = Pool.of(Settings())
+    assert pool == Pool(3, 2, 1.5)
+    engine = make_engine("postgresql+psycopg://sdfleet@127.0.0.1:9/none", pool)  # made, never connected
+    try:
+        assert engine.pool.size() == 3 and engine.pool.timeout() == 1.5 and engine.pool._max_overflow == 2
+    finally:
+        engine.dispose()
+    default = make_engine("postgresql+psycopg://sdfleet@127.0.0.1:9/none")
+    assert default.pool.size() == 5 and default.pool.timeout() == 10.0 and default.pool._max_overflow == 5
+    for name, value in [("SDFLEET_DB_POOL_SIZE", "0"), ("SDFLEET_DB_MAX_OVERFLOW", "-1"),
+                        ("SDFLEET_DB_POOL_TIMEOUT_S", "0")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match=name.removeprefix("SDFLEET_").lower()):
+            Settings()
+        monkeypatch.delenv(name)
