@@ -83,8 +83,10 @@ def periodic_pass(broker: redis.Redis, me: str, sessions, celery, settings) -> b
     interval_ms = int(settings.reconcile_interval_s * 1000)
     if not broker.set(RECONCILE_LOCK_KEY, me, nx=True, px=interval_ms):
         return False
+    t0 = time.perf_counter()
     reconcile(sessions, broker, celery, settings)
     enforce_retention(sessions, settings)
+    log.info("reconciler pass in %.0f ms", 1000 * (time.perf_counter() - t0))
     return True
 
 
