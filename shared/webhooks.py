@@ -39,14 +39,59 @@ def check_syntax(url: str) -> str:
     return url
 
 
-def _why_refused(ip: IPAddress) -> str | None:
-    ip = getattr(ip, "ipv4_mapped", None) or ip
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+_NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: where the IPv4 sits is the site's choice
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible (::a.b.c.d); :: and ::1 aside
+
+
+def embedded_ipv4(ip: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries and would reach through a translator or a tunnel: mapped
+    (::ffff:a.b.c.d), compatible (::a.b.c.d), 6to4 (2002:AABB:CCDD::), Teredo (2001:0::/32: its server, and its
+    client XOR 0xffffffff) and NAT64's well-known prefix (64:ff9b::a.b.c.d). Each with what carried it."""
+    if ip.version == 4:
+        return []
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(("IPv4-mapped", ip.ipv4_mapped))
+    elif ip in _IPV4_COMPATIBLE and int(ip) > 1:
+        found.append(("IPv4-compatible", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+    if ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("Teredo server", server), ("Teredo client", client)]
+    if ip in _NAT64_WELL_KNOWN:
+        found.append(("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+    return found
+
+
+def _plain_why(ip: IPAddress) -> str | None:
     for attr, what in (("is_loopback", "loopback"), ("is_unspecified", "unspecified"),
                        ("is_link_local", "link-local"), ("is_multicast", "multicast"),
                        ("is_reserved", "reserved"), ("is_private", "private")):
         if getattr(ip, attr):
-            return what
-    return None if ip.is_global else "non-public"
+            return f"{what} address"
+    return None if ip.is_global else "non-public address"
+
+
+def why_refused(ip: IPAddress) -> str | None:
+    """Why a webhook may not go to this address ("loopback address", ...), None if it may. The one rule, used
+    at submit (the API) and at send time (the ops worker, on the DNS answers). An IPv6 address that carries an
+    IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) is refused when that IPv4 address is, whatever its
+    IPv6 range says; an IPv4-mapped address and one in NAT64's well-known prefix are otherwise judged by their
+    IPv4 address alone (a connection to them reaches it: an IPv6-only network with DNS64 reaches IPv4
+    receivers through 64:ff9b::/96); NAT64's local-use prefix 64:ff9b:1::/48 is always refused (where it puts
+    the IPv4 address, and so where it leads, is the site translator's choice)."""
+    embedded = embedded_ipv4(ip)
+    for via, v4 in embedded:
+        why = _plain_why(v4)
+        if why:
+            return f"{why} ({via} for {v4})"
+    if ip.version == 6 and (ip.ipv4_mapped is not None or ip in _NAT64_WELL_KNOWN):
+        return None  # the IPv4 address it reaches, checked above, is public
+    if ip.version == 6 and ip in _NAT64_LOCAL_USE:
+        return "NAT64 local-use address (64:ff9b:1::/48: the site's translator decides where it leads)"
+    return _plain_why(ip)
 
 
 @dataclass(frozen=True)
@@ -74,10 +119,10 @@ def resolve(url: str, allowed: tuple = (), resolver=socket.getaddrinfo) -> Desti
     for ip in addresses:
         if any(ip in net for net in allowed):
             continue
-        why = _why_refused(ip)
+        why = why_refused(ip)
         if why:
             raise WebhookRefused(
-                f"host {host!r} resolves to {ip}, a {why} address; webhooks go only to public addresses "
+                f"host {host!r} resolves to {ip}, a {why}; webhooks go only to public addresses "
                 "(an operator can allow networks with SDFLEET_WEBHOOK_ALLOW_NETWORKS)")
     return Destination(url=url, host=host, port=port, address=addresses[0])
 
