@@ -2,13 +2,17 @@
 (loopback under any alias, private ranges, link-local metadata endpoints, the Redis port) would make it a
 tool for server-side request forgery: the host is resolved and every address it names must be public, unless
 it falls in a network the operator allowed. Checked at submit and again at send time (DNS can change), and
-the send connects to the address that was checked."""
+the send connects to the address that was checked, within one deadline for the whole delivery (the lookup,
+the connection, TLS, the request and the last byte of the answer)."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -127,13 +131,60 @@ def resolve(url: str, allowed: tuple = (), resolver=socket.getaddrinfo) -> Desti
     return Destination(url=url, host=host, port=port, address=addresses[0])
 
 
+def receiver(url: str) -> str:
+    """Who receives a webhook, for sharing the ops worker fairly: the URL's host and port."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def resolve_within(url: str, allowed: tuple, timeout_s: float, resolver=socket.getaddrinfo) -> Destination:
+    """resolve(), given up after timeout_s (TimeoutError): a DNS server that answers slowly must not hold a
+    delivery past its deadline. The lookup goes on in a daemon thread of its own until the resolver gives up;
+    an address literal needs no lookup and no thread."""
+    host = urlsplit(check_syntax(url)).hostname
+    try:
+        ipaddress.ip_address(host)
+        return resolve(url, allowed, resolver)
+    except ValueError:
+        pass
+    outcome: list = []
+    done = threading.Event()
+
+    def look_up():
+        try:
+            outcome.append(resolve(url, allowed, resolver))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="sdfleet-webhook-dns", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"host {host!r} did not resolve within {timeout_s:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+_tls: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (loading the CA bundle costs ~35 ms of CPU: not per delivery)."""
+    global _tls
+    if _tls is None:
+        _tls = httpx.create_ssl_context()
+    return _tls
+
+
 async def _post(dest: Destination, body: bytes, headers: dict, deadline_s: float) -> int:
     parts = urlsplit(dest.url)
     ip = f"[{dest.address}]" if dest.address.version == 6 else str(dest.address)
     target = urlunsplit((parts.scheme, f"{ip}:{dest.port}", parts.path or "/", parts.query, ""))
     extensions = {"sni_hostname": dest.host} if parts.scheme == "https" else {}
     # trust_env=False: no proxy from the environment (it would resolve the name again, unchecked)
-    async with httpx.AsyncClient(timeout=deadline_s, follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=deadline_s, follow_redirects=False, trust_env=False,
+                                 verify=_tls_context()) as client:
         async with asyncio.timeout(deadline_s):
             response = await client.post(target, content=body, headers={**headers, "Host": parts.netloc},
                                          extensions=extensions)
@@ -144,4 +195,16 @@ def post(dest: Destination, body: bytes, headers: dict, deadline_s: float) -> in
     """POST to the checked address (no second DNS lookup; TLS still verifies the host's name), within one
     deadline for the whole exchange: a receiver that trickles a byte every few seconds is cut off, not
     waited for. Returns the status; raises httpx.HTTPError, TimeoutError or OSError."""
+    if deadline_s <= 0:
+        raise TimeoutError("no time left for the exchange")
     return asyncio.run(_post(dest, body, headers, deadline_s))
+
+
+def deliver(url: str, allowed: tuple, body: bytes, headers: dict, deadline_s: float,
+            resolver=socket.getaddrinfo) -> int:
+    """Check the URL's host again (DNS may have changed since submit) and POST to the address checked, the
+    lookup and the exchange within one deadline. Returns the status; raises WebhookRefused (never to be
+    sent), or httpx.HTTPError, TimeoutError or OSError (this attempt failed)."""
+    start = time.monotonic()
+    dest = resolve_within(url, allowed, deadline_s, resolver)
+    return post(dest, body, headers, deadline_s - (time.monotonic() - start))

@@ -89,6 +89,22 @@ def test_a_delivery_goes_to_the_checked_address_and_has_one_deadline():
         server.shutdown()
 
 
+def test_the_lookup_of_a_webhook_host_is_inside_the_deadline():
+    """A DNS server that answers slowly holds a delivery no longer than its deadline (the lookup goes on alone,
+    its answer unused); what it answers in time is checked as ever."""
+    def slow(host, port, **kw):
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not resolve within"):
+        webhooks.deliver("http://hooks.example/x", (), b"{}", {}, 0.5, slow)
+    assert time.monotonic() - started < 1.5
+    inside = lambda host, port, **kw: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", port))]  # noqa: E731
+    with pytest.raises(webhooks.WebhookRefused, match="private"):
+        webhooks.deliver("http://hooks.example/x", (), b"{}", {}, 0.5, inside)
+
+
 def test_a_webhook_hand_out_is_sent_once(db):
     with db.begin() as s:
         job = jobstore.create_job(s, jobstore.NewJob(PARAMS, webhook_url="http://203.0.113.5/hook"))
