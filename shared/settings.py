@@ -191,6 +191,10 @@ class Settings(BaseSettings):
     cpu_priority: Literal["idle", "low", "normal"] = "idle"
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # OpenVINO, NNCF and Hugging Face's libraries report usage unless declined: sdfleet declines for them at
+    # every entry (shared/telemetry.py, read from the environment before these settings); true leaves it to
+    # the libraries' own consent (OpenVINO's `opt_in_out`, HF_HUB_DISABLE_TELEMETRY)
+    library_telemetry: bool = False
 
     @field_validator("model_name", "default_model")
     @classmethod
