@@ -23,6 +23,15 @@ class WebhookSend:
     owner_key_id: str | None
     attempt: int
 
+def webhook_to_send(session: Session, job_id: str, delivery_id: str | None, attempts_done: int) -> str | None:
+    """The URL a webhook message is for, without taking its attempt; None when the message has nothing to
+    send (as claim_webhook would find)."""
+    return session.execute(select(Job.webhook_url).where(
+        Job.id == job_id, Job.webhook_status == WebhookStatus.pending.value,
+        Job.webhook_attempts == attempts_done, Job.webhook_delivery_id.is_not_distinct_from(delivery_id),
+    )).scalar()
+
+
 def claim_webhook(session: Session, job_id: str, delivery_id: str | None, attempts_done: int) -> WebhookSend | None:
     """Take attempt `attempts_done + 1` of a job's webhook: a compare-and-set on its delivery ID and attempt
     count, both carried by the message. None when there is nothing to send: delivered, failed, a message

@@ -143,7 +143,11 @@ class Settings(BaseSettings):
     # Webhook receivers: loopback, private, link-local, multicast and reserved addresses are refused unless
     # they fall in one of these networks (comma-separated CIDRs, e.g. "10.1.2.0/24,127.0.0.1/32").
     webhook_allow_networks: str = ""
-    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)  # one delivery, from connect to last byte
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)  # one delivery, from lookup to last byte
+    # An ops worker sends this many webhooks at once (threads), at most webhook_per_receiver of them to one
+    # receiver (a URL's host and port): the rest of that receiver's wait their turn, taking no thread
+    webhook_concurrency: int = Field(default=64, ge=1, le=1024)
+    webhook_per_receiver: int = Field(default=4, ge=1, le=1024)
 
     # Retention, enforced by the ops worker: finished jobs older than this many days are deleted, and the
     # oldest finished jobs go first while their PNGs add up to more than the byte cap. 0 keeps everything.
@@ -208,6 +212,10 @@ class Settings(BaseSettings):
     cpu_priority: Literal["idle", "low", "normal"] = "idle"
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # OpenVINO, NNCF and Hugging Face's libraries report usage unless declined: sdfleet declines for them at
+    # every entry (shared/telemetry.py, read from the environment before these settings); true leaves it to
+    # the libraries' own consent (OpenVINO's `opt_in_out`, HF_HUB_DISABLE_TELEMETRY)
+    library_telemetry: bool = False
 
     @field_validator("model_name", "default_model")
     @classmethod

@@ -160,6 +160,19 @@ def test_the_openapi_schema_describes_every_status_and_the_webhook_rules(api):
     ("http://224.0.0.1/", "multicast"), ("http://240.0.0.1/", "reserved"),
     ("http://user:pass@203.0.113.5/", "credentials"), ("http://203.0.113.5/\r\nX: 1", "control"),
     ("http://no-such-host.invalid/", "does not resolve"),
+    # IPv6 addresses that carry a refused IPv4 address, whatever range they are in
+    ("http://[2002:7f00:1::]/", "loopback address (6to4 for 127.0.0.1)"),
+    ("http://[2002:a00:1::]/", "private address (6to4 for 10.0.0.1)"),
+    ("http://[2002:a9fe:a9fe::1]/", "link-local address (6to4 for 169.254.169.254)"),
+    ("http://[64:ff9b::7f00:1]/", "loopback address (NAT64 for 127.0.0.1)"),
+    ("http://[64:ff9b::a00:1]/", "private address (NAT64 for 10.0.0.1)"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "link-local address (NAT64 for 169.254.169.254)"),
+    ("http://[64:ff9b:1::7f00:1]/", "NAT64 local-use"), ("http://[64:ff9b:1::5db8:d70e]/", "NAT64 local-use"),
+    ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "loopback address (Teredo client for 127.0.0.1)"),
+    ("http://[2001:0:a00:1::a247:28f1]/", "private address (Teredo server for 10.0.0.1)"),
+    ("http://[::ffff:10.0.0.1]/", "private address (IPv4-mapped for 10.0.0.1)"),
+    ("http://[::127.0.0.1]/", "loopback address (IPv4-compatible for 127.0.0.1)"),
+    ("http://[::10.0.0.1]/", "private address (IPv4-compatible for 10.0.0.1)"),
 ])
 def test_webhooks_that_would_reach_inside_are_refused_at_submit(api, db, url, why):
     """Checked without a packet leaving the machine: these are literals, or names the test resolver refuses."""
@@ -167,6 +180,14 @@ def test_webhooks_that_would_reach_inside_are_refused_at_submit(api, db, url, wh
     error = assert_error_shape(api.post("/v1/jobs", json={**BODY, "webhook_url": url}), 422, "invalid_request")
     assert error["details"][0]["field"] == "webhook_url" and why in error["message"], error
     assert count(db) == before
+
+
+@pytest.mark.parametrize("url", ["http://93.184.215.14/hook", "http://[2606:4700::1111]/hook",
+                                 "http://[2002:5db8:d70e::1]/hook", "http://[64:ff9b::5db8:d70e]/hook",
+                                 "http://[::ffff:93.184.215.14]/hook"])
+def test_webhooks_to_public_addresses_are_accepted_whatever_carries_them(api, url):
+    """A public IPv4 address through 6to4, NAT64's well-known prefix (DNS64 networks) or IPv4-mapped."""
+    assert api.post("/v1/jobs", json={**BODY, "webhook_url": url}).status_code == 202
 
 
 def test_an_operator_can_allow_an_internal_network(db, database_url, redis_url):

@@ -5,6 +5,7 @@ interval in the whole fleet."""
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import socket
 import threading
 import time
@@ -26,12 +27,23 @@ from tests.helpers import database_url, db, fresh_url  # noqa: F401 (fixtures)
 def test_a_name_that_resolves_inside_is_refused_at_send_time_too():
     """DNS can change between submit and send: the ops worker resolves again, and any inside address refuses."""
     def rebinding(answer):
-        return lambda host, port, **kw: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, port))]
+        family = socket.AF_INET6 if ":" in answer else socket.AF_INET
+        return lambda host, port, **kw: [(family, socket.SOCK_STREAM, 6, "", (answer, port))]
 
-    assert webhooks.resolve("https://hooks.example/x", (), rebinding("93.184.215.14")).address.exploded == "93.184.215.14"
-    for inside in ("127.0.0.1", "10.9.8.7", "169.254.169.254"):
-        with pytest.raises(webhooks.WebhookRefused, match="resolves to"):
+    for public in ("93.184.215.14", "2002:5db8:d70e::1", "64:ff9b::5db8:d70e", "::ffff:93.184.215.14"):
+        assert webhooks.resolve("https://hooks.example/x", (), rebinding(public)).address == ipaddress.ip_address(public)
+    # the same rule as at submit (tests/api/test_hardening.py), IPv6 answers carrying an inside IPv4 address too
+    for inside, why in [("127.0.0.1", "loopback"), ("10.9.8.7", "private"), ("169.254.169.254", "link-local"),
+                        ("2002:7f00:1::", "loopback address (6to4 for 127.0.0.1)"),
+                        ("2002:a00:1::", "private address (6to4 for 10.0.0.1)"),
+                        ("64:ff9b::a9fe:a9fe", "link-local address (NAT64 for 169.254.169.254)"),
+                        ("64:ff9b:1::a00:1", "NAT64 local-use"),
+                        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback address (Teredo client for 127.0.0.1)"),
+                        ("::ffff:127.0.0.1", "loopback address (IPv4-mapped for 127.0.0.1)"),
+                        ("::127.0.0.1", "loopback address (IPv4-compatible for 127.0.0.1)")]:
+        with pytest.raises(webhooks.WebhookRefused, match="resolves to") as refused:
             webhooks.resolve("https://hooks.example/x", (), rebinding(inside))
+        assert why in str(refused.value)
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
@@ -75,6 +87,22 @@ def test_a_delivery_goes_to_the_checked_address_and_has_one_deadline():
     finally:
         _Receiver.trickle = False
         server.shutdown()
+
+
+def test_the_lookup_of_a_webhook_host_is_inside_the_deadline():
+    """A DNS server that answers slowly holds a delivery no longer than its deadline (the lookup goes on alone,
+    its answer unused); what it answers in time is checked as ever."""
+    def slow(host, port, **kw):
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not resolve within"):
+        webhooks.deliver("http://hooks.example/x", (), b"{}", {}, 0.5, slow)
+    assert time.monotonic() - started < 1.5
+    inside = lambda host, port, **kw: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", port))]  # noqa: E731
+    with pytest.raises(webhooks.WebhookRefused, match="private"):
+        webhooks.deliver("http://hooks.example/x", (), b"{}", {}, 0.5, inside)
 
 
 def test_a_webhook_hand_out_is_sent_once(db):
