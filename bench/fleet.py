@@ -137,15 +137,19 @@ def run(n: int, args) -> dict:
                        f"default_pool_size = {args.pgbouncer_pool}\nunix_socket_dir =\n"
                        f"logfile = {work / 'pgbouncer.log'}\n")
         (work / "users.txt").write_text('"postgres" ""\n')
-        procs.append(subprocess.Popen([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", str(ini)],
+        as_user = []
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root: as postgres, reading and writing `work`
+            as_user = ["-u", "postgres"]
+            work.chmod(0o777)
+        procs.append(subprocess.Popen([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", *as_user, str(ini)],
                                       stdout=open(work / "pgbouncer.out", "ab"), stderr=subprocess.STDOUT))
         time.sleep(1)
         worker_db_url = f"postgresql://postgres@127.0.0.1:{port}/{db}"
     fleet = Fleet(n, args, work, db_url, worker_db_url, redis_url)
     api_port = free_port()
-    procs.append(spawn([sys.executable, "-m", "sdfleet", "api", "--port", str(api_port)], fleet.env,
+    procs.append(spawn(["api", "--port", str(api_port)], fleet.env,
                        str(work / "api.log")))
-    procs.append(spawn([sys.executable, "-m", "sdfleet", "ops"], {**fleet.env, "SDFLEET_DATABASE_URL": worker_db_url},
+    procs.append(spawn(["ops"], {**fleet.env, "SDFLEET_DATABASE_URL": worker_db_url},
                        str(work / "ops.log")))
     api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60)
     samples = {"pg": [], "workers_s": [], "available": [], "pss": []}

@@ -58,17 +58,37 @@ def make_engine(url: str, pool: Pool = Pool()) -> Engine:
             cur.close()
 
         return engine
+    # No server-side prepared statements (psycopg prepares a query from its 5th run on a connection): through
+    # PgBouncer in transaction mode (before 1.21) the next transaction may find another server connection,
+    # without them. Planning the small queries here costs microseconds.
     return create_engine(url, pool_pre_ping=True, pool_size=pool.size, max_overflow=pool.max_overflow,
-                         pool_timeout=pool.timeout_s)
+                         pool_timeout=pool.timeout_s, connect_args={"prepare_threshold": None})
+
+
+# A model worker holds one connection between jobs (its heartbeat, progress and task threads take turns, a
+# few milliseconds each) and opens up to two more only when they collide: ~1 per host, so one PostgreSQL's
+# max_connections of 100 carries ~85 hosts beside the API and ops (docs/deploy.md, "How far one server goes").
+WORKER_POOL = Pool(size=1, max_overflow=2, timeout_s=30.0)
+_process_pool = Pool()
+
+
+def use_pool(pool: Pool) -> None:
+    """The pool this process's engines take unless given one (set at a program's start, before any engine)."""
+    global _process_pool
+    _process_pool = pool
+
+
+def engine_for(url: str, pool: Pool | None = None) -> Engine:
+    """The process's engine for this URL and pool (one per pair: the same arguments, the same engine)."""
+    return _engine(url, pool or _process_pool)
 
 
 @functools.lru_cache(maxsize=8)
-def engine_for(url: str, pool: Pool = Pool()) -> Engine:
-    """The process's engine for this URL and pool (one per pair: the same arguments, the same engine)."""
+def _engine(url: str, pool: Pool) -> Engine:
     return make_engine(url, pool)
 
 
-def session_factory(url: str, pool: Pool = Pool()) -> sessionmaker[Session]:
+def session_factory(url: str, pool: Pool | None = None) -> sessionmaker[Session]:
     return sessionmaker(engine_for(url, pool), expire_on_commit=False)
 
 

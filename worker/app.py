@@ -13,7 +13,7 @@ from celery.signals import worker_process_init, worker_shutting_down
 from celery.worker import state as celery_state
 
 from shared import fleet
-from shared.db import engine_for, migrate, session_factory, wait_for_database
+from shared.db import WORKER_POOL, engine_for, migrate, session_factory, use_pool, wait_for_database
 from shared.memory import fmt_size, read_host_budget
 from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name
 from shared.retry import retrying
@@ -27,6 +27,7 @@ from worker.tasks import run_job
 log = logging.getLogger(__name__)
 
 settings = get_settings()
+use_pool(WORKER_POOL)  # ~1 connection per host: a fleet of hosts shares one PostgreSQL's max_connections
 app = make_celery(settings)
 _worker: WorkerProcess | None = None
 
@@ -127,6 +128,7 @@ def main(extra_args: list[str] | None = None) -> None:
     name = preflight()
     with session_factory(settings.database_url)() as session:
         generate.time_limit = hard_time_limit(settings.job_timeout_s, fleet.slowest_step_s(session, name))
+    engine_for(settings.database_url).dispose()  # the main process needs no connection while Celery runs
     log.info("job timeout %s s, hard limit %s s", settings.job_timeout_s, generate.time_limit)
     budget, _ = read_host_budget(settings.memory_reserve, settings.memory_budget)
     classes = classes_within(budget)
