@@ -5,15 +5,16 @@ and, with SDFLEET_TEST_POSTGRES_URL set, connected to PostgreSQL as a login role
 ops worker keep the server's credentials (Redis's default user, the database's owner).
 
 The worker starts, runs a job end to end (two images, a webhook through the ops worker), follows remote-control
-changes of its queues, and, stopped, hands its running job back with its checkpoint; and Redis refused it
-nothing (ACL LOG) but redis-py's CLIENT SETINFO, which redis-py sends on every connection and ignores when
-refused. The refusals themselves: tests/shared/test_privilege.py."""
+changes of its queues, runs again a job whose pool child was killed, and, stopped, hands its running job back
+with its checkpoint; and Redis refused it nothing (ACL LOG) but redis-py's CLIENT SETINFO, which redis-py sends
+on every connection and ignores when refused. The refusals themselves: tests/shared/test_privilege.py."""
 
 from __future__ import annotations
 
 import contextlib
 import http.server
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from shared.privilege import worker_acl, worker_role_sql
 from shared.queue import classes_within, make_celery, message_ids_in_broker, queue_name, unacked_keys
 from shared.settings import Settings
 from tests.conftest import (
-    POSTGRES_URL, ROOT, free_port, kill_tree, postgres_database, stack_env, start_api, start_worker,
+    POSTGRES_URL, ROOT, free_port, kill_tree, pool_child, postgres_database, stack_env, start_api, start_worker,
     wait_worker_ready,
 )
 from worker.owner import Consumers
@@ -171,6 +172,15 @@ def test_a_worker_under_its_acl_user_and_database_role_runs_jobs(tiny_model, tmp
             consumers.follow(BUDGET, paused=False)
             _until(lambda: consumed() == expected, 30, "its queues back")
             assert client.wait(waiting["id"], timeout=120)["status"] == "succeeded"
+
+            # its pool child killed mid-job: Celery puts the message back (through the model's unacked keys), the
+            # new child takes the job back (as the same login role) and runs it again
+            killed = client.submit(prompt="killed once", width=256, height=256, steps=120)
+            _until(lambda: (client.job(killed["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "running")
+            os.kill(pool_child(worker), signal.SIGKILL)
+            again = client.wait(killed["id"], timeout=180)
+            assert again["status"] == "succeeded" and again["attempts"] == 2, again
+            assert again["history"][0]["error"]["code"] == "worker_lost"
 
             # stopped mid-job: the job goes back to its queue with its checkpoint, not counted as an attempt
             long = client.submit(prompt="a long one", width=512, height=512, steps=150)
