@@ -532,6 +532,36 @@ def cmd_db_upgrade(_args) -> int:
     return 0
 
 
+def cmd_db_worker_role(args) -> int:
+    from shared.privilege import worker_role_sql
+
+    try:
+        print(worker_role_sql(args.role), end="")
+    except ValueError as exc:
+        print(f"sdfleet db worker-role: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_redis_acl(args) -> int:
+    import secrets
+    from urllib.parse import urlparse
+
+    from shared.privilege import worker_acl
+
+    url = urlparse(os.environ.get("SDFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    db = args.db if args.db is not None else int((url.path or "/0").strip("/") or 0)
+    password = secrets.token_hex(24)  # hex: it goes into a URL unescaped
+    try:
+        print(worker_acl(args.model, args.user, password, db))
+    except ValueError as exc:
+        print(f"sdfleet redis-acl: {exc}", file=sys.stderr)
+        return 2
+    print(f"the worker's SDFLEET_REDIS_URL (its password is shown once; Redis keeps only its SHA-256):\n"
+          f"redis://{args.user}:{password}@<server>:{url.port or 6379}/{db}", file=sys.stderr)
+    return 0
+
+
 class StopRequested(Exception):
     """SIGTERM, SIGINT or SIGHUP reached `sdfleet up`: stop the stack."""
 
@@ -908,6 +938,19 @@ def _add_db(command) -> None:
     dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     d = dsub.add_parser("upgrade", help="migrate the schema to the newest revision", formatter_class=HelpFormatter)
     d.set_defaults(func=cmd_db_upgrade)
+    d = dsub.add_parser("worker-role", help="print the SQL that creates the PostgreSQL group role workers log in "
+                        "through (what a worker needs and nothing else, row-level security included), to run as a "
+                        "superuser in the sdfleet database; run it again after each upgrade",
+                        formatter_class=HelpFormatter)
+    d.add_argument("--role", default="sdfleet_worker", help="the group role's name")
+    d.set_defaults(func=cmd_db_worker_role)
+
+    p = command("redis-acl", "print the Redis ACL SETUSER line of a worker's own user, limited to its model's queues "
+                "(Redis 6.2 or later); its new password goes to stderr, once")
+    p.add_argument("model", help="the model the worker serves (its SDFLEET_MODEL_NAME)")
+    p.add_argument("user", help="the Redis user's name, e.g. one per worker host")
+    p.add_argument("--db", type=int, help="the Redis database the fleet uses (default: SDFLEET_REDIS_URL's, else 0)")
+    p.set_defaults(func=cmd_redis_acl)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

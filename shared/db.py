@@ -13,7 +13,7 @@ from typing import Callable
 from sqlalchemy import ColumnCollection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.retry import retrying
@@ -152,11 +152,23 @@ def _alembic_logs_to(log_file: Path | None):
         alembic_log.propagate = saved[1]
 
 
+class MigrationRefused(RuntimeError):
+    """The schema is behind and this process's database role may not change it (a worker's role never may)."""
+
+
 def migrate(engine: Engine, revision: str = "head", log_file: Path | None = None) -> None:
     """Bring the schema to the newest revision (a no-op when it is there already), or to `revision`.
     `log_file`: alembic's INFO lines go there instead (see _alembic_logs_to)."""
     with _alembic_logs_to(log_file):  # around the import too: importing alembic logs its plugins
-        _upgrade(engine, revision)
+        try:
+            _upgrade(engine, revision)
+        except ProgrammingError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+                raise
+            raise MigrationRefused(
+                f"the schema is at revision {schema_revision(engine)}, this release needs {head_revision()}, and "
+                f"the database role {engine.url.username!r} may not migrate it (a worker's role never may): run "
+                f"`sdfleet db upgrade` as the tables' owner first ({str(exc.orig).strip()})") from exc
 
 
 def _upgrade(engine: Engine, revision: str) -> None:
@@ -171,6 +183,19 @@ def _upgrade(engine: Engine, revision: str) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def head_revision() -> str:
+    """The newest revision of this release's migrations."""
+    alembic_log = logging.getLogger("alembic")
+    saved = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)  # importing alembic logs its plugins at INFO: not a command's output
+    try:
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    finally:
+        alembic_log.setLevel(saved)
 
 
 def schema_revision(engine: Engine) -> str | None:

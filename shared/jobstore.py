@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, defer, raiseload, selectinload
 
 from shared import checkpoints, ids
 from shared.errors import Conflict, ErrorCode
@@ -73,8 +73,8 @@ def transition(
     if new.is_terminal:
         check_webhook_transition(None, WebhookStatus.pending)
         values.setdefault("finished_at", utcnow())
-        values["webhook_status"] = case((Job.webhook_url.is_not(None), WebhookStatus.pending.value), else_=None)
-        values["webhook_delivery_id"] = case((Job.webhook_url.is_not(None), new_delivery_id()), else_=None)
+        values["webhook_status"] = case((Job.has_webhook, WebhookStatus.pending.value), else_=None)
+        values["webhook_delivery_id"] = case((Job.has_webhook, new_delivery_id()), else_=None)
         values.update(progress_step=None, progress_steps=None, progress_image=None)
     changed = session.execute(stmt.values(status=new.value, **values)).rowcount == 1
     if changed and new.is_terminal:
@@ -103,6 +103,7 @@ def new_job_values(new: NewJob) -> dict:
     values.update(new.params.model_dump(), id=ids.uuid4(), status=JobStatus.queued.value,
                   priority=new.priority, owner_key_id=new.owner_key_id, idempotency_key=new.idempotency_key,
                   request_hash=new.request_hash, webhook_url=new.webhook_url,
+                  has_webhook=new.webhook_url is not None,
                   predicted_peak_bytes=new.predicted_peak_bytes, prediction_source=new.prediction_source,
                   memory_class_bytes=new.memory_class_bytes, delivery_id=new_delivery_id(), created_at=now,
                   enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0, leaves=0)
@@ -152,6 +153,12 @@ def image_png(session: Session, job_id: str, index: int, owner_key_id: str | Non
         stmt = stmt.where(Job.owner_key_id == owner_key_id)
     return session.scalar(stmt)
 
+# The columns a worker never reads, nor may (its database role, `sdfleet db worker-role`, has no right to them):
+# whose job it is and where its webhook goes. The worker's reads of a whole job leave them out (and its images).
+WORKER_HIDDEN_COLUMNS = ("webhook_url", "owner_key_id", "idempotency_key", "request_hash")
+_AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images))
+
+
 def parameters_of(job: Job) -> JobParameters:
     return JobParameters.model_validate(
         {name: getattr(job, name) for name in JobParameters.model_fields}
@@ -165,7 +172,7 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
     found `running` was delivered again because the worker running it died before anyone took the job
     back: it is taken back here (or ends worker_lost / timeout), then runs again.
     """
-    job = session.get(Job, job_id, with_for_update=True)
+    job = session.get(Job, job_id, with_for_update=True, options=_AS_WORKER)
     if job is None or (delivery_id is not None and job.delivery_id != delivery_id):
         return None
     status = JobStatus(job.status)
@@ -239,7 +246,7 @@ def hand_back(session: Session, attempt: Attempt, why: str) -> Job | None:
     written: back to queued with a new delivery ID, the attempt in the history as `worker_left` and not
     counted against SDFLEET_MAX_ATTEMPTS. The job (to send its message), or None if this attempt no longer
     held it."""
-    job = session.get(Job, attempt.job_id, with_for_update=True)
+    job = session.get(Job, attempt.job_id, with_for_update=True, options=_AS_WORKER)
     if job is None or job.status != JobStatus.running.value or job.attempts != attempt.number:
         return None
     reading = f", at {fmt_size(job.peak_rss_bytes)} resident" if job.peak_rss_bytes else ""
@@ -256,7 +263,7 @@ def hand_back(session: Session, attempt: Attempt, why: str) -> Job | None:
 
 def note_resume(session: Session, attempt: Attempt, record: ResumeRecord) -> None:
     """How this attempt started from the checkpoint it found (resumed, or again and why): the job's record."""
-    job = session.get(Job, attempt.job_id, with_for_update=True)
+    job = session.get(Job, attempt.job_id, with_for_update=True, options=_AS_WORKER)
     if job is None or job.status != JobStatus.running.value or job.attempts != attempt.number:
         return
     job.resumes = [*(job.resumes or []), record.model_dump(mode="json")]
@@ -274,7 +281,7 @@ def hand_on(session: Session, job: Job, delivery_id: str, ceiling: int) -> str |
 
 def queued_job(session: Session, job_id: str, delivery_id: str | None) -> Job | None:
     """The job this message is for, if it is queued and the message is its current delivery."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, options=_AS_WORKER)
     if job is None or job.status != JobStatus.queued.value:
         return None
     if delivery_id is not None and job.delivery_id != delivery_id:
@@ -287,8 +294,8 @@ def fail_unplaceable(session: Session, job: Job, message: str) -> bool:
                       error_code=ErrorCode.insufficient_memory.value, error_message=message)
 
 def running_on(session: Session, worker_name: str) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.status == JobStatus.running.value,
-                                                  Job.worker_name == worker_name).with_for_update()))
+    return list(session.scalars(select(Job).options(*_AS_WORKER).where(
+        Job.status == JobStatus.running.value, Job.worker_name == worker_name).with_for_update()))
 
 def requeue_lost_message(session: Session, job: Job) -> str | None:
     """A queued job whose message Redis lost: a new delivery ID (the old message, should it turn up, is

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, FetchedValue, Float, ForeignKey, Integer, LargeBinary, String, Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -78,6 +80,8 @@ class Job(Base):
     progress_steps: Mapped[int | None] = mapped_column(Integer)
     progress_image: Mapped[int | None] = mapped_column(Integer)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # whether webhook_url is set: what a worker ending the job reads (its database role may not read the URL)
+    has_webhook: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_status: Mapped[str | None] = mapped_column(String(16))  # pending, delivered, failed
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Each hand-out of a webhook gets a delivery ID, like a job's: a re-send by the reconciler replaces it
@@ -98,6 +102,10 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # PostgreSQL: the database role (session_user) whose statement last changed `status`, set by a trigger
+    # whatever the statement says: a worker's role may change only the running jobs it claimed itself
+    # (`sdfleet db worker-role`). NULL on SQLite.
+    status_by: Mapped[str | None] = mapped_column(String(63))
 
     images: Mapped[list["JobImage"]] = relationship(
         back_populates="job", order_by="JobImage.index", cascade="all, delete-orphan", lazy="selectin"
@@ -143,6 +151,9 @@ class Worker(Base):
     defaults: Mapped[dict | None] = mapped_column(JSON)  # ModelDefaults: its model's steps, guidance, size
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # PostgreSQL: the database role that inserted the row (its default, session_user): a worker's role may
+    # change only its own rows. NULL on SQLite.
+    db_role: Mapped[str | None] = mapped_column(String(63), server_default=FetchedValue())
 
 
 class MemoryProfile(Base):

@@ -22,7 +22,8 @@ WEBHOOK_QUEUE = "sdfleet.webhooks"  # consumed by the ops workers: never behind 
 # The Redis transport emulates priorities with one list per step, consumed lowest number first.
 PRIORITIES = {"high": 0, "normal": 3, "low": 6}
 _PRIORITY_SEP = ":"
-_UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
+_UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here (ops workers)
+PIDBOX_EXCHANGE = "celery.pidbox"  # Celery's remote control (its control_exchange, "celery"): a fanout channel
 RATE_LIMIT_PREFIX = "sdfleet:ratelimit"  # the `limits` library's moving windows, one per API key
 RECONCILE_LOCK_KEY = "sdfleet:lock:reconcile"  # one reconciler pass at a time in the whole fleet
 
@@ -57,6 +58,19 @@ def queue_name(model: str, ceiling: int) -> str:
     return f"{QUEUE_PREFIX}{model}.mem-{ceiling >> 20}mib"
 
 
+def priority_keys(queue: str) -> list[str]:
+    """The Redis lists of one queue: one per priority step (kombu's transport emulates priorities so)."""
+    return [queue if p == 0 else f"{queue}{_PRIORITY_SEP}{p}" for p in sorted(PRIORITIES.values())]
+
+
+def unacked_keys(model: str) -> dict[str, str]:
+    """Where a model's workers keep their delivered, unacknowledged messages: kombu's transport options, keys of
+    the model's own (not kombu's fleet-wide `unacked`), so that a worker's Redis user needs no other model's
+    messages, and restores (after the visibility timeout) only its own model's."""
+    base = f"{QUEUE_PREFIX}{model}.{_UNACKED_KEY}"
+    return {"unacked_key": base, "unacked_index_key": f"{base}_index", "unacked_mutex_key": f"{base}_mutex"}
+
+
 def queue_keys(redis_client, model: str) -> list[str]:
     """The Redis lists holding a model's queued messages (every class and priority step). Redis drops an
     empty list, so the keys that exist are the ones with messages."""
@@ -66,8 +80,7 @@ def queue_keys(redis_client, model: str) -> list[str]:
 
 def class_depth(redis_client, model: str, ceiling: int) -> int:
     """Messages waiting in one memory class of a model (every priority step: Redis keeps a list per step)."""
-    base = queue_name(model, ceiling)
-    return sum(redis_client.llen(base if p == 0 else f"{base}{_PRIORITY_SEP}{p}") for p in sorted(PRIORITIES.values()))
+    return sum(redis_client.llen(key) for key in priority_keys(queue_name(model, ceiling)))
 
 
 def queue_depth(redis_client, model: str) -> int:
@@ -85,11 +98,13 @@ def _message_id(raw: bytes | str) -> str | None:
 
 
 def message_ids_in_broker(redis_client, models: list[str]) -> set[str]:
-    """Task IDs (our delivery IDs) of every message Redis holds for these models: queued or delivered."""
+    """Task IDs (our delivery IDs) of every message Redis holds for these models: queued or delivered (to a
+    worker of the model, or to a worker of an earlier release, which used kombu's fleet-wide key)."""
     ids = set()
     for model in models:
         for key in queue_keys(redis_client, model):
             ids.update(_message_id(m) for m in redis_client.lrange(key, 0, -1))
+        ids.update(_message_id(m) for m in redis_client.hvals(unacked_keys(model)["unacked_key"]))
     ids.update(_message_id(m) for m in redis_client.hvals(_UNACKED_KEY))
     ids.discard(None)
     return ids

@@ -15,7 +15,9 @@ from celery.worker import state as celery_state
 from shared import fleet
 from shared.db import WORKER_POOL, engine_for, migrate, session_factory, use_pool, wait_for_database
 from shared.memory import fmt_size, read_host_budget
-from shared.queue import GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name
+from shared.queue import (
+    GENERATE_TASK, MEMORY_CLASSES, classes_within, hard_time_limit, make_celery, queue_name, unacked_keys,
+)
 from shared.retry import retrying
 from shared.settings import get_settings
 from modeltools import hub
@@ -126,6 +128,8 @@ def preflight() -> str:
 
 def main(extra_args: list[str] | None = None) -> None:
     name = preflight()
+    # delivered messages wait for their ack in the model's own keys: its Redis user needs no other model's
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **unacked_keys(name)}
     with session_factory(settings.database_url)() as session:
         generate.time_limit = hard_time_limit(settings.job_timeout_s, fleet.slowest_step_s(session, name))
     engine_for(settings.database_url).dispose()  # the main process needs no connection while Celery runs
