@@ -39,6 +39,12 @@ class Report:
     stats_folded: int = 0  # job statistics' deltas folded into their totals (shared/jobstats.py)
 
 
+# A worker claims a delivered job within a second (its pre-check and claim), or gives the message back
+# (paused: after 1 s; the database away: after 30 s of retries). A queued job whose message was delivered
+# longer ago than this is not being claimed by anyone; generous for clocks that differ between hosts.
+CLAIM_WAIT_S = 120.0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What one pass decides by, read in one go: the jobs past the grace period, every worker, the database's
@@ -50,6 +56,7 @@ class Snapshot:
     db_now: datetime
     stale_hooks: list[str]
     present: set[str]
+    claimable: set[str]  # queued, or delivered within CLAIM_WAIT_S: a live worker is about to claim its job
 
     @classmethod
     def read(cls, sessions, broker, settings: Settings, now: datetime) -> "Snapshot":
@@ -65,8 +72,10 @@ class Snapshot:
                 Job.webhook_status == WebhookStatus.pending.value,
                 func.coalesce(Job.webhook_sent_at, Job.finished_at) < now - WEBHOOK_RESEND_AFTER)))
         # read after the rows: a message sent since is either found here or belongs to a younger job
-        present = message_ids_in_broker(broker, sorted({j.model for j in queued + running}))
-        return cls(queued, running, workers, db_now, hooks, present)
+        models = sorted({j.model for j in queued + running})
+        present = message_ids_in_broker(broker, models)
+        claimable = message_ids_in_broker(broker, models, delivered_within_s=CLAIM_WAIT_S) if queued else set()
+        return cls(queued, running, workers, db_now, hooks, present, claimable)
 
     def alive(self, worker: Worker | None, settings: Settings) -> bool:
         return worker is not None and fleet.is_alive(worker, settings.worker_stale_s, self.db_now)
@@ -113,8 +122,11 @@ def _queued(seen: Snapshot, sessions, celery, settings: Settings, report: Report
                 if jobstore.fail_unplaceable(session, job, message):
                     report.failed_unplaceable.append(job.id)
             continue
-        if job.delivery_id in seen.present:
+        if job.delivery_id in seen.claimable:
             continue
+        # Its message is gone, or a worker took it long ago and never claimed the job: that worker died
+        # before starting it (a host SIGKILLed or powered off with the message delivered: kombu would restore
+        # it only after the visibility timeout, hours). A new delivery ID makes the old message stale.
         with sessions.begin() as session:
             delivery = jobstore.requeue_lost_message(session, job)
         if delivery:

@@ -88,6 +88,9 @@ def _engine(url: str, pool: Pool) -> Engine:
     return make_engine(url, pool)
 
 
+engine_for.cache_clear = _engine.cache_clear  # forget every engine of the process (tests, a database dropped)
+
+
 def session_factory(url: str, pool: Pool | None = None) -> sessionmaker[Session]:
     return sessionmaker(engine_for(url, pool), expire_on_commit=False)
 

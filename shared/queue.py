@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 from celery import Celery
 
@@ -97,15 +98,28 @@ def _message_id(raw: bytes | str) -> str | None:
         return None
 
 
-def message_ids_in_broker(redis_client, models: list[str]) -> set[str]:
+def message_ids_in_broker(redis_client, models: list[str], delivered_within_s: float | None = None) -> set[str]:
     """Task IDs (our delivery IDs) of every message Redis holds for these models: queued or delivered (to a
-    worker of the model, or to a worker of an earlier release, which used kombu's fleet-wide key)."""
+    worker of the model, or to a worker of an earlier release, which used kombu's fleet-wide key). With
+    `delivered_within_s`, a delivered message counts only if it was delivered that recently (kombu's
+    unacked index holds the time of delivery, by the consumer's clock)."""
     ids = set()
+    now = time.time()
+
+    def delivered(key: str, index_key: str) -> None:
+        payloads = redis_client.hgetall(key)
+        if delivered_within_s is None:
+            ids.update(_message_id(m) for m in payloads.values())
+            return
+        at = dict(redis_client.zrange(index_key, 0, -1, withscores=True))
+        ids.update(_message_id(m) for tag, m in payloads.items() if now - at.get(tag, now) < delivered_within_s)
+
     for model in models:
         for key in queue_keys(redis_client, model):
             ids.update(_message_id(m) for m in redis_client.lrange(key, 0, -1))
-        ids.update(_message_id(m) for m in redis_client.hvals(unacked_keys(model)["unacked_key"]))
-    ids.update(_message_id(m) for m in redis_client.hvals(_UNACKED_KEY))
+        keys = unacked_keys(model)
+        delivered(keys["unacked_key"], keys["unacked_index_key"])
+    delivered(_UNACKED_KEY, f"{_UNACKED_KEY}_index")
     ids.discard(None)
     return ids
 
