@@ -27,8 +27,10 @@ def beat(session: Session, hb: WorkerState, started_at: datetime) -> None:
     """Upsert this worker's row (only this worker writes it), stamped with the database's clock."""
     now = db_now(session)
     values = {**hb.model_dump(), "last_seen": now}
-    if session.execute(update(Worker).where(Worker.name == hb.name).values(**values)).rowcount == 0:
-        session.add(Worker(**values, started_at=started_at))
+    # one statement: the worker's two beating threads (its heartbeat, and a job's start) may write its first
+    # row at once (an UPDATE-then-INSERT had one of them fail on the primary key: bench/fleet.py)
+    upsert(session, Worker.__table__, {**values, "started_at": started_at}, ["name"],
+           lambda _c, new: {k: getattr(new, k) for k in values})
 
 
 def mark_loading(session: Session, name: str, reason: str) -> bool:
