@@ -152,16 +152,17 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
             keeper.refused(i, str(exc))
             clock.restart()
             image = worker.pipeline.generate(dataclasses.replace(request, resume=None), on_step)
-        if (leave := leaving()) is not None:  # during the decode: the finished image is kept
-            images.append(jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
-                                               png=_png(image)))
-            keeper.save_image(images[-1])
+        done = jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height, png=_png(image))
+        last = i + 1 == params.num_images
+        leave = leaving()
+        if leave is not None and not last:  # it left during the decode: the finished image is kept
+            keeper.save_image(done)
             raise JobLeft(leave)
-        meter.check()
-        images.append(jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height,
-                                           png=_png(image)))
-        if i + 1 < params.num_images:
-            keeper.save_image(images[-1])
+        if leave is None:  # the last image done as the worker leaves: the job is stored, not handed back
+            meter.check()
+        images.append(done)
+        if not last:
+            keeper.save_image(done)
     return images
 
 
