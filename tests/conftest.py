@@ -52,7 +52,7 @@ FILE_SECONDS = {  # by path under tests/
     "modeltools/test_export.py": 230, "worker/test_levers.py": 170, "system/test_multihost.py": 175,
     "system/test_operations.py": 70, "system/test_kill_storm.py": 172, "system/test_fleet.py": 115,
     "worker/test_failures.py": 115, "worker/test_fewstep.py": 110, "system/test_faults.py": 110,
-    "worker/test_states.py": 100, "system/test_end_to_end.py": 50, "api/test_web.py": 50, "api/test_fuzz.py": 40,
+    "worker/test_states.py": 160, "worker/test_resume.py": 130, "system/test_end_to_end.py": 50, "api/test_web.py": 50, "api/test_fuzz.py": 40,
     "api/test_validation.py": 40, "cli/test_cli.py": 40, "shared/test_telemetry.py": 35,
     "worker/test_least_privilege.py": 45,
 }
