@@ -245,6 +245,7 @@ class OptimumPipeline(PipelineBase):
                 return (torch.zeros_like(args[0] if args else kwargs["sample"]),)
             return forward(*args, **kwargs)
 
+        run.__wrapped__ = forward
         return run
 
     def _use_tiny_vae(self, spec: str) -> None:
