@@ -35,8 +35,10 @@ def queued_views(session: Session, view: FleetView, jobs: list) -> dict[str, tup
     names = sorted({w.name for ws in servers.values() for w in ws})
     running = {}
     if names:
+        # (not these jobs themselves: one claimed since it was read queued is not what it waits for)
         for row in session.execute(select(*_RUNNING_COLUMNS).where(
-                Job.status == JobStatus.running.value, Job.worker_name.in_(names)).order_by(Job.started_at)):
+                Job.status == JobStatus.running.value, Job.worker_name.in_(names),
+                Job.id.not_in([j.id for j in queued])).order_by(Job.started_at)):
             running[row.worker_name] = row  # (the latest, should a lost attempt still show running)
     now = utcnow()
     out = {}

@@ -6,6 +6,8 @@ job, the worker measures, the bench compares."""
 
 from __future__ import annotations
 
+import heapq
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -69,11 +71,14 @@ class TimePrediction:
 
 
 def _along(points: list[tuple[float, float]], x: float) -> float:
-    """y at x, piecewise linearly from measured (x, y) points: between the nearest points below and above x,
-    else along the line through the two nearest (past the measured range; never sloping down, and never below
-    zero: then in proportion to the nearest point); in proportion to x from a single point. A fixed part per
-    step (the scheduler, the calls into OpenVINO) shows as the line's intercept, which a proportion from one
-    point would scale with the size."""
+    """y at x, piecewise linearly from measured (x, y) points: between the nearest points below and above x;
+    past the largest, along the line through the two largest (never sloping down); below the smallest, along
+    that line too while it stays between what the smallest gives in proportion (no fixed part) and as it is
+    (all fixed), else at the geometric middle of those two (the curve bends at small sizes: within the square
+    root of their ratio of either); from a single point, in proportion above it and at that middle below. A
+    fixed part per step (the
+    scheduler, the calls into OpenVINO) shows as the line's intercept, which a proportion from one point would
+    scale with the size."""
     by_x: dict[float, list[float]] = {}
     for px, py in points:
         by_x.setdefault(px, []).append(py)
@@ -83,7 +88,7 @@ def _along(points: list[tuple[float, float]], x: float) -> float:
         return near_y
     proportional = near_y * x / near_x if near_x else near_y
     if len(pts) == 1:
-        return proportional
+        return proportional if x > near_x else math.sqrt(proportional * near_y)
     below = [p for p in pts if p[0] < x]
     above = [p for p in pts if p[0] > x]
     if below and above:
@@ -91,7 +96,9 @@ def _along(points: list[tuple[float, float]], x: float) -> float:
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = sorted(sorted(pts, key=lambda p: abs(p[0] - x))[:2])
     y = near_y + max(0.0, (y1 - y0) / (x1 - x0)) * (x - near_x)
-    return y if y > 0 else proportional
+    if above:  # below the smallest measured: between no fixed part (in proportion) and all fixed (as there)
+        return y if proportional <= y <= near_y else math.sqrt(proportional * near_y)
+    return y
 
 
 def _step_along(timed: list[Profile], shape: Shape) -> float:
@@ -171,24 +178,25 @@ def waiting(servers: list[Server], ahead: int, ahead_s: float | None, model: str
     class covers it; `ahead`: the queued jobs those workers take before it (higher priority, or the same and
     enqueued earlier), `ahead_s` their predicted seconds (None: unknown). `no_server`: why no worker covers it.
 
-    The expected start is the predicted work before it (what the ready workers' running jobs have left, and
-    the jobs ahead) shared among the ready workers: seconds from now, or None when it cannot be said (no ready
-    worker, or some of that work has no measurement yet)."""
+    The expected start (`expected_start`) is when the ready workers, each free once its running job has what
+    it has left, have taken the jobs ahead: seconds from now, or None when it cannot be said (no ready worker,
+    or some of that work has no measurement yet)."""
     if not servers:
         return Waiting(None, no_server or f"no live worker serves model {model!r}: it waits for one")
     ready = [s for s in servers if s.state == "ready"]
     if not ready:
-        paused = [s for s in servers if s.state == "paused"]
-        if paused:
-            why = "; ".join(f"{s.name}: {s.state_reason or 'paused'}" for s in paused)
+        if all(s.state == "paused" for s in servers):
+            why = "; ".join(f"{s.name}: {s.state_reason or 'paused'}" for s in servers)
             every = "the only worker" if len(servers) == 1 else f"every worker ({len(servers)})"
             return Waiting(None, f"{every} that can take it is paused ({why})")
-        why = "; ".join(sorted({s.state_reason or "loading" for s in servers}))
-        return Waiting(None, f"its worker{'s are' if len(servers) > 1 else ' is'} loading the model ({why})")
+        if all(s.state == "loading" for s in servers):
+            why = "; ".join(sorted({s.state_reason or "loading" for s in servers}))
+            return Waiting(None, f"its worker{'s are' if len(servers) > 1 else ' is'} loading the model ({why})")
+        why = "; ".join(f"{s.name} {s.state}" + (f": {s.state_reason}" if s.state_reason else "") for s in servers)
+        return Waiting(None, f"no worker that can take it is ready ({why})")
     running = [s for s in ready if s.busy]
-    left = [s.running_left_s for s in running]
-    known = ahead_s is not None and all(v is not None for v in left)
-    start = (sum(left) + ahead_s) / len(ready) if known else None
+    free_at = [s.running_left_s if s.busy else 0.0 for s in ready]
+    start = expected_start(free_at, ahead, ahead_s) if ahead_s is not None and None not in free_at else None
     others = [s for s in servers if s.state != "ready"]
     aside = f"; {len(others)} more {'is' if len(others) == 1 else 'are'} " + \
         ", ".join(sorted({s.state for s in others})) if others else ""
@@ -201,3 +209,17 @@ def waiting(servers: list[Server], ahead: int, ahead_s: float | None, model: str
     return Waiting(start, f"{'the' if n == 1 else f'all {n}'} worker{'s' if n > 1 else ''} that can take it "
                           f"{'are' if n > 1 else 'is'} busy: {len(running)} job(s) running, {ahead} queued ahead of it"
                           + aside)
+
+
+def expected_start(free_at: list[float], ahead: int, ahead_s: float) -> float:
+    """When a job starts behind `ahead` jobs of `ahead_s` seconds in all, on workers free in `free_at` seconds:
+    each job ahead (at their average) goes to whichever worker is free first, and this one to the first free
+    after them. Past a thousand jobs ahead, their work shared evenly (what that comes to anyway)."""
+    if ahead > 1000:
+        return (sum(free_at) + ahead_s) / len(free_at)
+    each = ahead_s / ahead if ahead else 0.0
+    heap = list(free_at)
+    heapq.heapify(heap)
+    for _ in range(ahead):
+        heapq.heappush(heap, heapq.heappop(heap) + each)
+    return heap[0]

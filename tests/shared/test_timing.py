@@ -14,7 +14,7 @@ from shared import fleet, jobstore
 from shared.jobs import FALLBACK_DEFAULTS, JobParameters
 from shared.memory import GB, Profile, Shape
 from shared.models import Job, MemoryProfile, utcnow
-from shared.timing import Server, StepTiming, measured, predict_time, unet_passes, waiting
+from shared.timing import Server, StepTiming, expected_start, measured, predict_time, unet_passes, waiting
 from tests.helpers import database_url, db  # noqa: F401 (fixtures)
 
 
@@ -69,6 +69,11 @@ def test_other_shapes_are_followed_along_latent_pixels():
     # from one size only: in proportion to latent pixels
     alone = predict_time(Shape(512, 512, True), 10, 1, [small])
     assert alone.step_s == pytest.approx(0.16) and alone.image_overhead_s == pytest.approx(0.8)
+    # below the smallest measured, where the line through the two smallest would fall below what the size's
+    # share gives: between that share (no fixed part) and the smallest's own (all fixed), geometrically
+    middle = timed(384, 384, True, 0.07, 0.3)
+    tiny = predict_time(Shape(128, 128, True), 10, 1, [timed(256, 256, True, 0.021, 0.2), middle])
+    assert tiny.step_s == pytest.approx((0.021 * 0.25 * 0.021) ** 0.5)
 
 
 def test_guidance_from_the_other_batchs_curve():
@@ -95,8 +100,8 @@ def test_why_a_queued_job_waits():
     assert waiting([ready], 2, 3.0, "m").reason == \
         "2 job(s) queued ahead of it, for 1 worker(s) that can take it (0 busy)"
     busy = [Server("a:1", "ready", None, 3.0, True), Server("b:1", "ready", None, 1.0, True)]
-    w = waiting(busy, 2, 4.0, "m")
-    assert w.expected_start_s == pytest.approx((3.0 + 1.0 + 4.0) / 2)
+    w = waiting(busy, 2, 4.0, "m")  # b is free at 1 s, takes the first ahead (2 s), a at 3 s the second
+    assert w.expected_start_s == pytest.approx(3.0)
     assert w.reason == "all 2 workers that can take it are busy: 2 job(s) running, 2 queued ahead of it"
     assert waiting(busy, 2, None, "m").expected_start_s is None  # some work ahead has no measurement
     paused = Server("c:1", "paused", "other programs use 87% of the CPUs, above 50%", 0.0, False)
@@ -104,8 +109,15 @@ def test_why_a_queued_job_waits():
     assert w.expected_start_s is None
     assert w.reason == "the only worker that can take it is paused (c:1: other programs use 87% of the CPUs, above 50%)"
     assert "1 more is paused" in waiting([busy[0], paused], 0, 0.0, "m").reason
-    assert "loading" in waiting([Server("d:1", "loading", "the pool child is loading the model", None, False)],
-                                0, 0.0, "m").reason
+    loading = Server("d:1", "loading", "the pool child is loading the model", None, False)
+    assert waiting([loading], 0, 0.0, "m").reason == \
+        "its worker is loading the model (the pool child is loading the model)"
+    assert waiting([paused, loading], 0, 0.0, "m").reason.startswith("no worker that can take it is ready (c:1 paused")
+    # a free worker takes it at once, whatever the busy one has left
+    assert waiting([busy[0], ready], 0, 0.0, "m").expected_start_s == 0
+    # three jobs of 2 s ahead on a free worker and one free in 5 s: the free one takes all three
+    assert expected_start([0.0, 5.0], 3, 6.0) == pytest.approx(5.0)
+    assert expected_start([0.0, 5.0], 4, 8.0) == pytest.approx(6.0)
     assert waiting([], 0, 0.0, "m").reason == "no live worker serves model 'm': it waits for one"
     assert waiting([], 0, 0.0, "m", "no live worker of 'm' takes its memory class").reason.startswith("no live")
 
