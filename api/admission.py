@@ -4,6 +4,7 @@ to need; otherwise the refusal carries the numbers and concrete changes that wou
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -16,6 +17,7 @@ from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults
 from shared.memory import Profile, Prediction, Shape, fmt_size, job_shape, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
+from shared.timing import TimePrediction, predict_time, unet_passes
 
 if TYPE_CHECKING:
     from api.submit import FleetCache
@@ -216,3 +218,30 @@ def refusal(view: FleetView, params: JobParameters, fits: list[WorkerFit]) -> In
          "largest_budget_bytes": largest.budget_bytes, "largest_class_bytes": usable, "worker": largest.name,
          "hints": tips},
     )
+
+
+def time_on(view: FleetView, worker: Worker, model: str, width: int, height: int, guidance_scale: float, steps: int,
+            images: int) -> TimePrediction | None:
+    """A job's generation seconds on this worker: from its runtime's profiles (shared/timing.py), or None."""
+    known = view.profiles.get((model, worker.backend, worker.precision, worker.memory_mode), [])
+    return predict_time(shape_on(worker, width, height, guidance_scale), steps, images, known,
+                        unet_passes(guidance_scale, announced_defaults(worker)))
+
+
+def class_workers(view: FleetView, model: str, memory_class_bytes: int | None) -> list[Worker]:
+    """The live workers of `model` that take jobs of this memory class (their largest class covers it)."""
+    return [w for w in view.live if w.model == model and top_class(w.budget_bytes) >= (memory_class_bytes or 0)]
+
+
+def predict_generation(view: FleetView, model: str, width: int, height: int, guidance_scale: float, steps: int,
+                       images: int, memory_class_bytes: int | None) -> float | None:
+    """A job's predicted generation seconds on the workers that can take it (those whose memory class covers
+    its class: any of them may): the median of their predictions (with runtimes that differ, the middle one:
+    neither the fastest's promise nor the slowest's), or None when none has measured time yet. Kept on the
+    view per model, shape, steps, images and class."""
+    memo = ("time", model, width, height, guidance_scale, steps, images, memory_class_bytes)
+    if memo not in view.decided:
+        seconds = [p.seconds for w in class_workers(view, model, memory_class_bytes)
+                   if (p := time_on(view, w, model, width, height, guidance_scale, steps, images)) is not None]
+        view.decided[memo] = statistics.median(seconds) if seconds else None
+    return view.decided[memo]

@@ -97,16 +97,22 @@ def _write_images(client: Client, record: dict, out: Path) -> list[Path]:
 
 # ---- progress --------------------------------------------------------------------------------------------
 
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
 def describe(record: dict) -> str:
-    """One line on where a job is: queued (its position), running (image i of N, step k of n), or how it
-    ended (time, peak RSS)."""
+    """One line on where a job is: queued (its position, and why no worker is taking it), running (image i of
+    N, step k of n), or how it ended (time, peak RSS). It changes only when the job does (a progress line is
+    printed per change), so the expected start, which counts down, is `timing`'s."""
     status = record["status"]
     cancel = " (cancel requested)" if record.get("cancel_requested") and status in ("queued", "running") else ""
     if status == "queued":
         position = record.get("queue_position")
         again = f", attempt {record['attempts'] + 1} (its worker was lost)" if record.get("attempts") else ""
         where = f", position {position} for {record['parameters']['model']}" if position else ""
-        return f"queued{where}{again}{cancel}"
+        why = f": {record['waiting_reason']}" if record.get("waiting_reason") else ""
+        return f"queued{where}{again}{cancel}{why}"
     if status == "running":
         p = record.get("progress")
         host = record.get("worker_host") or "a worker"
@@ -121,11 +127,26 @@ def describe(record: dict) -> str:
     if status == "succeeded":
         n = len(record.get("images") or [])
         took = f" in {record['generation_s']:.1f} s" if record.get("generation_s") is not None else ""
+        if took and record.get("predicted_generation_s") is not None:
+            took += f" (predicted {_secs(record['predicted_generation_s'])})"
         return f"succeeded: {n} image{'s' if n != 1 else ''}{took}, {measured}"
     if status == "failed":
         error = record.get("error") or {}
         return f"failed: {error.get('code')}: {error.get('message')}; {measured}"
     return f"{status}; {measured}" if peak else status
+
+
+def timing(record: dict) -> str | None:
+    """The job's time as predicted: its generation, and while queued when it is expected to start."""
+    parts = []
+    if record["status"] == "queued":
+        start = record.get("expected_start_s")
+        parts.append(f"expected to start in ~{_secs(start)}" if start is not None else "expected start unknown")
+    if record["status"] in ("queued", "running"):
+        predicted = record.get("predicted_generation_s")
+        parts.append(f"predicted generation {_secs(predicted)}" if predicted is not None
+                     else "predicted generation unknown (no measurement yet)")
+    return "; ".join(parts) or None
 
 
 def _fraction(record: dict) -> float | None:
@@ -221,7 +242,10 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    print(json.dumps(_client(args.api).job(args.job_id), indent=2))
+    record = _client(args.api).job(args.job_id)
+    print(json.dumps(record, indent=2))
+    when = timing(record)  # for a person, on stderr: stdout is the record alone
+    print(f"job {record['id'][:8]}: {describe(record)}" + (f"; {when}" if when else ""), file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from shared.db import upsert
 from shared.fleet_contract import WorkerPublic, WorkerState
 from shared.memory import Profile, Shape
+from shared.timing import LATEST_WEIGHT, StepTiming
 from shared.models import JobMemory, MemoryProfile, Worker, utcnow
 
 
@@ -73,7 +74,7 @@ def live_workers(session: Session, stale_s: float, model: str | None = None) -> 
 
 def profile_of(row: MemoryProfile) -> Profile:
     return Profile(Shape(row.width, row.height, row.guidance, row.images_per_pass), row.peak_bytes,
-                   row.base_bytes, row.samples)
+                   row.base_bytes, row.samples, row.step_s, row.image_overhead_s, row.job_overhead_s)
 
 
 def profiles(session: Session, model: str, backend: str, precision: str, memory_mode: str) -> list[Profile]:
@@ -100,10 +101,12 @@ def all_profiles(session: Session) -> list[MemoryProfile]:
 
 
 def record_profile(session: Session, model: str, backend: str, precision: str, memory_mode: str, shape: Shape,
-                   peak_bytes: int, base_bytes: int, max_step_s: float | None = None) -> None:
+                   peak_bytes: int, base_bytes: int, max_step_s: float | None = None,
+                   timing: StepTiming | None = None) -> None:
     """Fold one measured job into its shape's profile: one upsert (INSERT ... ON CONFLICT), so two workers
     finishing the first job of a new shape at once both count, and neither fails. Keeps the worst peak,
-    with the base it was measured above, and the slowest step."""
+    with the base it was measured above, and the slowest step; the time per step, per image and per job are
+    moving averages (the latest job weighs LATEST_WEIGHT), each left as it was by a job that did not measure it."""
     key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
                height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance)
 
@@ -116,11 +119,23 @@ def record_profile(session: Session, model: str, backend: str, precision: str, m
             "base_bytes": case((worse, new.base_bytes), else_=old.base_bytes),
             "max_step_s": case((old.max_step_s.is_(None), new.max_step_s), (new.max_step_s > old.max_step_s,
                                                                            new.max_step_s), else_=old.max_step_s),
+            "step_s": _average(old.step_s, new.step_s),
+            "image_overhead_s": _average(old.image_overhead_s, new.image_overhead_s),
+            "job_overhead_s": _average(old.job_overhead_s, new.job_overhead_s),
         }
 
+    timing = timing or StepTiming(None, None)
     upsert(session, MemoryProfile.__table__, {**key, "peak_bytes": peak_bytes, "base_bytes": base_bytes,
-                                               "samples": 1, "updated_at": utcnow(), "max_step_s": max_step_s},
+                                               "samples": 1, "updated_at": utcnow(), "max_step_s": max_step_s,
+                                               "step_s": timing.step_s, "image_overhead_s": timing.image_overhead_s,
+                                               "job_overhead_s": timing.job_overhead_s},
            list(key), fold)
+
+
+def _average(old, new):
+    """The moving average of a profile's time, in SQL: the old value where the job measured none."""
+    return case((new.is_(None), old), (old.is_(None), new),
+                else_=old * (1 - LATEST_WEIGHT) + new * LATEST_WEIGHT)
 
 
 def slowest_step_s(session: Session, model: str) -> float | None:

@@ -59,6 +59,11 @@ class ProfilePublic(BaseModel):
     base_bytes: int
     samples: int
     updated_at: datetime
+    step_s: float | None = Field(default=None, description="seconds per UNet pass of a denoising step (a moving "
+                                 "average of its jobs' median step; guidance split in two passes counts two)")
+    image_overhead_s: float | None = Field(default=None, description="seconds per image beside its steps: prompt "
+                                           "encoding, decode, PNG")
+    job_overhead_s: float | None = Field(default=None, description="seconds per job beside its images")
 
 
 class ModelPublic(BaseModel):

@@ -270,8 +270,19 @@ class JobPublic(BaseModel):
         "running job, or of one whose worker was lost)")
     predicted_peak_bytes: int | None = Field(description="what admission predicted this job would need")
     prediction_source: str | None = Field(description="profile (this shape measured), scaled, or prior")
+    predicted_generation_s: float | None = Field(
+        description="what admission predicted the generation (generation_s) would take on the workers of its "
+        "memory class, from the seconds per step and per image their jobs measured; null: no job of the model "
+        "measured time yet on those workers")
     priority: Priority
     queue_position: int | None = Field(description="while queued: 1 is next for its model")
+    expected_start_s: float | None = Field(
+        description="while queued: in how many seconds it is expected to start (the predicted work of the jobs "
+        "running on the workers that can take it and of those queued ahead, shared among those workers); null "
+        "when that cannot be said (no such worker is ready, or some of that work has no measurement yet)")
+    waiting_reason: str | None = Field(
+        description="while queued: why no worker is taking it (every worker of its class paused, with the "
+        "reason; all busy, with the jobs ahead; loading; none covers its memory class)")
     progress: Progress | None = Field(description="while running, updated at a bounded rate")
     cancel_requested: bool
     webhook_status: str | None = Field(description="pending, delivered or failed, for a job with a webhook_url")

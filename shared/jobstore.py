@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.orm import Session, defer, raiseload, selectinload
+from sqlalchemy import and_, case, false, func, or_, select, update
+from sqlalchemy.orm import Session, aliased, defer, raiseload, selectinload
 
 from shared import checkpoints, ids
 from shared.errors import Conflict, ErrorCode
@@ -19,6 +19,7 @@ from shared.jobs import (
     ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
+from shared.timing import Waiting
 from shared.models import Job, JobImage, JobTombstone, utcnow
 from shared.queue import new_delivery_id
 
@@ -92,6 +93,7 @@ class NewJob:
     predicted_peak_bytes: int | None = None
     prediction_source: str | None = None
     memory_class_bytes: int | None = None
+    predicted_generation_s: float | None = None
 
 _JOB_COLUMNS = tuple(c.key for c in Job.__table__.columns)
 
@@ -105,7 +107,8 @@ def new_job_values(new: NewJob) -> dict:
                   request_hash=new.request_hash, webhook_url=new.webhook_url,
                   has_webhook=new.webhook_url is not None,
                   predicted_peak_bytes=new.predicted_peak_bytes, prediction_source=new.prediction_source,
-                  memory_class_bytes=new.memory_class_bytes, delivery_id=new_delivery_id(), created_at=now,
+                  memory_class_bytes=new.memory_class_bytes, predicted_generation_s=new.predicted_generation_s,
+                  delivery_id=new_delivery_id(), created_at=now,
                   enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0, leaves=0)
     return values
 
@@ -351,6 +354,46 @@ def queue_position(session: Session, job: Job) -> int:
     )
     return session.scalar(ahead) + 1
 
+@dataclass(frozen=True)
+class Ahead:
+    """What is queued ahead of a job: its queue position (1: next for its model), and of the jobs ahead those
+    that the workers able to take it take too (memory class up to `cap`): how many, the sum of their predicted
+    generation seconds, and how many of them have a prediction."""
+
+    position: int
+    ahead: int
+    predicted_s: float
+    predicted: int
+
+
+def queue_ahead(session: Session, jobs: list, caps: dict[str, int | None]) -> dict[str, Ahead]:
+    """`Ahead` of each of these queued jobs, `caps` by job ID: the largest memory class the workers that can
+    take it cover (None: none). One statement per model, priority and cap among them (a page of jobs is
+    usually one), each walking the queue index once per job (ix_jobs_queue), not a query per job."""
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        groups.setdefault((job.model, job.priority, caps.get(job.id)), []).append(job)
+    out = {}
+    for (model, priority, cap), members in groups.items():
+        mine = PRIORITY_ORDER[priority]
+        higher = [p for p, rank in PRIORITY_ORDER.items() if rank < mine]
+        a = aliased(Job)
+        # (an outer join's unmatched row has no ID: it is not a job ahead)
+        taken = and_(a.id.is_not(None), func.coalesce(a.memory_class_bytes, 0) <= cap) if cap is not None else false()
+        stmt = (select(Job.id, func.count(a.id), func.sum(case((taken, 1), else_=0)),
+                       func.sum(case((taken, a.predicted_generation_s), else_=None)),
+                       func.count(case((taken, a.predicted_generation_s), else_=None)))
+                .select_from(Job)
+                .outerjoin(a, and_(a.model == model, a.status == JobStatus.queued.value, a.id != Job.id,
+                                   or_(a.priority.in_(higher),
+                                       and_(a.priority == priority, a.enqueued_at < Job.enqueued_at))))
+                .where(Job.id.in_([j.id for j in members]))
+                .group_by(Job.id))
+        for job_id, count, ahead, predicted_s, predicted in session.execute(stmt):
+            out[job_id] = Ahead(count + 1, ahead or 0, predicted_s or 0.0, predicted or 0)
+    return out
+
+
 def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
     """`queue_position` of jobs stored together (in enqueue order): one count per model and priority, for the
     first of them; each later one of the same model and priority has exactly the earlier ones more ahead."""
@@ -404,8 +447,9 @@ def tombstone(session: Session, job_id: str, owner_key_id: str | None = None) ->
         return None
     return stone
 
-def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
-    """The public record of a job (what GET answers and what a webhook carries)."""
+def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | None = None) -> JobPublic:
+    """The public record of a job (what GET answers and what a webhook carries); `waiting`, for a queued job,
+    when it may start and why it has not (the API's read of the fleet)."""
     wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobPublic(
@@ -424,8 +468,11 @@ def to_public(job: Job, queue_position: int | None = None) -> JobPublic:
         peak_rss_method=job.peak_rss_method,
         predicted_peak_bytes=job.predicted_peak_bytes,
         prediction_source=job.prediction_source,
+        predicted_generation_s=getattr(job, "predicted_generation_s", None),
         priority=job.priority,
         queue_position=queue_position,
+        expected_start_s=waiting.expected_start_s if waiting else None,
+        waiting_reason=waiting.reason if waiting else None,
         progress=(Progress(image=job.progress_image, images=job.num_images, step=job.progress_step,
                            steps=job.progress_steps) if job.progress_steps else None),
         cancel_requested=job.cancel_requested_at is not None,

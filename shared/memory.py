@@ -118,6 +118,11 @@ class Profile:
     peak_bytes: int  # the largest peak seen
     base_bytes: int  # the worker's resident set before that job (the loaded pipeline)
     samples: int
+    # Time, measured by the same jobs (shared/timing.py): seconds per UNet pass of a denoising step, per image
+    # around its steps (prompt encoding, decode, PNG), and per job around its images; None until measured.
+    step_s: float | None = None
+    image_overhead_s: float | None = None
+    job_overhead_s: float | None = None
 
 
 @dataclass(frozen=True)

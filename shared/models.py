@@ -65,6 +65,8 @@ class Job(Base):
 
     predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     prediction_source: Mapped[str | None] = mapped_column(String(16))
+    # What admission predicted the generation would take on the workers of its class (None: none measured)
+    predicted_generation_s: Mapped[float | None] = mapped_column(Float)
 
     priority: Mapped[str] = mapped_column(String(8), default="normal")
     owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
@@ -174,6 +176,11 @@ class MemoryProfile(Base):
     samples: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     max_step_s: Mapped[float | None] = mapped_column(Float)  # the slowest denoising step measured
+    # Time (shared/timing.py), a moving average over this shape's complete jobs: seconds per UNet pass of a
+    # denoising step, per image beside its steps (prompt encoding, decode, PNG), per job beside its images
+    step_s: Mapped[float | None] = mapped_column(Float)
+    image_overhead_s: Mapped[float | None] = mapped_column(Float)
+    job_overhead_s: Mapped[float | None] = mapped_column(Float)
 
 
 class JobCheckpoint(Base):

@@ -25,6 +25,7 @@ from shared.jobs import JobParameters
 from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
+from shared.timing import StepTiming, measured, predict_time, unet_passes
 from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
 from worker.pipelines import CheckpointError, ImageRequest
@@ -93,19 +94,36 @@ class Monitor:
 
 
 class StepClock:
-    """The slowest denoising step: what the hard time limit must leave room for."""
+    """The denoising steps' and images' times: the slowest step (what the hard time limit must leave room for),
+    and for the time profile every step apart from each image's first (which also holds the prompt's
+    encoding), those first ones, and each image's whole time (encoding to PNG). `clean` stays true while every
+    image ran whole in this attempt (none resumed from a checkpoint or run twice): only then does the job's
+    time teach its profile."""
 
     def __init__(self):
-        self.last = time.perf_counter()
+        self.last = self.image_start = time.perf_counter()
         self.slowest = 0.0
+        self.steps: list[float] = []
+        self.first_steps: list[float] = []
+        self.images: list[float] = []
+        self.clean = True
+        self._first = True
 
     def restart(self) -> None:
-        self.last = time.perf_counter()
+        """An image starts (or starts again)."""
+        self.last = self.image_start = time.perf_counter()
+        self._first = True
 
     def tick(self) -> None:
         now = time.perf_counter()
-        self.slowest = max(self.slowest, now - self.last)
+        took = now - self.last
+        self.slowest = max(self.slowest, took)
+        (self.first_steps if self._first else self.steps).append(took)
+        self._first = False
         self.last = now
+
+    def image_done(self) -> None:
+        self.images.append(time.perf_counter() - self.image_start)
 
 
 def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter, monitor: Monitor,
@@ -113,6 +131,8 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
     start = keeper.start()
     images = list(start.images)
     image_index = len(images)
+    if images or start.state is not None:
+        clock.clean = False  # part of the job was done by an earlier attempt
 
     def leaving() -> str | None:
         # the worker is stopping, paused too long, or the owner's programs took memory back: the job goes
@@ -151,6 +171,7 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
         except CheckpointError as exc:
             keeper.refused(i, str(exc))
             clock.restart()
+            clock.clean = False
             image = worker.pipeline.generate(dataclasses.replace(request, resume=None), on_step)
         done = jobstore.GeneratedImage(index=i, seed=seed, width=image.width, height=image.height, png=_png(image))
         last = i + 1 == params.num_images
@@ -163,6 +184,7 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
         images.append(done)
         if not last:
             keeper.save_image(done)
+        clock.image_done()
     return images
 
 
@@ -384,8 +406,12 @@ class Generation:
     message: str | None
     elapsed_s: float
     meter: JobMeter
-    slowest_step_s: float
+    clock: StepClock
     left: str | None = None  # the worker left the job (why): to be handed back, not stored
+
+    @property
+    def slowest_step_s(self) -> float:
+        return self.clock.slowest
 
     @property
     def outcome(self) -> RunOutcome:
@@ -425,7 +451,7 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
         sizes, times = zip(*keeper.writes)
         log.info("job %s: %d checkpoint(s) written, %d KiB and %.1f ms each at most", attempt.job_id, len(sizes),
                  max(sizes) >> 10, 1000 * max(times))
-    return Generation(images, code, message, time.perf_counter() - t0, meter, clock.slowest, left)
+    return Generation(images, code, message, time.perf_counter() - t0, meter, clock, left)
 
 
 def _account(worker: WorkerProcess, run: Generation) -> int:
@@ -450,6 +476,28 @@ def _account(worker: WorkerProcess, run: Generation) -> int:
     return base
 
 
+def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generation) -> StepTiming | None:
+    """What this job teaches its profile of time: its mean step (per UNet pass), the time per image beside
+    the steps, and the job's own beside its images (its whole generation is what its record's generation_s
+    says, and what is predicted). None for a job that did not run whole here (resumed, or an image run
+    twice)."""
+    clock = run.clock
+    if not clock.clean:
+        return None
+    passes = unet_passes(params.guidance_scale, worker.defaults)
+    known = None
+    if not clock.steps:  # one step per image: the step's share of it is what this worker's profiles predict
+        def read_profiles():
+            with sessions() as session:
+                return fleet.profiles(session, worker.model, worker.pipeline.backend, worker.pipeline.precision,
+                                      worker.memory_mode)
+
+        predicted = predict_time(shape_of(params, worker), params.steps, params.num_images, retrying(read_profiles),
+                                 passes)
+        known = predicted.step_s / passes if predicted else None
+    return measured(clock.steps, clock.first_steps, clock.images, run.elapsed_s, params.steps, passes, known)
+
+
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
            expected: Prediction, celery: Celery) -> RunOutcome:
     """The profile (complete runs only), then the result and its memory timeline; the webhook's hand-out."""
@@ -459,10 +507,11 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
         # sizes it would refuse jobs that fit. Its own transaction: a profile can never undo a result. Before
         # the result, like the beat: whoever sees the job succeeded is admitted on what it measured.
+        timing = _timing(sessions, worker, attempt.parameters, run)
         with sessions.begin() as session:
             fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, worker.memory_mode,
                                  shape_of(attempt.parameters, worker), reading.peak_rss_bytes, base,
-                                 run.slowest_step_s or None)
+                                 run.slowest_step_s or None, timing)
 
     def finish() -> bool:
         with sessions.begin() as session:

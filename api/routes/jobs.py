@@ -14,9 +14,11 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import Admission, FleetView, admit, decide_on_fleet, parameters_on, requested_model
+from api.admission import (Admission, FleetView, admit, decide_on_fleet, parameters_on, predict_generation,
+                           requested_model)
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
+from api.waits import queued_views
 from shared import deliveries, fleet, jobstore, webhooks
 from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
 from shared.jobs import (MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus,
@@ -66,11 +68,12 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     if job.webhook_url is not None:
         await run_in_threadpool(_check_webhook, ctx, job.webhook_url)
     seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
-    params, admitted = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed))
+    params, admitted, seconds = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed))
     values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
+        predicted_generation_s=seconds,
     ))
     try:
         position = await ctx.submitter.submit(values)
@@ -81,10 +84,13 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     return jobstore.to_public(jobstore.as_record(values), queue_position=position), 202
 
 
-def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission]:
+def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission, float | None]:
     fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url"})
     _, params = parameters_on(view, model, fields, seed=seed)
-    return params, admit(view, params)
+    admitted = admit(view, params)
+    seconds = predict_generation(view, model, params.width, params.height, params.guidance_scale, params.steps,
+                                 params.num_images, admitted.memory_class_bytes)
+    return params, admitted, seconds
 
 
 def _earlier(ctx: Ctx, caller: Caller, key: str, digest: str) -> JobPublic | None:
@@ -137,18 +143,25 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 @router.get("", response_model=JobList, responses=responses(422))
-def list_jobs(caller: Caller, ctx: Ctx,
-              status: Annotated[list[JobStatus] | None, Query(description="only these statuses (repeatable)")] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
-              = None) -> JobList:
-    """The caller's jobs (with a key, only that key's), newest first, a page at a time."""
+async def list_jobs(caller: Caller, ctx: Ctx,
+                    status: Annotated[list[JobStatus] | None, Query(description="only these statuses (repeatable)")]
+                    = None,
+                    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous "
+                                                        "page")] = None) -> JobList:
+    """The caller's jobs (with a key, only that key's), newest first, a page at a time; queued ones with their
+    queue position, expected start and why they wait."""
     after = _decode_cursor(cursor) if cursor is not None else None
+    view = await ctx.fleet.get()
+    return await run_in_threadpool(_list_jobs, ctx, caller, status or [], limit, after, view)
+
+
+def _list_jobs(ctx: Ctx, caller: Caller, status: list[JobStatus], limit: int, after, view: FleetView) -> JobList:
     with ctx.sessions() as session:
-        rows = jobstore.list_jobs(session, owner_id(caller), status or [], limit + 1, after)
+        rows = jobstore.list_jobs(session, owner_id(caller), status, limit + 1, after)
         page = rows[:limit]
-        jobs = [jobstore.to_public(j, jobstore.queue_position(session, j) if j.status == JobStatus.queued.value else None)
-                for j in page]
+        queued = queued_views(session, view, page)
+        jobs = [jobstore.to_public(j, *queued.get(j.id, (None, None))) for j in page]
     return JobList(jobs=jobs, next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
 
 
@@ -165,11 +178,15 @@ def owned_job(session, job_id: str, caller) -> Job:
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=responses(404, 410))
-def get_job(job_id: JobId, caller: Caller, ctx: Ctx) -> JobPublic:
+async def get_job(job_id: JobId, caller: Caller, ctx: Ctx) -> JobPublic:
+    view = await ctx.fleet.get()  # the API's cached read of the fleet: for a queued job's start and wait
+    return await run_in_threadpool(_get_job, ctx, job_id, caller, view)
+
+
+def _get_job(ctx: Ctx, job_id: str, caller: Caller, view: FleetView) -> JobPublic:
     with ctx.sessions() as session:
         job = owned_job(session, job_id, caller)
-        position = jobstore.queue_position(session, job) if job.status == JobStatus.queued.value else None
-        return jobstore.to_public(job, position)
+        return jobstore.to_public(job, *queued_views(session, view, [job]).get(job.id, (None, None)))
 
 
 @router.delete("/{job_id}", response_model=JobPublic, status_code=200,

@@ -422,10 +422,20 @@ function progressFraction(p) {
   return Math.min(1, (p.image * p.steps + p.step) / Math.max(1, p.images * p.steps));
 }
 
+// A queued job's expected start (seconds from when the record was read) and why no worker is taking it.
+function startText(j) {
+  if (j.expected_start_s === null || j.expected_start_s === undefined) return "start unknown";
+  return j.expected_start_s < 0.5 ? "starting now" : `starts in ~${fmtDur(j.expected_start_s)}`;
+}
+
 function statusCell(j) {
   const parts = [el("span", {class: `badge ${j.status}`, "data-testid": "status", text: j.status})];
   if (j.status === "queued" && j.queue_position) {
     parts.push(el("span", {class: "qpos", "data-testid": "queue-position", text: `#${j.queue_position} in queue`}));
+  }
+  if (j.status === "queued") {
+    parts.push(el("div", {class: "small", "data-testid": "expected-start", text: startText(j)}));
+    if (j.waiting_reason) parts.push(el("div", {class: "small muted waiting", "data-testid": "waiting-reason", text: j.waiting_reason}));
   }
   if (j.cancel_requested && LIVE.has(j.status)) parts.push(el("span", {class: "muted small", text: "cancelling…"}));
   if (j.status === "running") {
@@ -481,7 +491,10 @@ function jobRow(j) {
       el("div", {class: "small muted"}, el("code", {text: short(j.id)}), ` · ${meta}`)),
     el("td", {}, statusCell(j)),
     el("td", {class: "num", "data-testid": "wait", text: fmtDur(waitSeconds(j))}),
-    el("td", {class: "num", "data-testid": "elapsed", text: fmtDur(elapsedSeconds(j))}),
+    el("td", {class: "num"}, el("span", {"data-testid": "elapsed", text: fmtDur(elapsedSeconds(j))}),
+      j.predicted_generation_s !== null && j.predicted_generation_s !== undefined && j.status !== "failed" && j.status !== "cancelled"
+        ? el("div", {class: "small muted", "data-testid": "predicted", title: "predicted generation time",
+                     text: `~${fmtDur(j.predicted_generation_s)} predicted`}) : null),
     el("td", {class: "num"}, cancelButton(j)));
 }
 
@@ -609,6 +622,8 @@ function renderJob() {
       el("h2", {}, "Job ", el("code", {text: j.id})),
       el("span", {}, statusCell(j))),
     el("p", {class: "prompt-full", "data-testid": "job-prompt", text: p.prompt}),
+    j.status === "queued" ? el("p", {class: "waiting-box", "data-testid": "job-waiting"},
+      el("b", {text: startText(j)}), j.waiting_reason ? ` — ${j.waiting_reason}` : "") : null,
     j.error ? el("p", {class: "error-box", "data-testid": "job-failure"}, el("b", {text: j.error.code}), `: ${j.error.message}`) : null,
     el("div", {class: "actions"},
       cancelButton(j),
@@ -623,8 +638,12 @@ function renderJob() {
     el("div", {class: "card"}, el("h3", {text: "Run"}), dl([
       ["Created", fmtTime(j.created_at)], ["Started", fmtTime(j.started_at)], ["Finished", fmtTime(j.finished_at)],
       ["Queue wait", fmtDur(waitSeconds(j)), "job-wait"], ["Elapsed", fmtDur(elapsedSeconds(j)), "job-elapsed"],
-      ["Generation", fmtDur(j.generation_s)], ["Worker", j.worker_host], ["Attempts", j.attempts],
+      ["Generation", fmtDur(j.generation_s)],
+      ["Predicted generation", predictedText(j), "job-predicted-time"],
+      ["Worker", j.worker_host], ["Attempts", j.attempts],
       j.status === "queued" ? ["Queue position", j.queue_position] : null,
+      j.status === "queued" ? ["Expected start", startText(j), "job-expected-start"] : null,
+      j.status === "queued" ? ["Waiting", j.waiting_reason, "job-waiting-reason"] : null,
       j.progress ? ["Progress", progressText(j.progress)] : null])),
     el("div", {class: "card"}, el("h3", {text: "Memory"}), dl([
       ["Predicted peak", `${fmtSize(j.predicted_peak_bytes)}${j.prediction_source ? ` (${j.prediction_source})` : ""}`, "job-predicted"],
@@ -651,6 +670,14 @@ function renderJob() {
   box.replaceChildren(head, grids, ...(images ? [images] : []), ...(history ? [history] : []));
   if (old && images && old.childElementCount === j.images.length) images.querySelector(".gallery").replaceWith(old);
   renderMemory();
+}
+
+function predictedText(j) {
+  const s = j.predicted_generation_s;
+  if (s === null || s === undefined) return "no measurement yet";
+  const measured = j.status === "succeeded" && j.generation_s ?
+    ` — measured ${fmtDur(j.generation_s)}, ${Math.round(100 * j.generation_s / s)}% of it` : "";
+  return `${fmtDur(s)}${measured}`;
 }
 
 function reuse(p) {
@@ -829,13 +856,16 @@ async function refreshFleet() {
       `${m.defaults.scheduler}): by default ${m.defaults.steps} steps, guidance ${m.defaults.guidance_scale}` +
       `${m.defaults.guidance_doubles_batch ? "" : " (an embedding)"}, ${m.defaults.width}×${m.defaults.height}`}),
     m.profiles.length ? el("div", {class: "scroll"}, el("table", {class: "grid", "data-testid": "profiles"},
-      el("thead", {}, el("tr", {}, ["Runtime", "Shape", "Images / pass", "CFG (2× batch)", "Peak", "Base", "Jobs", "Updated"].map(
-        (h, n) => el("th", {class: n >= 4 && n <= 6 ? "num" : null, text: h})))),
+      el("thead", {}, el("tr", {}, ["Runtime", "Shape", "Images / pass", "CFG (2× batch)", "Peak", "Base", "Jobs", "s / step", "s / image beside", "Updated"].map(
+        (h, n) => el("th", {class: n >= 4 && n <= 8 ? "num" : null, text: h})))),
       el("tbody", {}, m.profiles.map((p) => el("tr", {"data-testid": "profile-row"},
         el("td", {text: `${p.backend}/${p.precision}/${p.memory_mode}`}), el("td", {text: `${p.width}×${p.height}`}),
         el("td", {text: p.images_per_pass}), el("td", {text: p.guidance ? "yes" : "no"}),
         el("td", {class: "num", text: fmtSize(p.peak_bytes)}), el("td", {class: "num", text: fmtSize(p.base_bytes)}),
-        el("td", {class: "num", text: p.samples}), el("td", {class: "small", text: ago(p.updated_at)}))))))
+        el("td", {class: "num", text: p.samples}),
+        el("td", {class: "num", "data-testid": "profile-step", text: p.step_s === null ? "—" : p.step_s.toFixed(3)}),
+        el("td", {class: "num", text: p.image_overhead_s === null ? "—" : p.image_overhead_s.toFixed(2)}),
+        el("td", {class: "small", text: ago(p.updated_at)}))))))
       : el("p", {class: "muted small", text: "No memory profile yet: the first job of each shape measures one."}))));
   $("models-empty").hidden = models.length > 0;
 }

@@ -320,6 +320,41 @@ def test_cancel_a_queued_and_a_running_job_from_the_list(stack, page, tmp_path):
         stack.api.http.delete(f"/v1/jobs/{busy['id']}")
 
 
+def test_a_queued_job_shows_its_expected_start_why_it_waits_and_the_predicted_time(stack, page, tmp_path):
+    small = dict(model=stack.model, width=128, height=128, steps=4)
+    stack.api.wait(stack.api.submit(prompt="measures its time", **small)["id"])
+    time.sleep(1.2)  # the API's view of the fleet (SDFLEET_API_CACHE_S) holds what it measured
+    busy = stack.api.submit(prompt="a very long job", model=stack.model, width=256, height=256, steps=150,
+                            num_images=8)
+    queued = None
+    try:
+        wait_for(stack, busy["id"], "status", "running", timeout=30)
+        queued = stack.api.submit(prompt="waiting its turn", **small)
+        page.goto(stack.api_url + "/")
+        q = row(page, queued["id"])
+        expect(q).to_have_attribute("data-status", "queued")
+        expect(q.locator('[data-testid="waiting-reason"]')).to_have_text(
+            "the worker that can take it is busy: 1 job(s) running, 0 queued ahead of it")
+        start = re.compile(r"^starts in ~(\d+\.\d s|\d+m \d\ds)$")
+        expect(q.locator('[data-testid="expected-start"]')).to_have_text(start)
+        expect(q.locator('[data-testid="predicted"]')).to_have_text(re.compile(r"^~\d+\.\d s predicted$"))
+        expect(row(page, busy["id"]).locator('[data-testid="predicted"]')).to_have_text(
+            re.compile(r"^~(\d+\.\d s|\d+m \d\ds) predicted$"))
+        record = stack.api.job(queued["id"])
+        assert record["expected_start_s"] > 0 and record["predicted_generation_s"] > 0
+
+        page.goto(f"{stack.api_url}/#/job/{queued['id']}")
+        expect(page.locator('[data-testid="job-waiting"]')).to_contain_text("is busy: 1 job(s) running")
+        expect(page.locator('[data-testid="job-expected-start"]')).to_have_text(start)
+        expect(page.locator('[data-testid="job-waiting-reason"]')).to_have_text(record["waiting_reason"])
+        expect(page.locator('[data-testid="job-predicted-time"]')).to_have_text(re.compile(r"^\d+\.\d s$"))
+        screenshot(page, tmp_path, "waiting")
+    finally:
+        for j in (queued, busy):
+            if j:
+                stack.api.http.delete(f"/v1/jobs/{j['id']}")
+
+
 # ---------- API keys, and a refusal's hints, on an API that requires keys ----------
 
 @dataclass

@@ -119,6 +119,36 @@ def test_wait_shows_progress_and_jobs_lists_and_cancel_stops_a_running_job(stack
     assert r.returncode == 1 and "already succeeded" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+def test_status_says_when_a_queued_job_may_start_why_it_waits_and_its_predicted_time(stack):
+    small = dict(width=128, height=128, steps=4)
+    stack.api.wait(stack.api.submit(prompt="measures its time", **small)["id"])
+    time.sleep(1.2)  # the API's view of the fleet (SDFLEET_API_CACHE_S) holds what it measured
+    blocker = stack.api.submit(prompt="a long job", width=256, height=256, steps=150, num_images=4)
+    queued = None
+    try:
+        wait_for(stack, blocker["id"], "status", "running")
+        queued = stack.api.submit(prompt="waits its turn", **small)
+        until(lambda: "busy" in (stack.api.job(queued["id"])["waiting_reason"] or ""), 30,
+              lambda: stack.api.job(queued["id"]))
+        r = sdfleet("status", queued["id"], "--api", stack.api_url)
+        assert r.returncode == 0, r.stderr
+        record = json.loads(r.stdout)  # stdout is the record alone
+        assert record["status"] == "queued" and record["expected_start_s"] > 0 and record["predicted_generation_s"] > 0
+        (line,) = r.stderr.splitlines()  # and a line for a person on stderr
+        assert re.fullmatch(rf"job {queued['id'][:8]}: queued, position 1 for {stack.model}: the worker that can "
+                            r"take it is busy: 1 job\(s\) running, 0 queued ahead of it; expected to start in "
+                            r"~\d+(\.\d s| min); predicted generation \d+\.\d s", line), line
+    finally:
+        for j in (queued, blocker):
+            if j:
+                stack.api.http.delete(f"/v1/jobs/{j['id']}")
+    done = stack.api.wait(stack.api.submit(prompt="predicted and measured", **small)["id"])
+    r = sdfleet("status", done["id"], "--api", stack.api_url)
+    (line,) = r.stderr.splitlines()
+    assert re.fullmatch(rf"job {done['id'][:8]}: succeeded: 1 image in \d+\.\d s \(predicted \d+\.\d s\), "
+                        r"peak RSS .+", line), line
+
+
 def test_workers_and_plan_agree_with_admission(stack):
     """`workers` shows the stack's worker; `plan` predicts on each live worker with the prediction admission
     uses: what it says fits is admitted, what it says fits nowhere is refused, and `cancel` takes back a
