@@ -16,7 +16,9 @@ from shared.models import Job, JobCheckpoint, JobCheckpointImage, utcnow
 
 
 @dataclass(frozen=True)
-class KeptImage:
+class GeneratedImage:
+    """A finished image: what a job's result stores, and what a checkpoint keeps of a multi-image job."""
+
     index: int
     seed: int
     width: int
@@ -33,7 +35,7 @@ class Checkpoint:
     step: int | None  # denoising loop iterations done on it (None: no state yet)
     steps: int | None
     state: bytes | None
-    images: list[KeptImage]
+    images: list[GeneratedImage]
 
 
 def _holds(session: Session, job_id: str, attempt: int) -> bool:
@@ -59,7 +61,7 @@ def save_step(session: Session, job_id: str, attempt: int, runtime: str, host: s
     return True
 
 
-def save_image(session: Session, job_id: str, attempt: int, runtime: str, host: str, image: KeptImage) -> bool:
+def save_image(session: Session, job_id: str, attempt: int, runtime: str, host: str, image: GeneratedImage) -> bool:
     """A finished image of a multi-image job: kept, and the checkpoint moves on to the next image."""
     if not _holds(session, job_id, attempt):
         return False
@@ -82,7 +84,7 @@ def load(session: Session, job_id: str) -> Checkpoint | None:
     for i in images:
         if i.runtime != row.runtime or i.index != len(kept) or i.index >= row.image:
             break
-        kept.append(KeptImage(i.index, i.seed, i.width, i.height, i.png))
+        kept.append(GeneratedImage(i.index, i.seed, i.width, i.height, i.png))
     return Checkpoint(row.attempt, row.runtime, row.host, row.image, row.step, row.steps, row.state, kept)
 
 

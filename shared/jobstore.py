@@ -13,6 +13,7 @@ from sqlalchemy import and_, case, false, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer, raiseload, selectinload
 
 from shared import checkpoints, ids
+from shared.checkpoints import GeneratedImage  # noqa: F401  (jobstore.GeneratedImage: the results' type)
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
     PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
@@ -40,14 +41,6 @@ class MemoryReading:
             "rss_before_bytes": self.rss_before_bytes,
             "peak_rss_method": self.method,
         }
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    index: int
-    seed: int
-    width: int
-    height: int
-    png: bytes
 
 @dataclass(frozen=True)
 class Attempt:

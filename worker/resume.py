@@ -65,8 +65,7 @@ class Keeper:
                                     note=f"started again on {self.host}: the checkpoint (written on {cp.host}) is of "
                                          f"another runtime ({cp.runtime}; this worker runs {self.runtime})"))
             return Start([])
-        images = [jobstore.GeneratedImage(i.index, i.seed, i.width, i.height, i.png) for i in cp.images
-                  if i.index < params.num_images]
+        images = [i for i in cp.images if i.index < params.num_images]
         state = cp.state if cp.step and cp.state and self.resumable and cp.image < params.num_images else None
         where = f"step {cp.step} of {cp.steps}" if state else "step 0"
         if params.num_images > 1:
@@ -127,10 +126,9 @@ class Keeper:
                            len(state))
 
     def save_image(self, image: jobstore.GeneratedImage) -> bool:
-        kept = checkpoints.KeptImage(image.index, image.seed, image.width, image.height, image.png)
         self._last = time.monotonic()
         return self._write(lambda s: checkpoints.save_image(s, self.attempt.job_id, self.attempt.number,
-                                                            self.runtime, self.host, kept), len(image.png))
+                                                            self.runtime, self.host, image), len(image.png))
 
     def _write(self, save, size: int) -> bool:
         t0 = time.perf_counter()

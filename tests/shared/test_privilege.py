@@ -32,7 +32,7 @@ from shared import checkpoints, deliveries, fleet, jobstats, jobstore, keys
 from shared.db import MigrationRefused, engine_for, head_revision, migrate, schema_revision, session_factory
 from shared.errors import ErrorCode
 from shared.fleet_contract import WorkerState
-from shared.jobs import JobParameters, JobStatus, ResumeRecord
+from shared.jobs import JobParameters, ResumeRecord
 from shared.memory import GB, Shape
 from shared.models import Job, JobCheckpoint, JobImage, JobMemory, Worker, utcnow
 from shared.privilege import JOB_COLUMNS_WRITTEN, TABLES, worker_role_sql
@@ -153,7 +153,7 @@ def test_a_worker_role_does_all_a_worker_does(roles):
                                                       note="started from step 0"))
         assert checkpoints.save_step(s, job_id, 1, "rt", "host-a", 0, 1, 2, b"latents")
     with a.begin() as s:
-        assert checkpoints.save_image(s, job_id, 1, "rt", "host-a", checkpoints.KeptImage(0, 1, 64, 64, b"png0"))
+        assert checkpoints.save_image(s, job_id, 1, "rt", "host-a", checkpoints.GeneratedImage(0, 1, 64, 64, b"png0"))
     with a() as s:
         kept = checkpoints.load(s, job_id)
         assert kept.image == 1 and [i.png for i in kept.images] == [b"png0"]
