@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from shared import fleet
 from shared.errors import InsufficientMemory, InvalidRequest, ModelUnavailable
-from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults
-from shared.memory import Profile, Prediction, Shape, fmt_size, job_shape, predict
+from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults, Work, job_work
+from shared.memory import Profile, Prediction, Shape, fmt_size, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
 from shared.timing import TimePrediction, predict_time, unet_passes
@@ -83,10 +83,15 @@ async def decide_on_fleet(cache: "FleetCache", decide: Callable[["FleetView"], T
     return decide(await cache.get(fresh=True))
 
 
-def shape_on(worker: Worker, width: int, height: int, guidance_scale: float) -> Shape:
-    """The job's shape on this worker's model: guidance doubles the UNet's batch unless the model takes it
-    as an embedding (LCM)."""
-    return job_shape(width, height, guidance_scale, announced_defaults(worker).guidance_doubles_batch)
+def work_on(worker: Worker, params) -> Work:
+    """The job's work on this worker's model (`params`: JobParameters or a job's row): guidance doubles the
+    UNet's batch unless the model takes it as an embedding (LCM); an init image adds its encode."""
+    defaults = announced_defaults(worker)
+    return job_work(params, defaults.guidance_doubles_batch, defaults.family)
+
+
+def shape_on(worker: Worker, params) -> Shape:
+    return work_on(worker, params).shape
 
 
 @dataclass
@@ -136,22 +141,24 @@ def _hint(message: str, change: dict, prediction: Prediction, budget: int) -> di
 
 def hints(view: FleetView, params: JobParameters, worker: Worker) -> list[dict]:
     """Changes of this job, each with its predicted peak on the largest worker, the ones that fit first."""
-    shape = shape_on(worker, params.width, params.height, params.guidance_scale)
+    shape = shape_on(worker, params)
     budget = top_class(worker.budget_bytes)
     out = []
-    no_cfg = Shape(shape.width, shape.height, False)
+    no_cfg = Shape(shape.width, shape.height, False, encodes=shape.encodes)
     if shape.guidance:
         out.append(_hint("guidance_scale 1", {"guidance_scale": 1.0},
                          _predict_on(view, worker, params.model, no_cfg), budget))
-    for side in _SIZES:
+    for side in _SIZES if params.kind != "upscale" else ():  # (an upscale's own size is its tiles')
         if side * side >= params.width * params.height:
             continue
         out.append(_hint(f"{side}x{side}", {"width": side, "height": side},
-                         _predict_on(view, worker, params.model, Shape(side, side, shape.guidance)), budget))
+                         _predict_on(view, worker, params.model, Shape(side, side, shape.guidance, encodes=shape.encodes)),
+                         budget))
         if shape.guidance:
             out.append(_hint(f"{side}x{side} with guidance_scale 1",
                              {"width": side, "height": side, "guidance_scale": 1.0},
-                             _predict_on(view, worker, params.model, Shape(side, side, False)), budget))
+                             _predict_on(view, worker, params.model, Shape(side, side, False, encodes=shape.encodes)),
+                             budget))
     family = _family(params.model)
     for other in {w.model for w in view.live if w.model != params.model and _family(w.model) == family}:
         kind = "int4" if "int4" in other.lower() else "int8" if "int8" in other.lower() else "other"
@@ -178,8 +185,7 @@ def fits_on(view: FleetView, params: JobParameters, serving: list[Worker]) -> li
     """The prediction admission uses, on each worker: what `sdfleet plan` shows and what `admit` decides by."""
     out = []
     for worker in serving:
-        shape = shape_on(worker, params.width, params.height, params.guidance_scale)
-        prediction = _predict_on(view, worker, params.model, shape)
+        prediction = _predict_on(view, worker, params.model, shape_on(worker, params))
         ceiling = memory_class(prediction.bytes)
         out.append(WorkerFit(worker, prediction, ceiling,
                              ceiling is not None and ceiling <= top_class(worker.budget_bytes)))
@@ -191,7 +197,7 @@ def admit(view: FleetView, params: JobParameters) -> Admission:
     class that holds it; the smallest class some worker covers wins (a job never waits for a bigger worker
     than it needs). Raises when none covers the class its job needs. The decision depends on the model and
     the shape only, so it is kept on the view for the next job of the same shape."""
-    memo = (params.model, params.width, params.height, params.guidance_scale)
+    memo = (params.model, params.width, params.height, params.guidance_scale, params.kind, params.tile)
     if memo in view.decided:
         return view.decided[memo]
     fits = fits_on(view, params, view.serving(params.model))
@@ -220,12 +226,13 @@ def refusal(view: FleetView, params: JobParameters, fits: list[WorkerFit]) -> In
     )
 
 
-def time_on(view: FleetView, worker: Worker, model: str, width: int, height: int, guidance_scale: float, steps: int,
-            images: int) -> TimePrediction | None:
-    """A job's generation seconds on this worker: from its runtime's profiles (shared/timing.py), or None."""
-    known = view.profiles.get((model, worker.backend, worker.precision, worker.memory_mode), [])
-    return predict_time(shape_on(worker, width, height, guidance_scale), steps, images, known,
-                        unet_passes(guidance_scale, announced_defaults(worker)))
+def time_on(view: FleetView, worker: Worker, params) -> TimePrediction | None:
+    """A job's generation seconds on this worker (`params`: JobParameters or a job's row): from its runtime's
+    profiles (shared/timing.py), or None."""
+    known = view.profiles.get((params.model, worker.backend, worker.precision, worker.memory_mode), [])
+    work = work_on(worker, params)
+    return predict_time(work.shape, work.steps, work.passes, known,
+                        unet_passes(params.guidance_scale, announced_defaults(worker)))
 
 
 def class_workers(view: FleetView, model: str, memory_class_bytes: int | None) -> list[Worker]:
@@ -233,15 +240,16 @@ def class_workers(view: FleetView, model: str, memory_class_bytes: int | None) -
     return [w for w in view.live if w.model == model and top_class(w.budget_bytes) >= (memory_class_bytes or 0)]
 
 
-def predict_generation(view: FleetView, model: str, width: int, height: int, guidance_scale: float, steps: int,
-                       images: int, memory_class_bytes: int | None) -> float | None:
+def predict_generation(view: FleetView, params, memory_class_bytes: int | None) -> float | None:
     """A job's predicted generation seconds on the workers that can take it (those whose memory class covers
     its class: any of them may): the median of their predictions (with runtimes that differ, the middle one:
     neither the fastest's promise nor the slowest's), or None when none has measured time yet. Kept on the
     view per model, shape, steps, images and class."""
-    memo = ("time", model, width, height, guidance_scale, steps, images, memory_class_bytes)
+    memo = ("time", params.model, params.width, params.height, params.guidance_scale, params.steps,
+            params.num_images, getattr(params, "kind", None), getattr(params, "strength", None),
+            getattr(params, "tile", None), memory_class_bytes)
     if memo not in view.decided:
-        seconds = [p.seconds for w in class_workers(view, model, memory_class_bytes)
-                   if (p := time_on(view, w, model, width, height, guidance_scale, steps, images)) is not None]
+        seconds = [p.seconds for w in class_workers(view, params.model, memory_class_bytes)
+                   if (p := time_on(view, w, params)) is not None]
         view.decided[memo] = statistics.median(seconds) if seconds else None
     return view.decided[memo]

@@ -22,7 +22,9 @@ from api.routes import fleet as fleet_routes
 from api.routes import images as image_routes
 from api.routes import jobs as job_routes
 from shared.db import Pool, engine_for, migrate, session_factory, wait_for_database
+from api.bodies import components
 from shared.errors import PayloadTooLarge
+from shared.jobs import JobCreate
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
 
@@ -30,19 +32,25 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"  # the web page: plain HTML, CSS and JS shipped in the package
 
 
-class BodyLimit:
-    """Refuse a body over `limit` bytes with 413 in the error shape: by Content-Length before reading, and
-    while reading for a chunked body (which has none)."""
+# The routes whose bodies may carry images (in base64, or as multipart file parts): their limit is larger
+UPLOAD_ROUTES = frozenset({("POST", "/v1/jobs"), ("POST", "/v1/images/edits")})
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+
+class BodyLimit:
+    """Refuse a body over `limit` bytes (`upload_limit` on the routes that take images) with 413 in the error
+    shape: by Content-Length before reading, and while reading for a chunked body (which has none)."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None):
+        self.app, self.default, self.upload_limit = app, limit, upload_limit or limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if (scope.get("method"), scope.get("path", "").rstrip("/") or "/") \
+            in UPLOAD_ROUTES else self.default
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._too_large(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._too_large(scope, receive, send, limit)
         seen = 0
         started = False
 
@@ -51,8 +59,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self._error()
+                if seen > limit:
+                    raise self._error(limit)
             return message
 
         async def tracking_send(message):
@@ -64,17 +72,19 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge:  # read outside FastAPI's body parser (which reports it as its cause)
             if not started:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, limit)
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"the body is larger than {self.limit} bytes (SDFLEET_MAX_BODY_BYTES)",
-                               {"max_body_bytes": self.limit})
+    def _error(self, limit: int) -> PayloadTooLarge:
+        setting = "SDFLEET_MAX_BODY_BYTES" + (" and SDFLEET_MAX_IMAGE_BYTES" if limit != self.default else "")
+        return PayloadTooLarge(f"the body is larger than {limit} bytes ({setting})", {"max_body_bytes": limit})
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = self._error()
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = self._error(limit)
         response = errors.render(Request(scope), 413, error.code, error.message, error.details)
         await response(scope, receive, send)
 
+
+BODY_MODELS = [JobCreate]  # (and the OpenAI edits route's, added by it)
 
 _frozen = False
 
@@ -119,6 +129,22 @@ def _add_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url=root_path(request) + "/openapi.json", title=f"{app.title} - ReDoc")
 
 
+def _add_components(app: FastAPI) -> None:
+    """The schemas of the bodies that routes read themselves (JSON or multipart: api/bodies.py), which FastAPI
+    cannot see to list among the schema's components."""
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                {k: v for k, v in components(*BODY_MODELS).items() if k not in schema["components"]["schemas"]})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
     settings = settings or get_settings()
     if settings.auth == "off" and not settings.api_on_loopback:
@@ -149,7 +175,8 @@ def create_app(settings: Settings | None = None, resolver=None) -> FastAPI:
     app.include_router(fleet_routes.router)
     app.include_router(image_routes.router)
     _add_docs(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.upload_body_bytes)
+    _add_components(app)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.admission import FleetView
 from shared import jobstore
 from shared.errors import ServiceUnavailable
-from shared.models import Job
+from shared.models import Job, JobInput
 from shared.queue import send_generate
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class FleetCache:
 @dataclass
 class _Pending:
     values: dict  # the job's row (jobstore.new_job_values)
+    inputs: list[dict]  # the rows of its input images (job_inputs)
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
 
@@ -75,13 +76,13 @@ class Submitter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    async def submit(self, values: dict) -> int | None:
+    async def submit(self, values: dict, inputs: list[dict] = ()) -> int | None:
         """Store and enqueue one job (with whatever others are waiting at that moment): its queue position
         (None if it could not be counted). Raises IntegrityError (its Idempotency-Key was taken meanwhile),
         ServiceUnavailable (Redis is unreachable: nothing was kept) or the database's error."""
         self._start()
         loop = asyncio.get_running_loop()
-        pending = _Pending(values, loop, loop.create_future())
+        pending = _Pending(values, list(inputs), loop, loop.create_future())
         self._queue.put(pending)
         return await pending.future
 
@@ -119,7 +120,9 @@ class Submitter:
                                   v["memory_class_bytes"], producer=producer)
         except Exception as exc:  # keep nothing the client was not told about
             with self.sessions.begin() as session:
-                session.execute(delete(Job).where(Job.id.in_([p.values["id"] for p in stored])))
+                ids = [p.values["id"] for p in stored]
+                session.execute(delete(JobInput).where(JobInput.job_id.in_(ids)))
+                session.execute(delete(Job).where(Job.id.in_(ids)))
             for p in stored:
                 _answer(p, exc=ServiceUnavailable(
                     f"the job queue is unreachable ({type(exc).__name__}); nothing was stored"))
@@ -139,7 +142,7 @@ class Submitter:
         hears it."""
         try:
             with self.sessions.begin() as session:
-                session.execute(Job.__table__.insert(), [p.values for p in batch])
+                _insert(session, batch)
             return batch
         except IntegrityError as exc:
             if len(batch) == 1:
@@ -149,11 +152,18 @@ class Submitter:
         for p in batch:
             try:
                 with self.sessions.begin() as session:
-                    session.execute(Job.__table__.insert(), [p.values])
+                    _insert(session, [p])
                 stored.append(p)
             except IntegrityError as exc:
                 _answer(p, exc=exc)
         return stored
+
+
+def _insert(session: Session, batch: list[_Pending]) -> None:
+    session.execute(Job.__table__.insert(), [p.values for p in batch])
+    rows = [row for p in batch for row in p.inputs]
+    if rows:
+        session.execute(JobInput.__table__.insert(), rows)
 
 
 def _answer(p: _Pending, result=None, exc: BaseException | None = None) -> None:

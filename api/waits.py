@@ -56,7 +56,7 @@ def _server(view: FleetView, worker: Worker, job, now: datetime) -> Server:
         return Server(worker.name, worker.state, worker.state_reason, 0.0, False)
     predicted = job.predicted_generation_s
     if predicted is None:
-        p = time_on(view, worker, job.model, job.width, job.height, job.guidance_scale, job.steps, job.num_images)
+        p = time_on(view, worker, job)
         predicted = p.seconds if p else None
     return Server(worker.name, worker.state, worker.state_reason, left_s(job, predicted, now), True)
 
@@ -87,8 +87,7 @@ def _ahead_s(view: FleetView, job, a: jobstore.Ahead) -> float | None:
         return a.predicted_s
     fill = a.predicted_s / a.predicted if a.predicted else (
         job.predicted_generation_s if job.predicted_generation_s is not None else
-        predict_generation(view, job.model, job.width, job.height, job.guidance_scale, job.steps, job.num_images,
-                           job.memory_class_bytes))
+        predict_generation(view, job, job.memory_class_bytes))
     return None if fill is None else a.predicted_s + missing * fill
 
 

@@ -1,18 +1,18 @@
-"""Retention: finished jobs past `SDFLEET_RETENTION_DAYS`, or the oldest while the stored PNGs exceed
-`SDFLEET_RETENTION_MAX_IMAGE_BYTES`, are deleted with their images and memory timelines. Each leaves a
-tombstone, so GET of it answers 410 with when and why. Run by the reconciler's pass."""
+"""Retention: finished jobs past `SDFLEET_RETENTION_DAYS`, or the oldest while the stored PNGs (the images jobs
+made and those they were given) exceed `SDFLEET_RETENTION_MAX_IMAGE_BYTES`, are deleted with their images,
+inputs and memory timelines. Each leaves a tombstone, so GET of it answers 410 with when and why. Run by the reconciler's pass."""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, union_all
 from sqlalchemy.orm import Session
 
 from shared.jobs import TERMINAL
 from shared.memory import fmt_size
-from shared.models import Job, JobImage, JobMemory, JobTombstone, utcnow
+from shared.models import Job, JobImage, JobInput, JobMemory, JobTombstone, utcnow
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,10 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
                    limit: int = 500) -> list[JobTombstone]:
     """Retention: finished jobs that ended before `older_than`, then the oldest finished jobs while all
     PNGs add up to more than `max_image_bytes`. Each deletion leaves a tombstone (GET answers 410)."""
-    sizes = (select(JobImage.job_id, func.sum(func.length(JobImage.png)).label("bytes"))
-             .group_by(JobImage.job_id).subquery())
+    # a job's images: those it made and those it was given (init image, mask)
+    stored = union_all(select(JobImage.job_id, func.length(JobImage.png).label("n")),
+                       select(JobInput.job_id, func.length(JobInput.png).label("n"))).subquery()
+    sizes = select(stored.c.job_id, func.sum(stored.c.n).label("bytes")).group_by(stored.c.job_id).subquery()
     finished = (select(Job, func.coalesce(sizes.c.bytes, 0))
                 .outerjoin(sizes, sizes.c.job_id == Job.id)
                 .where(Job.status.in_([s.value for s in TERMINAL]))
@@ -46,7 +48,7 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
         for job, size in session.execute(finished.where(Job.finished_at < older_than).limit(limit)):
             doomed.append((job, int(size), f"retention: finished before {older_than.isoformat()}"))
     if max_image_bytes:
-        total = int(session.scalar(select(func.coalesce(func.sum(func.length(JobImage.png)), 0))))
+        total = int(session.scalar(select(func.coalesce(func.sum(stored.c.n), 0))))
         total -= sum(size for _, size, _ in doomed)
         taken = {job.id for job, _, _ in doomed}
         if total > max_image_bytes:
@@ -65,6 +67,7 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
         ids = [job.id for job, _, _ in doomed]
         session.add_all(stones)
         session.execute(delete(JobImage).where(JobImage.job_id.in_(ids)))
+        session.execute(delete(JobInput).where(JobInput.job_id.in_(ids)))
         session.execute(delete(JobMemory).where(JobMemory.job_id.in_(ids)))
         session.execute(delete(Job).where(Job.id.in_(ids)))
     return stones

@@ -73,7 +73,7 @@ def live_workers(session: Session, stale_s: float, model: str | None = None) -> 
 
 
 def profile_of(row: MemoryProfile) -> Profile:
-    return Profile(Shape(row.width, row.height, row.guidance, row.images_per_pass), row.peak_bytes,
+    return Profile(Shape(row.width, row.height, row.guidance, row.images_per_pass, bool(row.encodes)), row.peak_bytes,
                    row.base_bytes, row.samples, row.step_s, row.image_overhead_s, row.job_overhead_s)
 
 
@@ -108,7 +108,8 @@ def record_profile(session: Session, model: str, backend: str, precision: str, m
     with the base it was measured above, and the slowest step; the time per step, per image and per job are
     moving averages (the latest job weighs LATEST_WEIGHT), each left as it was by a job that did not measure it."""
     key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
-               height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance)
+               height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance,
+               encodes=shape.encodes)
 
     def fold(old, new) -> dict:
         worse = new.peak_bytes > old.peak_bytes

@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import re
 import unicodedata
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.errors import InvalidTransition
+from shared.memory import Shape, job_shape
 from shared.settings import MODEL_NAME_RE
 from shared.webhooks import WebhookRefused, check_syntax
 
@@ -124,6 +126,8 @@ class ModelDefaults(BaseModel):
         description="whether a guidance scale above 1 runs classifier-free guidance (the UNet's batch doubles, "
         "and its memory); false for LCM, whose guidance is an embedding the UNet takes")
     negative_prompt: bool = Field(description="whether the pipeline takes a negative prompt (LCM does not)")
+    tasks: list[str] = Field(default=["txt2img"], description="the kinds of job its workers run: txt2img, and "
+                             "img2img, inpaint, upscale where their pipeline takes an image")
     overridden: list[str] = Field(default=[], description="the values the worker's operator set over the model's")
 
 
@@ -153,10 +157,97 @@ class JobShape(BaseModel):
         return check_side(v)
 
 
-class JobCreate(JobShape):
-    """What a client submits."""
+# What a job does with its images: text-to-image (no input), image-to-image (an init image and a strength),
+# inpainting (an init image and a mask: only the mask's white part is repainted), upscaling (an init image
+# enlarged 2x or 4x, then refined tile by tile by image-to-image with the same model)
+JobKind = Literal["txt2img", "img2img", "inpaint", "upscale"]
+KINDS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "upscale")
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0, "upscale": 0.3}
+UPSCALE_FACTORS = (2, 4)
+MAX_UPSCALED_SIDE = 4096  # an upscaled image's side, at most (its tiles are what memory sees)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+def denoising_steps(kind: str, steps: int, strength: float | None, family: str = "sd") -> int:
+    """The denoising steps a job really runs per image (per tile for an upscale): diffusers' image-to-image
+    pipelines skip the first (1 - strength) of the schedule and run int(steps * strength); an LCM's own
+    schedule takes its `steps` from the part of the schedule the strength leaves. 0: the input is the output."""
+    if kind == "txt2img" or strength is None:
+        return steps
+    if strength <= 0:
+        return 0
+    if family.startswith("lcm"):
+        return steps
+    return min(int(steps * strength), steps)
+
+
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` start along a side of `n` pixels: as few as overlap by at least `overlap`, spread
+    evenly (on multiples of 8, the last one ending at the side's end)."""
+    if n <= tile:
+        return [0]
+    count = -(-(n - overlap) // (tile - overlap))
+    return [min(n - tile, round(i * (n - tile) / (count - 1) / 8) * 8) for i in range(count - 1)] + [n - tile]
+
+
+def tile_overlap(tile: int) -> int:
+    return max(8, tile // 8 // 8 * 8)
+
+
+def upscale_tiles(width: int, height: int, tile: int) -> list[tuple[int, int]]:
+    """The (x, y) of each tile of an upscale's output, row by row."""
+    overlap = tile_overlap(tile)
+    return [(x, y) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a job asks of a worker: the shape of each pass (what its memory depends on), the denoising steps
+    of a pass, and the passes (its images; an upscale's tiles)."""
+
+    shape: Shape
+    steps: int
+    passes: int
+
+
+def job_work(params, guidance_doubles_batch: bool = True, family: str = "sd") -> Work:
+    """A job's work, from its parameters (JobParameters, or a job's row)."""
+    kind = getattr(params, "kind", None) or "txt2img"
+    tile = getattr(params, "tile", None)
+    shape = job_shape(params.width, params.height, params.guidance_scale, guidance_doubles_batch, kind, tile)
+    passes = len(upscale_tiles(params.width, params.height, tile)) if kind == "upscale" and tile else params.num_images
+    return Work(shape, denoising_steps(kind, params.steps, getattr(params, "strength", None), family), passes)
+
+
+class ImageRef(BaseModel):
+    """An image of an earlier job of the same key (a finished job's output) used as this job's input."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    job_id: str = Field(pattern=JOB_ID_RE.pattern, description="an earlier job's ID (the same API key's)")
+    index: int = Field(default=0, ge=0, le=7, description="which of its images (0-based)")
+
+
+_IMAGE_FIELD = ("PNG, JPEG or WebP, base64 (a data: URL is fine) or, as {\"job_id\", \"index\"}, an image of an "
+                "earlier job of the same key; or a file part of a multipart/form-data body")
+
+
+class JobCreate(JobShape):
+    """What a client submits. With `image`, an image-to-image job (`strength`); with `image` and `mask`,
+    inpainting; with `image` and `upscale`, an upscale. Without `width`/`height`, such a job keeps its input's
+    size (rounded down to multiples of 8)."""
+
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS,
+                        description="required but for an upscale (which may leave it out: no text guides it)")
+    image: str | ImageRef | None = Field(default=None, description="the init image: " + _IMAGE_FIELD)
+    mask: str | ImageRef | None = Field(
+        default=None, description="inpainting: the mask, the size of the image; white (or, in an image with "
+        "transparency, transparent) is repainted, black kept as it was. " + _IMAGE_FIELD)
+    strength: float | None = Field(
+        default=None, ge=0, le=1, description="with an image: how much of it is re-imagined (0: returned as it "
+        "is, 1: from noise; the job runs int(steps x strength) steps). Default 0.75 (image-to-image), 1 "
+        "(inpainting), 0.3 (upscale)")
+    upscale: Literal[2, 4] | None = Field(default=None, description="with an image: enlarge it 2x or 4x (tiled "
+                                          "image-to-image with the same model, at most 4096 pixels a side)")
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description=_MODEL_DEFAULT)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -182,12 +273,27 @@ class JobCreate(JobShape):
     def _clean_text(cls, v: str | None) -> str | None:
         return v if v is None else check_text(v)
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must contain more than whitespace")
-        return v
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "JobCreate":
+        if self.image is None:
+            for name in ("mask", "strength", "upscale"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs an image (the init image this job starts from)")
+        if self.upscale is not None:
+            if self.mask is not None:
+                raise ValueError("an upscale takes no mask (it refines the whole image)")
+            if self.width is not None or self.height is not None or self.num_images != 1:
+                raise ValueError("an upscale's size is its input's times `upscale`, one image: leave width, "
+                                 "height and num_images out")
+        elif not self.prompt.strip():
+            raise ValueError("prompt: must contain more than whitespace (only an upscale may leave it out)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.image is None:
+            return "txt2img"
+        return "upscale" if self.upscale else "inpaint" if self.mask is not None else "img2img"
 
 
 class JobParameters(BaseModel):
@@ -203,6 +309,22 @@ class JobParameters(BaseModel):
     seed: int
     num_images: int
     model: str
+    kind: JobKind = "txt2img"
+    strength: float | None = Field(default=None, description="image-to-image, inpainting, upscale: the strength")
+    upscale: int | None = Field(default=None, description="an upscale's factor; width and height are then the "
+                                "output's")
+    tile: int | None = Field(default=None, description="an upscale: the side of the square tiles it is refined "
+                             "in, chosen by admission so that a tile fits the memory class")
+
+
+class InputLink(BaseModel):
+    """An image the job was given, as stored (decoded, checked, re-encoded as PNG)."""
+
+    role: Literal["image", "mask"]
+    width: int
+    height: int
+    source_format: str = Field(description="what it came as: PNG, JPEG or WEBP")
+    url: str
 
 
 class Progress(BaseModel):
@@ -296,6 +418,7 @@ class JobPublic(BaseModel):
                                         "again, oldest first")
     error: JobError | None
     images: list[ImageLink]
+    inputs: list[InputLink] = Field(default=[], description="the images the job was given (init image, mask)")
 
 
 class JobList(BaseModel):
@@ -308,7 +431,8 @@ class MemorySample(BaseModel):
     rss: int
     anon: int
     file: int
-    phase: str = Field(description="start, encode, denoise, decode, end")
+    phase: str = Field(description="start, encode (the prompt), encode_image (an init image through the VAE "
+                       "encoder), denoise, decode, end")
     image: int
 
 

@@ -16,12 +16,12 @@ from shared import checkpoints, ids
 from shared.checkpoints import GeneratedImage  # noqa: F401  (jobstore.GeneratedImage: the results' type)
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
-    PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
+    PRIORITY_ORDER, AttemptRecord, ImageLink, InputLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
     ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
 from shared.timing import Waiting
-from shared.models import Job, JobImage, JobTombstone, utcnow
+from shared.models import Job, JobImage, JobInput, JobTombstone, utcnow
 from shared.queue import new_delivery_id
 
 
@@ -105,9 +105,10 @@ def new_job_values(new: NewJob) -> dict:
                   enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0, leaves=0)
     return values
 
-def as_record(values: dict) -> SimpleNamespace:
-    """A stored row's values read like a Job with no images (for `to_public` and `queue_position`)."""
-    return SimpleNamespace(**values, images=[])
+def as_record(values: dict, inputs: list[dict] = ()) -> SimpleNamespace:
+    """A stored row's values read like a Job with no images (for `to_public` and `queue_position`), and the
+    rows of the images it was given."""
+    return SimpleNamespace(**values, images=[], inputs=[SimpleNamespace(**i) for i in inputs])
 
 def create_job(session: Session, new: NewJob) -> Job:
     job = Job(**new_job_values(new), images=[])
@@ -149,10 +150,23 @@ def image_png(session: Session, job_id: str, index: int, owner_key_id: str | Non
         stmt = stmt.where(Job.owner_key_id == owner_key_id)
     return session.scalar(stmt)
 
+def input_png(session: Session, job_id: str, role: str, owner_key_id: str | None = None) -> bytes | None:
+    stmt = select(JobInput.png).join(Job).where(JobInput.job_id == job_id, JobInput.role == role)
+    if owner_key_id is not None:
+        stmt = stmt.where(Job.owner_key_id == owner_key_id)
+    return session.scalar(stmt)
+
+
+def input_images(session: Session, job_id: str) -> dict[str, bytes]:
+    """A job's input images by role (image, mask): what its worker reads once per attempt."""
+    return dict(session.execute(select(JobInput.role, JobInput.png).where(JobInput.job_id == job_id)).all())
+
+
 # The columns a worker never reads, nor may (its database role, `sdfleet db worker-role`, has no right to them):
 # whose job it is and where its webhook goes. The worker's reads of a whole job leave them out (and its images).
 WORKER_HIDDEN_COLUMNS = ("webhook_url", "owner_key_id", "idempotency_key", "request_hash")
-_AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images))
+_AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images),
+              raiseload(Job.inputs))
 
 
 def parameters_of(job: Job) -> JobParameters:
@@ -482,4 +496,6 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
                       url=f"/v1/jobs/{job.id}/images/{i.index}.png")
             for i in job.images
         ],
+        inputs=[InputLink(role=i.role, width=i.width, height=i.height, source_format=i.source_format,
+                          url=f"/v1/jobs/{job.id}/inputs/{i.role}.png") for i in getattr(job, "inputs", ())],
     )

@@ -20,6 +20,12 @@ PRIOR_FIXED_BYTES = 256 * MB
 # SD 1.5 at 512x512 with guidance peaked 1.25 GiB above its resident set in balanced mode (bf16), past the
 # 64 KiB this was: 160 KiB keeps the prior above what was measured.
 PRIOR_BYTES_PER_LATENT_PIXEL = 160 * 1024  # 1.25 GiB at 512x512 with guidance, 2.5 GiB at 1024x1024 without
+# An init image through the VAE encoder (image-to-image, inpainting, upscale tiles), whole at the job's size:
+# its activations grow with the pixels as the decoder's do. Until a job of the model that encodes was
+# measured, a prediction from text-to-image profiles takes the encode phase at the decoder's cost per latent
+# pixel (worker/pipelines.py: 147 KiB measured at 1024x1024, bf16; f32 doubles it), on top of the base, and
+# the job's peak as the larger of that and the scaled text-to-image peak.
+ENCODE_BYTES_PER_LATENT_PIXEL = 192 * 1024
 
 
 def cgroup_memory_limit(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -85,10 +91,14 @@ def guidance_on(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
-def job_shape(width: int, height: int, guidance_scale: float, guidance_doubles_batch: bool = True) -> "Shape":
+def job_shape(width: int, height: int, guidance_scale: float, guidance_doubles_batch: bool = True,
+              kind: str = "txt2img", tile: int | None = None) -> "Shape":
     """The shape a job runs in: its UNet batch doubles only for classifier-free guidance (a scale above 1 on a
-    model whose guidance is not an embedding, as an LCM's is)."""
-    return Shape(width, height, guidance_doubles_batch and guidance_on(guidance_scale))
+    model whose guidance is not an embedding, as an LCM's is). A job with an init image encodes it first
+    (`encodes`); an upscale runs in tiles of `tile` pixels a side, whatever its output's size."""
+    if kind == "upscale" and tile:
+        width = height = tile
+    return Shape(width, height, guidance_doubles_batch and guidance_on(guidance_scale), encodes=kind != "txt2img")
 
 
 def latent_pixels(width: int, height: int) -> int:
@@ -103,6 +113,7 @@ class Shape:
     height: int
     guidance: bool
     images_per_pass: int = 1
+    encodes: bool = False  # an init image goes through the VAE encoder first
 
     @property
     def work(self) -> int:
@@ -140,17 +151,23 @@ def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -
     for p in profiles:
         if p.shape == shape:
             return Prediction(max(p.peak_bytes, floor), "profile", f"measured on {p.samples} job(s) of this shape")
+    encode = ENCODE_BYTES_PER_LATENT_PIXEL * latent_pixels(shape.width, shape.height) if shape.encodes else 0
     if profiles:
-        # The nearest seen shape by activation work: what it used above the base it started from (the
-        # loaded pipeline, or its warm-up peak for a pipeline that loads components per job) scales with
-        # the work, on top of that same base.
-        near = min(profiles, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))
+        # The nearest seen shape by activation work, of the same kind (with or without an init image) when one
+        # was seen: what it used above the base it started from (the loaded pipeline, or its warm-up peak for a
+        # pipeline that loads components per job) scales with the work, on top of that same base.
+        same = [p for p in profiles if p.shape.encodes == shape.encodes] or profiles
+        near = min(same, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))
         per_work = max(0, near.peak_bytes - near.base_bytes) / near.shape.work
         value = max(floor, int(near.base_bytes + per_work * shape.work))
-        return Prediction(value, "scaled", f"scaled by latent pixels from {near.shape.width}x{near.shape.height}"
-                          f"{' with guidance' if near.shape.guidance else ''}")
+        detail = f"scaled by latent pixels from {near.shape.width}x{near.shape.height}" \
+                 f"{' with guidance' if near.shape.guidance else ''}"
+        if shape.encodes and not near.shape.encodes:  # no job with an init image measured yet: its encode prior
+            value = max(value, near.base_bytes + encode)
+            detail += ", and the init image's encode prior"
+        return Prediction(value, "scaled", detail)
     base = resident_bytes if resident_bytes is not None else 0
-    value = base + PRIOR_FIXED_BYTES + PRIOR_BYTES_PER_LATENT_PIXEL * shape.work
+    value = base + PRIOR_FIXED_BYTES + max(PRIOR_BYTES_PER_LATENT_PIXEL * shape.work, encode)
     return Prediction(value, "prior", "no job of this model measured yet: loaded pipeline + activation prior")
 
 

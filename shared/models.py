@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, FetchedValue, Float, ForeignKey, Integer, LargeBinary, String, Text,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -51,6 +52,11 @@ class Job(Base):
     guidance_scale: Mapped[float] = mapped_column(Float)
     seed: Mapped[int] = mapped_column(BigInteger)
     num_images: Mapped[int] = mapped_column(Integer)
+    # txt2img, img2img, inpaint, upscale (shared.jobs.JobKind); the inputs are in job_inputs
+    kind: Mapped[str] = mapped_column(String(16), default="txt2img", server_default="txt2img")
+    strength: Mapped[float | None] = mapped_column(Float)
+    upscale: Mapped[int | None] = mapped_column(Integer)
+    tile: Mapped[int | None] = mapped_column(Integer)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -112,6 +118,9 @@ class Job(Base):
     images: Mapped[list["JobImage"]] = relationship(
         back_populates="job", order_by="JobImage.index", cascade="all, delete-orphan", lazy="selectin"
     )
+    inputs: Mapped[list["JobInput"]] = relationship(
+        back_populates="job", order_by="JobInput.role", cascade="all, delete-orphan", lazy="selectin"
+    )
 
 
 class JobImage(Base):
@@ -128,6 +137,22 @@ class JobImage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+class JobInput(Base):
+    """An image a job was given (its init image, its mask): decoded and checked by the API, stored as PNG (the
+    worker never decodes what a client sent), kept and deleted with the job, as its outputs are."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8), primary_key=True)  # image, mask
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    source_format: Mapped[str] = mapped_column(String(8))  # PNG, JPEG, WEBP: what it came as
+    png: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+    job: Mapped[Job] = relationship(back_populates="inputs")
 
 
 class Worker(Base):
@@ -171,6 +196,8 @@ class MemoryProfile(Base):
     height: Mapped[int] = mapped_column(Integer, primary_key=True)
     images_per_pass: Mapped[int] = mapped_column(Integer, primary_key=True)
     guidance: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    # whether the job's init image went through the VAE encoder (image-to-image, inpainting, upscale tiles)
+    encodes: Mapped[bool] = mapped_column(Boolean, primary_key=True, default=False, server_default=sa_false())
     peak_bytes: Mapped[int] = mapped_column(BigInteger)
     base_bytes: Mapped[int] = mapped_column(BigInteger)
     samples: Mapped[int] = mapped_column(Integer)

@@ -27,7 +27,7 @@ JOB_COLUMNS_WRITTEN = (
 
 # Every table of the schema: the role is granted exactly what follows on them, nothing else. A table a later
 # release adds is refused to workers until it is named here.
-TABLES = ("jobs", "job_images", "job_checkpoints", "job_checkpoint_images", "job_memory", "job_tombstones",
+TABLES = ("jobs", "job_images", "job_inputs", "job_checkpoints", "job_checkpoint_images", "job_memory", "job_tombstones",
           "workers", "memory_profiles", "api_keys", "job_counts", "job_count_deltas", "job_histograms",
           "job_histogram_deltas", "alembic_version")
 
@@ -64,6 +64,7 @@ def worker_role_sql(role: str = WORKER_ROLE) -> str:
                                           "AND j.status = 'succeeded' AND j.status_by = session_user))"),
         *((t, "held", "ALL", f"USING ({held.format(t=t)}) WITH CHECK ({held.format(t=t)})")
           for t in ("job_checkpoints", "job_checkpoint_images", "job_memory")),
+        ("job_inputs", "held", "SELECT", f"USING ({held.format(t='job_inputs')})"),
         ("workers", "insert", "INSERT", "WITH CHECK (db_role = session_user)"),
         ("workers", "update", "UPDATE", "USING (db_role = session_user) WITH CHECK (db_role = session_user)"),
     ]
@@ -97,6 +98,8 @@ def worker_role_sql(role: str = WORKER_ROLE) -> str:
         f"GRANT UPDATE ({', '.join(JOB_COLUMNS_WRITTEN)}) ON jobs TO {role};",
         "-- a succeeded job's images: written, never read",
         f"GRANT INSERT ON job_images TO {role};",
+        "-- the images the job it runs was given: read, never written",
+        f"GRANT SELECT ON job_inputs TO {role};",
         "-- checkpoints and the memory timeline of the job it runs; heartbeats; the fleet's memory profiles",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON job_checkpoints, job_checkpoint_images TO {role};",
         f"GRANT SELECT, INSERT, UPDATE ON job_memory, memory_profiles TO {role};",

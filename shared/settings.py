@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the key the command-line client sends (sdfleet submit/status/up)
     api_url: str = "http://127.0.0.1:8000"  # the API the command-line client talks to
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Images a job is given (init image, mask): each file at most this many bytes, and decoded at most this many
+    # pixels (2048 x 2048); the routes that take images (POST /v1/jobs, POST /v1/images/edits) take bodies of
+    # max_body_bytes plus two such images in base64 (`upload_body_bytes`).
+    max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_image_pixels: int = Field(default=2048 * 2048, ge=64 * 64, le=8192 * 8192)
     # How long the HTTP server waits for a request's headers (from the connection, or from the request's first
     # byte on a kept-alive connection): past it, 408 and the connection closed (api/server.py)
     api_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -288,6 +293,12 @@ class Settings(BaseSettings):
                 "still-running job to a second worker"
             )
         return self
+
+    @property
+    def upload_body_bytes(self) -> int:
+        """The largest body of a route that takes images: the usual limit plus two images in base64 (4/3 of
+        their bytes) and a multipart body's part headers."""
+        return self.max_body_bytes + 2 * (-(-self.max_image_bytes * 4 // 3)) + 16 * 1024
 
     @property
     def levers(self) -> Levers:

@@ -16,6 +16,7 @@ import fcntl
 import functools
 import gc
 import importlib
+import inspect
 import logging
 import os
 import time
@@ -68,6 +69,22 @@ class ImageRequest:
     guidance_scale: float
     seed: int
     resume: bytes | None = None  # a snapshot this pipeline took of this request: go on from it
+    # image-to-image: the init image (RGB, already at width x height) and the strength; inpainting adds the
+    # mask (L, the same size; white is repainted)
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
+
+    @property
+    def task(self) -> str:
+        return "txt2img" if self.image is None else "inpaint" if self.mask is not None else "img2img"
+
+
+def keep_unmasked(out: Image.Image, image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting's result with the pixels outside the mask exactly the input's: the VAE's round trip changes
+    every pixel a little, and the mask is what the client asked to change (binarised as the pipeline does)."""
+    binary = mask.point(lambda v: 255 if v >= 128 else 0)
+    return Image.composite(out, image, binary)
 
 
 @runtime_checkable
@@ -76,6 +93,7 @@ class Pipeline(Protocol):
     subclasses PipelineBase, which has a default for all of it but `generate`."""
 
     backend: str
+    tasks: tuple[str, ...]  # what it makes: txt2img, and img2img, inpaint, upscale where it takes an image
     precision: str  # the precision the compiled UNet runs at, read back from it (genai: the hint or the default)
     levers: Levers  # how it runs: what it releases between phases and jobs
     warm_peak: int  # the warm-up's peak RSS (0 before it): what a pipeline that releases components reloads
@@ -103,6 +121,7 @@ class PipelineBase:
     """The defaults of the Pipeline contract: everything resident, no weight files of its own to drop."""
 
     backend = "custom"
+    tasks: tuple[str, ...] = ("txt2img",)
     precision = "unknown"
     levers: Levers = RESIDENT
     warm_peak = 0
@@ -151,7 +170,7 @@ class PipelineBase:
 
 
 PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3": "encode",
-          "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
+          "vae_encoder": "encode_image", "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
 
 
 class OptimumPipeline(PipelineBase):
@@ -189,6 +208,10 @@ class OptimumPipeline(PipelineBase):
         if self.levers.tiny_vae:
             self._use_tiny_vae(self.levers.tiny_vae)
         self._parts = {name: part for name in PHASES if (part := getattr(self._pipe, name, None)) is not None}
+        self._task_classes = self._image_tasks()
+        self._task_pipes: dict[str, object] = {}
+        self.tasks = ("txt2img", *self._task_classes, *(("upscale",) if "img2img" in self._task_classes else ()))
+        self.on_phase: Callable[[str], None] | None = None  # told when a phase starts (the job's memory timeline)
         self._transient = {n for n in self._parts if self.levers.release_all
                            or (self.levers.release_encoders and PHASES[n] == "encode")}
         self._phase: str | None = None
@@ -211,6 +234,43 @@ class OptimumPipeline(PipelineBase):
             core.get_property(device, "INFERENCE_PRECISION_HINT").to_string()
         log.info("loaded %s (%s, %s, memory mode %s) in %.1f s", model, type(self._pipe).__name__, self.precision,
                  self.levers.describe(), time.perf_counter() - t0)
+
+    def _image_tasks(self) -> dict[str, type]:
+        """optimum-intel's image-to-image and inpainting classes of this pipeline's family, which run on the same
+        components (the VAE encoder exported with the model encodes the init image). None with a tiny VAE: its
+        config (scaling factor 1) would scale the model's own encoder's latents wrongly."""
+        from optimum.intel.openvino import modeling_diffusion as md
+
+        if "vae_encoder" not in self._parts or self.levers.tiny_vae:
+            return {}
+        out = {}
+        for task, mapping in (("img2img", md.OV_IMAGE2IMAGE_PIPELINES_MAPPING), ("inpaint", md.OV_INPAINT_PIPELINES_MAPPING)):
+            try:
+                out[task] = md._get_task_ov_class(mapping, type(self._pipe).__name__)
+            except ValueError:  # (an LCM has no inpainting pipeline)
+                pass
+        return out
+
+    def _task_pipe(self, task: str):
+        """The pipeline of `task` on this one's components: the same objects (compiled models, scheduler,
+        tokenizers), never a second copy; only what the task's class adds is made (an inpainting mask's
+        processor, the config keys its __init__ would register)."""
+        if task == "txt2img":
+            return self._pipe
+        pipe = self._task_pipes.get(task)
+        if pipe is None:
+            from diffusers.configuration_utils import FrozenDict
+            from diffusers.image_processor import VaeImageProcessor
+
+            cls = self._task_classes[task]
+            pipe = cls.__new__(cls)
+            pipe.__dict__.update(self._pipe.__dict__)
+            pipe._internal_dict = FrozenDict({"requires_aesthetics_score": False, **self._pipe._internal_dict})
+            if task == "inpaint":
+                pipe.mask_processor = VaeImageProcessor(vae_scale_factor=self._pipe.vae_scale_factor, do_normalize=False,
+                                                        do_binarize=True, do_convert_grayscale=True)
+            self._task_pipes[task] = pipe
+        return pipe
 
     def _decode(self, forward: Callable, latent_sample, *args, **kwargs):
         """vae_tiles: decode whole when that cannot raise the job's peak, else in tiles. A whole decode of
@@ -279,6 +339,8 @@ class OptimumPipeline(PipelineBase):
         """Start a phase: release the transient components of the others."""
         if phase == self._phase:
             return
+        if phase is not None and self.on_phase is not None:
+            self.on_phase(phase)
         released = False
         for name in self._transient:
             part = self._parts[name]
@@ -334,14 +396,18 @@ class OptimumPipeline(PipelineBase):
         the snapshot holds them: from there on the loop computes exactly what the uninterrupted one did."""
         import torch
 
+        if request.image is not None and not request.strength:
+            return request.image  # strength 0: no step re-imagines any of it
         self.prepare(request)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         resume = read_snapshot(request.resume) if request.resume is not None else None
         skip = resume["step"] if resume else 0
-        scheduler = self._pipe.scheduler
+        pipe = self._task_pipe(request.task)
+        scheduler = pipe.scheduler
 
         def _callback(_pipe, i, _t, tensors):
             done = i + 1
+            total = getattr(pipe, "_num_timesteps", None) or len(scheduler.timesteps)  # (image-to-image: fewer)
             if done < skip:
                 return tensors
             if done == skip:
@@ -349,33 +415,35 @@ class OptimumPipeline(PipelineBase):
                 self._skipping = False
             if on_step is not None:
                 self._snapshot = (lambda: take_snapshot(scheduler, generator, tensors["latents"], done)) \
-                    if done < len(scheduler.timesteps) else None
+                    if done < total else None
                 try:
-                    on_step(done, request.steps)
+                    on_step(done, total)
                 finally:
                     self._snapshot = None
             return tensors
 
+        kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
+                      height=request.height, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                      num_images_per_prompt=1, generator=generator, output_type="pil",
+                      callback_on_step_end=_callback if on_step is not None or skip else None)
+        if request.image is not None:
+            kwargs.update(image=request.image, strength=request.strength)
+            if request.mask is not None:
+                kwargs["mask_image"] = request.mask
+            taken = inspect.signature(type(pipe).auto_model_class.__call__).parameters
+            kwargs = {k: v for k, v in kwargs.items() if k in taken}  # (image-to-image: its size is the image's)
         self._skipping = skip > 0
         try:
-            out = self._pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=1,
-                generator=generator,
-                output_type="pil",
-                callback_on_step_end=_callback if on_step is not None or skip else None,
-            )
+            out = pipe(**kwargs)
         finally:
             self._skipping = False
             self._enter(None)  # between images: only what is kept stays compiled
         if skip and resume.get("restored") is not True:
             raise CheckpointError(f"the checkpoint's step {skip} is past this run's {len(scheduler.timesteps)}")
-        return out.images[0]
+        image = out.images[0]
+        if request.mask is not None:
+            image = keep_unmasked(image, request.image, request.mask)
+        return image
 
     def model_files(self) -> list[str]:
         """Where this pipeline's weights are mapped from: the IR folders and the compiled-model cache."""

@@ -101,7 +101,9 @@ class WorkerProcess:
         self.settings = settings
         self.pipeline = pipeline
         self.model = settings.served_model_name
-        self.defaults = worker_defaults(settings)  # the model's steps, guidance and size, and the operator's
+        # the model's steps, guidance and size, and the operator's; the kinds of job its pipeline runs
+        self.defaults = worker_defaults(settings).model_copy(
+            update={"tasks": list(getattr(pipeline, "tasks", ("txt2img",)))})
         self.memory_mode = pipeline.memory_mode
         self.name = worker_name()
         # the configured budget is the ceiling; what the worker announces and checks follows the owner (beat)

@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass
 
 from celery import Celery
+from PIL import Image
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import deliveries, fleet, jobstore
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters
-from shared.memory import Prediction, Shape, fmt_size, job_shape, predict
+from shared.jobs import Work, job_work, upscale_tiles
+from shared.memory import Prediction, Shape, fmt_size, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from shared.timing import StepTiming, measured, predict_time, unet_passes
@@ -30,6 +32,7 @@ from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
 from worker.pipelines import CheckpointError, ImageRequest
 from worker.resume import Keeper
+from worker.upscale import upscale
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,40 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
+def work_of(params: JobParameters, worker: WorkerProcess) -> Work:
+    return job_work(params, worker.defaults.guidance_doubles_batch, worker.defaults.family)
+
+
 def shape_of(params: JobParameters, worker: WorkerProcess) -> Shape:
-    return job_shape(params.width, params.height, params.guidance_scale, worker.defaults.guidance_doubles_batch)
+    return work_of(params, worker).shape
+
+
+def _read_inputs(sessions, params: JobParameters, job_id: str) -> dict[str, Image.Image]:
+    """The job's input images, at the size the job runs at: the init image (RGB; an upscale's enlarged to its
+    output) and the mask (L). The API stored them decoded and checked, as PNG."""
+    if params.kind == "txt2img":
+        return {}
+
+    def read():
+        with sessions() as session:
+            return jobstore.input_images(session, job_id)
+
+    stored = retrying(read)
+    if "image" not in stored:
+        raise InputMissing(f"job {job_id} is a {params.kind} job but its init image is not stored")
+    out = {}
+    for role, png in stored.items():
+        image = Image.open(io.BytesIO(png))
+        image.load()
+        if image.size != (params.width, params.height):
+            image = image.resize((params.width, params.height), Image.Resampling.LANCZOS if role == "image"
+                                 else Image.Resampling.BILINEAR)
+        out[role] = image.convert("RGB" if role == "image" else "L")
+    return out
+
+
+class InputMissing(Exception):
+    pass
 
 
 class Monitor:
@@ -127,7 +162,7 @@ class StepClock:
 
 
 def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter, monitor: Monitor,
-                  clock: StepClock, keeper: Keeper) -> list[jobstore.GeneratedImage]:
+                  clock: StepClock, keeper: Keeper, given: dict[str, Image.Image]) -> list[jobstore.GeneratedImage]:
     start = keeper.start()
     images = list(start.images)
     image_index = len(images)
@@ -140,6 +175,9 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
         starved = meter.starved_reason()
         return worker.leave_reason or (str(MemoryBudgetExceeded(*starved)) if starved else None)
 
+    # an upscale's tiles are steps of one image: a snapshot of a tile is not the job's (it starts again)
+    snapshot = worker.pipeline.snapshot if params.kind != "upscale" else None
+
     def on_step(step: int, total: int) -> None:
         clock.tick()
         monitor.position = (image_index, step, total)
@@ -148,7 +186,7 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
         keeper.taken()
         leave = leaving()
         if leave is not None or (keeper.due() and step < total):
-            keeper.save_step(image_index, step, total, worker.pipeline.snapshot)
+            keeper.save_step(image_index, step, total, snapshot)
         if leave is not None:
             raise JobLeft(leave)
         meter.check()  # the guard: abort at the next step once the sampler saw the budget crossed
@@ -164,10 +202,14 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
         request = ImageRequest(
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
-            resume=start.state if i == start.image else None,
+            resume=start.state if i == start.image else None, image=given.get("image"), mask=given.get("mask"),
+            strength=params.strength,
         )
         try:
-            image = worker.pipeline.generate(request, on_step)
+            if params.kind == "upscale":
+                image = upscale(worker.pipeline, request, params.tile, on_step)
+            else:
+                image = worker.pipeline.generate(request, on_step)
         except CheckpointError as exc:
             keeper.refused(i, str(exc))
             clock.restart()
@@ -435,13 +477,21 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
         with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
             worker.running = RunningJob(attempt, meter)
             worker.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
-            images = _generate_all(worker, attempt.parameters, meter, monitor, clock, keeper)
+            given = _read_inputs(sessions, attempt.parameters, attempt.job_id)
+            # the init image's encode is a phase of the job's memory timeline
+            worker.pipeline.on_phase = lambda phase: meter.mark(phase) if phase == "encode_image" else None
+            try:
+                images = _generate_all(worker, attempt.parameters, meter, monitor, clock, keeper, given)
+            finally:
+                worker.pipeline.on_phase = None
     except JobLeft as exc:
         left = str(exc)
     except JobCancelled:
         code, message = ErrorCode.cancelled, "cancelled while running"
     except MemoryBudgetExceeded as exc:
         code, message = ErrorCode.out_of_memory, f"aborted: {exc}"
+    except InputMissing as exc:
+        code, message = ErrorCode.generation_failed, str(exc)
     except SoftTimeLimitExceeded:
         code, message = ErrorCode.timeout, f"the job ran past SDFLEET_JOB_TIMEOUT_S={settings.job_timeout_s}"
     except Exception as exc:
@@ -482,7 +532,8 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
     says, and what is predicted). None for a job that did not run whole here (resumed, or an image run
     twice)."""
     clock = run.clock
-    if not clock.clean:
+    work = work_of(params, worker)
+    if not clock.clean or params.kind == "upscale" or not work.steps:  # (an upscale's steps are its tiles')
         return None
     passes = unet_passes(params.guidance_scale, worker.defaults)
     known = None
@@ -492,10 +543,9 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
                 return fleet.profiles(session, worker.model, worker.pipeline.backend, worker.pipeline.precision,
                                       worker.memory_mode)
 
-        predicted = predict_time(shape_of(params, worker), params.steps, params.num_images, retrying(read_profiles),
-                                 passes)
+        predicted = predict_time(work.shape, work.steps, work.passes, retrying(read_profiles), passes)
         known = predicted.step_s / passes if predicted else None
-    return measured(clock.steps, clock.first_steps, clock.images, run.elapsed_s, params.steps, passes, known)
+    return measured(clock.steps, clock.first_steps, clock.images, run.elapsed_s, work.steps, passes, known)
 
 
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,

@@ -60,7 +60,7 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     hints = [] if fitting else refusal(view, params, fits).details["hints"]
     runtimes = {(backend, precision, mode): known
                 for (name, backend, precision, mode), known in view.profiles.items() if name == model}
-    job_shape = shape_on(serving[0], params.width, params.height, params.guidance_scale)
+    job_shape = shape_on(serving[0], params)
     best = min(fitting, key=lambda f: f.memory_class_bytes) if fitting else None
     modes = []
     for (backend, precision, mode), known in sorted(runtimes.items()):

@@ -6,23 +6,26 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import random
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import (Admission, FleetView, admit, decide_on_fleet, parameters_on, predict_generation,
-                           requested_model)
+from api import inputs as images_in
+from api.admission import (Admission, FleetView, admit, announced_defaults, decide_on_fleet, fits_on, parameters_on,
+                           predict_generation, requested_model)
+from api.bodies import body_schema, read_model
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from api.waits import queued_views
 from shared import deliveries, fleet, jobstore, webhooks
 from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
-from shared.jobs import (MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus,
-                         is_job_id)
+from shared.jobs import (DEFAULT_STRENGTH, MAX_SEED, MAX_SIDE, MAX_UPSCALED_SIDE, MIN_SIDE, ImageRef, JobCreate,
+                         JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus, denoising_steps, is_job_id)
 from shared.models import Job, Worker
 from shared.queue import send_webhook
 
@@ -42,21 +45,30 @@ def _check_webhook(ctx, url: str | None) -> None:
         raise InvalidRequest(f"webhook_url: {exc}", [{"field": "webhook_url", "reason": str(exc)}]) from None
 
 
+IMAGE_PARTS = {"image": "the init image (PNG, JPEG or WebP)", "mask": "inpainting: the mask (white or transparent: "
+                                                                       "repainted)"}
+
+
 @router.post("", status_code=202, response_model=JobPublic,
+             openapi_extra={"requestBody": body_schema(JobCreate, IMAGE_PARTS)},
              responses={200: {"model": JobPublic, "description": "an Idempotency-Key replay: the same job"},
                         **responses(409, 413, 422, 429, 503)})
-async def submit_job(job: JobCreate, caller: Caller, ctx: Ctx,
+async def submit_job(request: Request, caller: Caller, ctx: Ctx,
                      key: Annotated[str | None, Depends(idempotency_key)]) -> Response:
-    """Queue a text-to-image job; answers at once with its ID (poll GET /v1/jobs/{id})."""
+    """Queue a job (text-to-image; with an image, image-to-image, inpainting or an upscale) as JSON, or as
+    multipart/form-data with the images as file parts; answers at once with its ID (poll GET /v1/jobs/{id})."""
+    job = await read_model(request, JobCreate, tuple(IMAGE_PARTS), ctx.settings.max_image_bytes)
     record, status = await submit(ctx, job, caller, key)
     return Response(record.model_dump_json(), status_code=status, media_type="application/json",
                     headers={"Location": f"/v1/jobs/{record.id}"})
 
 
-async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> tuple[JobPublic, int]:
+async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None,
+                 given: images_in.Inputs | None = None) -> tuple[JobPublic, int]:
     """Validate, admit, store and enqueue a job: (its record, 202); or (the earlier job, 200) for an
     Idempotency-Key replay. On the event loop: the database and Redis are reached only through the thread
-    pool, the fleet cache and the submitter's thread."""
+    pool, the fleet cache and the submitter's thread. Its images (`given`, or read from the job's fields) are
+    decoded and checked before anything is stored."""
     digest = request_hash(job) if key is not None else None
     if key is not None:
         earlier = await run_in_threadpool(_earlier, ctx, caller, key, digest)
@@ -68,28 +80,118 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     if job.webhook_url is not None:
         await run_in_threadpool(_check_webhook, ctx, job.webhook_url)
     seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
-    params, admitted, seconds = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed))
+    if given is None and job.image is not None:
+        given = await run_in_threadpool(read_inputs, ctx, job, caller)
+    params, admitted, seconds = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed, given))
     values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
         predicted_generation_s=seconds,
     ))
+    rows = given.rows(values["id"]) if given is not None else []
     try:
-        position = await ctx.submitter.submit(values)
+        position = await ctx.submitter.submit(values, rows)
     except IntegrityError:  # the same key submitted concurrently: the other request won
         if key is None:
             raise
-        return await submit(ctx, job, caller, key)
-    return jobstore.to_public(jobstore.as_record(values), queue_position=position), 202
+        return await submit(ctx, job, caller, key, given)
+    return jobstore.to_public(jobstore.as_record(values, rows), queue_position=position), 202
 
 
-def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission, float | None]:
-    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url"})
-    _, params = parameters_on(view, model, fields, seed=seed)
+def read_inputs(ctx: Ctx, job: JobCreate, caller: Caller) -> images_in.Inputs:
+    """The job's images, decoded and checked (422 or 413 with the reason); an image of an earlier job is read
+    from the database, the caller's own only."""
+    settings = ctx.settings
+
+    def one(field: str, value, role: str) -> images_in.Decoded:
+        if isinstance(value, ImageRef):
+            with ctx.sessions() as session:
+                data = jobstore.image_png(session, value.job_id, value.index, owner_id(caller))
+            if data is None:
+                reason = f"job {value.job_id} has no image {value.index} (or is not a job of this key)"
+                raise InvalidRequest(f"{field}: {reason}", [{"field": field, "reason": reason}])
+        else:
+            data = images_in.from_base64(field, value, settings.max_image_bytes)
+        return images_in.decode(field, data, settings.max_image_bytes, settings.max_image_pixels, role)
+
+    image = one("image", job.image, "image")
+    mask = one("mask", job.mask, "mask") if job.mask is not None else None
+    images_in.check_pair(image, mask)
+    return images_in.Inputs(image, mask)
+
+
+def _refuse(field: str, reason: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {reason}", [{"field": field, "reason": reason}])
+
+
+def kind_fields(job: JobCreate, given: images_in.Inputs | None) -> dict:
+    """What a job with images adds to its parameters: its kind and strength, and the size its input gives it
+    when it names none (an upscale: its input's times the factor)."""
+    kind = job.kind
+    if given is None:
+        return {"kind": kind}
+    out = {"kind": kind, "strength": job.strength if job.strength is not None else DEFAULT_STRENGTH[kind]}
+    width, height = given.image.size
+    if kind == "upscale":
+        out["upscale"] = job.upscale
+        w, h = width * job.upscale, height * job.upscale
+        if max(w, h) > MAX_UPSCALED_SIDE or min(w, h) < MIN_SIDE:
+            raise _refuse("upscale", f"{width}x{height} enlarged {job.upscale}x is {w}x{h}: an upscale's output is "
+                                     f"{MIN_SIDE} to {MAX_UPSCALED_SIDE} pixels a side")
+        out["width"], out["height"] = w, h
+    elif job.width is None and job.height is None:
+        scale = min(1.0, MAX_SIDE / max(width, height))  # an input larger than a job may be: its aspect kept
+        w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+        if min(w, h) < MIN_SIDE:
+            raise _refuse("image", f"{width}x{height} makes a job of {w}x{h}: a side must be at least {MIN_SIDE} "
+                                   f"pixels (give width and height to resize it)")
+        out["width"], out["height"] = w, h
+    return out
+
+
+UPSCALE_TILES = (1024, 768, 512, 384, 256)
+
+
+def _tile(view: FleetView, params: JobParameters, serving: list) -> JobParameters:
+    """An upscale's tile side: the largest that some live worker of the model fits (measured by its profiles,
+    as any job is), no larger than the model's own size nor the output's shorter side; the smallest if none."""
+    native = max(announced_defaults(serving[0]).width, announced_defaults(serving[0]).height)
+    shortest = min(params.width, params.height) // 8 * 8
+    sides = [t for t in UPSCALE_TILES if t <= min(native, shortest)] or [min(UPSCALE_TILES[-1], shortest)]
+    for side in sides:
+        tiled = params.model_copy(update={"tile": side})
+        if any(f.fits for f in fits_on(view, tiled, serving)):
+            return tiled
+    return params.model_copy(update={"tile": sides[-1]})
+
+
+def _check_kind(serving: list, params: JobParameters) -> None:
+    """The model's workers must take the job's kind, and an image job must run a step (or none at all)."""
+    defaults = announced_defaults(serving[0])
+    if params.kind not in defaults.tasks:
+        reason = (f"the workers of model {params.model!r} ({defaults.family}, {defaults.pipeline}, backend "
+                  f"{serving[0].backend}) take {', '.join(defaults.tasks)} jobs, not {params.kind}")
+        raise _refuse("image" if params.kind != "upscale" else "upscale", reason)
+    if params.kind != "txt2img" and params.strength and not denoising_steps(params.kind, params.steps,
+                                                                           params.strength, defaults.family):
+        least = math.ceil(1 / params.strength - 1e-9)
+        raise _refuse("strength", f"strength {params.strength:g} of {params.steps} step(s) runs no denoising step "
+                                  f"(int(steps x strength) = 0): give at least {least} steps, or strength 0 to have "
+                                  f"the image back as it is")
+
+
+def _admit(view: FleetView, job: JobCreate, model: str, seed: int,
+           given: images_in.Inputs | None) -> tuple[JobParameters, Admission, float | None]:
+    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url", "image", "mask", "strength",
+                                     "upscale"})
+    fields.update(kind_fields(job, given))
+    serving, params = parameters_on(view, model, fields, seed=seed)
+    _check_kind(serving, params)
+    if params.kind == "upscale":
+        params = _tile(view, params, serving)
     admitted = admit(view, params)
-    seconds = predict_generation(view, model, params.width, params.height, params.guidance_scale, params.steps,
-                                 params.num_images, admitted.memory_class_bytes)
+    seconds = predict_generation(view, params, admitted.memory_class_bytes)
     return params, admitted, seconds
 
 
@@ -220,6 +322,18 @@ def get_image(job_id: JobId, index: int, caller: Caller, ctx: Ctx) -> Response:
         if png is None:
             owned_job(session, job_id, caller)
             raise NotFound(f"job {job_id} has no image {index}")
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/inputs/{role}.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, **responses(404, 410)})
+def get_input(job_id: JobId, role: Literal["image", "mask"], caller: Caller, ctx: Ctx) -> Response:
+    """An image the job was given (its init image or mask), as stored: decoded, checked, PNG."""
+    with ctx.sessions() as session:
+        png = jobstore.input_png(session, job_id, role, owner_id(caller))
+        if png is None:
+            owned_job(session, job_id, caller)
+            raise NotFound(f"job {job_id} was given no {role}")
     return Response(png, media_type="image/png")
 
 
