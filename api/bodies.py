@@ -20,8 +20,18 @@ M = TypeVar("M", bound=BaseModel)
 MAX_FORM_FIELDS = 40
 
 
-def _errors(exc: ValidationError) -> RequestValidationError:
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)])
+def _errors(exc: ValidationError, model: type[BaseModel]) -> RequestValidationError:
+    """Pydantic's errors as FastAPI's, under `body`. A check across fields (a model validator) says which field
+    it is about as "field: reason": that field is named as the error's place."""
+    out = []
+    for e in exc.errors(include_url=False):
+        loc = e["loc"]
+        name, _, reason = e.get("msg", "").removeprefix("Value error, ").partition(": ")
+        if not loc and reason and name in model.model_fields:
+            e = {**e, "msg": reason}
+            loc = (name,)
+        out.append({**e, "loc": ("body", *loc)})
+    return RequestValidationError(out)
 
 
 async def read_model(request: Request, model: type[M], files: tuple[str, ...], max_file_bytes: int,
@@ -47,7 +57,7 @@ async def read_model(request: Request, model: type[M], files: tuple[str, ...], m
     try:
         return model.model_validate(data, strict=strict)
     except ValidationError as exc:
-        raise _errors(exc) from None
+        raise _errors(exc, model) from None
 
 
 async def _form(request: Request, files: tuple[str, ...], max_file_bytes: int, lists: tuple[str, ...]) -> dict:

@@ -63,11 +63,10 @@ def from_base64(field: str, text: str, max_bytes: int) -> bytes:
 
 def _to_8bit_grey(im: Image.Image) -> Image.Image:
     """16- and 32-bit grey (mode I;16*, I) scaled to 8 bits: Pillow's own convert clips them at 255."""
-    import numpy as np
-
-    a = np.asarray(im)
-    top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
-    return Image.fromarray((np.clip(a, 0, top).astype(np.float64) * (255 / top) + 0.5).astype(np.uint8), "L")
+    sixteen = im.mode.startswith("I;16")
+    im = im.convert("I") if sixteen else im
+    top = 65535 if sixteen or (im.getextrema()[1] or 0) > 255 else 255
+    return im.point(lambda v: v * (255 / top) + 0.5).convert("L")
 
 
 def decode(field: str, data: bytes, max_bytes: int, max_pixels: int, role: str = "image") -> Decoded:

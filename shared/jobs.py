@@ -278,13 +278,14 @@ class JobCreate(JobShape):
         if self.image is None:
             for name in ("mask", "strength", "upscale"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name} needs an image (the init image this job starts from)")
+                    raise ValueError(f"{name}: needs an image (the init image this job starts from)")
         if self.upscale is not None:
             if self.mask is not None:
-                raise ValueError("an upscale takes no mask (it refines the whole image)")
-            if self.width is not None or self.height is not None or self.num_images != 1:
-                raise ValueError("an upscale's size is its input's times `upscale`, one image: leave width, "
-                                 "height and num_images out")
+                raise ValueError("mask: an upscale takes no mask (it refines the whole image)")
+            for name in ("width", "height", "num_images"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name}: an upscale's size is its input's times `upscale`, one image: leave "
+                                     f"width, height and num_images out")
         elif not self.prompt.strip():
             raise ValueError("prompt: must contain more than whitespace (only an upscale may leave it out)")
         return self
