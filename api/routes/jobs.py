@@ -14,15 +14,15 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
-from api.admission import (Admission, FleetView, admit, decide_on_fleet, parameters_on, predict_generation,
-                           requested_model)
+from api.admission import (Admission, FleetView, admit, decide_on_fleet, fit_auto, parameters_on,
+                           predict_generation, requested_model)
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from api.waits import queued_views
 from shared import deliveries, fleet, jobstore, webhooks
-from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
-from shared.jobs import (MAX_SEED, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus,
-                         is_job_id)
+from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, NotFound
+from shared.jobs import (MAX_SEED, FitRecord, JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic,
+                         JobStatus, is_job_id)
 from shared.models import Job, Worker
 from shared.queue import send_webhook
 
@@ -30,7 +30,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 def request_hash(job: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    # `fit` left at its default is left out: a body hashes as it did before the field existed
+    body = job.model_dump(mode="json", exclude={"fit"} if job.fit == "refuse" else None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _check_webhook(ctx, url: str | None) -> None:
@@ -68,12 +70,14 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     if job.webhook_url is not None:
         await run_in_threadpool(_check_webhook, ctx, job.webhook_url)
     seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
-    params, admitted, seconds = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed))
+    # a fitted job is a refusal of the job as asked: decided again on a fresh read, where it may fit as it is
+    params, admitted, seconds, fitted = await decide_on_fleet(
+        ctx.fleet, lambda view: _admit(view, job, model, seed), refused=lambda decided: decided[3] is not None)
     values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
-        predicted_generation_s=seconds,
+        predicted_generation_s=seconds, fitted=fitted.model_dump(mode="json") if fitted else None,
     ))
     try:
         position = await ctx.submitter.submit(values)
@@ -84,13 +88,20 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None) -> t
     return jobstore.to_public(jobstore.as_record(values), queue_position=position), 202
 
 
-def _admit(view: FleetView, job: JobCreate, model: str, seed: int) -> tuple[JobParameters, Admission, float | None]:
-    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url"})
+def _admit(view: FleetView, job: JobCreate, model: str,
+           seed: int) -> tuple[JobParameters, Admission, float | None, FitRecord | None]:
+    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url", "fit"})
     _, params = parameters_on(view, model, fields, seed=seed)
-    admitted = admit(view, params)
-    seconds = predict_generation(view, model, params.width, params.height, params.guidance_scale, params.steps,
-                                 params.num_images, admitted.memory_class_bytes)
-    return params, admitted, seconds
+    fitted = None
+    try:
+        admitted = admit(view, params)
+    except InsufficientMemory as refused:
+        if job.fit != "auto":
+            raise
+        params, admitted, fitted = fit_auto(view, params, fields, refused, seed=seed)
+    seconds = predict_generation(view, params.model, params.width, params.height, params.guidance_scale,
+                                 params.steps, params.num_images, admitted.memory_class_bytes)
+    return params, admitted, seconds, fitted
 
 
 def _earlier(ctx: Ctx, caller: Caller, key: str, digest: str) -> JobPublic | None:
