@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from shared import fleet
 from shared.errors import InsufficientMemory, InvalidRequest, ModelUnavailable
-from shared.jobs import FALLBACK_DEFAULTS, JobParameters, ModelDefaults, Work, job_work
+from shared.jobs import FALLBACK_DEFAULTS, FitRecord, JobParameters, ModelDefaults, Work, job_work
 from shared.memory import Profile, Prediction, Shape, fmt_size, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
@@ -224,6 +224,32 @@ def refusal(view: FleetView, params: JobParameters, fits: list[WorkerFit]) -> In
          "largest_budget_bytes": largest.budget_bytes, "largest_class_bytes": usable, "worker": largest.name,
          "hints": tips},
     )
+
+
+def fit_auto(view: FleetView, params: JobParameters, fields: dict, refused: InsufficientMemory,
+             **fixed) -> tuple[JobParameters, Admission, FitRecord]:
+    """`fit: auto`: a job `admit` refused, admitted with the first of the refusal's hints that fits. The hint's
+    change is a plain change of the parameters: the request's `fields` with it merged in, made parameters
+    again as the request's were (`fixed` as there); a change of model takes that model's defaults for what
+    the request left out (parameters_on). Admitted again, not taken on the hint's word: a hint whose change
+    does not pass (the other model's defaults make another shape, or refuse the request) is passed over for
+    the next one that fits. Raises the refusal when none passes."""
+    for hint in refused.details["hints"]:
+        if not hint["fits"]:
+            break  # the hints that fit come first
+        change = hint["change"]
+        try:
+            _, fitted = parameters_on(view, change.get("model", params.model),
+                                      {**fields, **{k: v for k, v in change.items() if k != "model"}}, **fixed)
+            admitted = admit(view, fitted)
+        except (InsufficientMemory, InvalidRequest, ModelUnavailable):
+            continue
+        asked, runs = params.model_dump(), fitted.model_dump()
+        changed = [k for k in runs if runs[k] != asked[k]]
+        return fitted, admitted, FitRecord(changes={k: runs[k] for k in changed},
+                                           original={k: asked[k] for k in changed},
+                                           reason=refused.message, hint=hint["message"])
+    raise refused
 
 
 def time_on(view: FleetView, worker: Worker, params) -> TimePrediction | None:

@@ -75,14 +75,26 @@ def _job_args(p: argparse.ArgumentParser, out_help: str) -> None:
                    help=f"queue priority among jobs of the same model (API default {_api_default('priority')})")
     p.add_argument("--webhook-url", metavar="URL", help="the API POSTs the job record here (signed) when the "
                    "job ends; http(s), public addresses only unless the operator allowed the network")
+    p.add_argument("--fit", choices=("refuse", "auto"), help="when no live worker fits the job: refuse it (the "
+                   "API's default, with the changes that would fit), or auto: run it with the first change that "
+                   "fits (smaller size, guidance 1, an int8 variant), said on stderr and in the record's `fitted`")
     p.add_argument("--out", type=Path, metavar="FILE", help=out_help)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
 
 
 def _job_params(args: argparse.Namespace, prompt: str) -> dict:
     names = ("negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "model",
-             "priority", "webhook_url")
+             "priority", "webhook_url", "fit")
     return {"prompt": prompt, **{n: getattr(args, n) for n in names}}
+
+
+def fitted_note(record: dict) -> str | None:
+    """What `fit: auto` changed of the job, for a person: None when it runs as asked."""
+    fitted = record.get("fitted")
+    if not fitted:
+        return None
+    changes = ", ".join(f"{k} {fitted['original'][k]} -> {v}" for k, v in fitted["changes"].items())
+    return f"fitted: {changes} (no live worker fits it as asked; {fitted['hint']})"
 
 
 def _write_images(client: Client, record: dict, out: Path) -> list[Path]:
@@ -220,6 +232,8 @@ def _wait_with_progress(client: Client, record: dict, timeout: float, quiet: boo
 def cmd_submit(args) -> int:
     client = _client(args.api)
     record = client.submit(**_job_params(args, args.prompt))
+    if note := fitted_note(record):
+        print(f"sdfleet: job {record['id'][:8]} {note}", file=sys.stderr)
     if not (args.wait or args.out):
         print(json.dumps(record, indent=2))
         return 0
@@ -422,6 +436,9 @@ def cmd_plan(args) -> int:
         print(f"fits on no live host ({', '.join(others) or 'none serves the model'})")
         for hint in plan.get("hints") or []:
             print(f"  {'would fit' if hint['fits'] else 'would not fit'}: {hint['message']}")
+        fit = plan.get("fit")
+        print(f"with --fit auto: admitted as {fit['hint']} ({fmt_size(fit['memory_class_bytes'])} class)" if fit
+              else "with --fit auto: refused too (no change fits)")
     return rc
 
 
@@ -712,6 +729,8 @@ def _wait_until_ready(client: Client, model: str, settings: Settings, logs: dict
 def _submit_and_write(client: Client, args, check) -> int:
     """--submit: the job's progress on stderr, its record on stdout, its PNGs in --out; 0 if it succeeded."""
     record = client.submit(**_job_params(args, args.submit))
+    if note := fitted_note(record):
+        print(f"sdfleet up: job {record['id'][:8]} {note}", file=sys.stderr)
     try:
         record = _wait_with_progress(client, record, args.timeout, check=check)
     except TimeoutError:
@@ -1007,8 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except ApiError as exc:
         print(f"sdfleet: {exc}{_hint(exc)}", file=sys.stderr)
-        for hint in exc.details.get("hints", []) if isinstance(exc.details, dict) else []:
+        hints = exc.details.get("hints", []) if isinstance(exc.details, dict) else []
+        for hint in hints:
             print(f"  {'would fit' if hint.get('fits') else 'would not fit'}: {hint.get('message')}", file=sys.stderr)
+        if args.command == "submit" and any(hint.get("fits") for hint in hints):
+            print("  (--fit auto runs it with the first that would fit)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

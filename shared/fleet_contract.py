@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared.jobs import ModelDefaults
+from shared.jobs import FitRecord, ModelDefaults
 
 
 class WorkerState(BaseModel):
@@ -103,6 +103,13 @@ class ModePlan(BaseModel):
     detail: str
 
 
+class PlanFit(FitRecord):
+    """What a submission of a refused shape with `fit: auto` would be admitted with."""
+
+    predicted_peak_bytes: int = Field(description="the prediction of the job as changed")
+    memory_class_bytes: int = Field(description="the queue it would be routed to")
+
+
 class PlanPublic(BaseModel):
     """What admission would decide for a job of this shape, worker by worker."""
 
@@ -119,3 +126,6 @@ class PlanPublic(BaseModel):
     workers: list[WorkerPlan] = Field(description="live workers serving the model, largest budget first")
     modes: list[ModePlan] = Field(description="one per runtime (backend/precision/memory mode) with profiles")
     hints: list[dict] = Field(description="when no worker fits: changes that would, as in a refusal")
+    fit: PlanFit | None = Field(description="when no worker fits: what a submission with `fit: auto` would be "
+                                "admitted with (the first hint that fits, admitted again); null when the shape "
+                                "fits as it is, or when no change fits (`fit: auto` is refused too)")

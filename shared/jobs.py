@@ -27,6 +27,9 @@ _TEXT_CONTROLS_OK = frozenset("\t\n\r")
 
 Priority = Literal["low", "normal", "high"]
 PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
+# What admission does with a job no live worker fits: refuse it (422 insufficient_memory, with the hints), or
+# admit it with the first of its own hints that fits, the change recorded (`fitted`)
+Fit = Literal["refuse", "auto"]
 
 
 class JobStatus(str, enum.Enum):
@@ -252,6 +255,11 @@ class JobCreate(JobShape):
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description=_MODEL_DEFAULT)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     priority: Priority = "normal"
+    fit: Fit = Field(
+        default="refuse", description="when no live worker fits the job: refuse, a 422 insufficient_memory "
+        "with the changes that would fit; or auto, admitted with the first of those changes that fits (a smaller "
+        "size, guidance_scale 1, the model's int8 variant), the record's `fitted` saying what changed and why. "
+        "A job that fits as it is, or that no change fits, is answered the same either way")
     webhook_url: str | None = Field(
         default=None, max_length=MAX_URL_CHARS,
         description="POSTed the job record (signed) when the job ends. An http(s) URL without credentials, "
@@ -375,6 +383,18 @@ class ResumeRecord(BaseModel):
     note: str = Field(description='e.g. "resumed from step 12 of 25 on host B", or why it started again')
 
 
+class FitRecord(BaseModel):
+    """What `fit: auto` changed of a job no live worker fitted as it was asked, and why."""
+
+    changes: dict[str, str | int | float | None] = Field(
+        description="the parameters changed, with the values the job runs with (those of its `parameters`); a "
+        "change of model also takes that model's defaults for the fields the request left out")
+    original: dict[str, str | int | float | None] = Field(
+        description="the same parameters as they were asked (or defaulted, for the fields the request left out)")
+    reason: str = Field(description="why the job as asked was not admitted: the refusal's message")
+    hint: str = Field(description="the change taken: the message of the refusal's hint, with its prediction")
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -397,6 +417,9 @@ class JobPublic(BaseModel):
         description="what admission predicted the generation (generation_s) would take on the workers of its "
         "memory class, from the seconds per step and per image their jobs measured; null: no job of the model "
         "measured time yet on those workers")
+    fitted: FitRecord | None = Field(
+        description="`fit: auto` only: what admission changed so that the job fits a live worker, "
+        "and why; null when the job runs as it was asked")
     priority: Priority
     queue_position: int | None = Field(description="while queued: 1 is next for its model")
     expected_start_s: float | None = Field(

@@ -16,7 +16,8 @@ from shared import checkpoints, ids
 from shared.checkpoints import GeneratedImage  # noqa: F401  (jobstore.GeneratedImage: the results' type)
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
-    PRIORITY_ORDER, AttemptRecord, ImageLink, InputLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
+    PRIORITY_ORDER, AttemptRecord, FitRecord, ImageLink, InputLink, JobError, JobParameters, JobPublic, JobStatus,
+    Progress,
     ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
@@ -87,6 +88,7 @@ class NewJob:
     prediction_source: str | None = None
     memory_class_bytes: int | None = None
     predicted_generation_s: float | None = None
+    fitted: dict | None = None  # FitRecord, as JSON: what `fit: auto` changed
 
 _JOB_COLUMNS = tuple(c.key for c in Job.__table__.columns)
 
@@ -101,6 +103,7 @@ def new_job_values(new: NewJob) -> dict:
                   has_webhook=new.webhook_url is not None,
                   predicted_peak_bytes=new.predicted_peak_bytes, prediction_source=new.prediction_source,
                   memory_class_bytes=new.memory_class_bytes, predicted_generation_s=new.predicted_generation_s,
+                  fitted=new.fitted,
                   delivery_id=new_delivery_id(), created_at=now,
                   enqueued_at=now, attempts=0, webhook_attempts=0, handoffs=0, leaves=0)
     return values
@@ -476,6 +479,7 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         predicted_peak_bytes=job.predicted_peak_bytes,
         prediction_source=job.prediction_source,
         predicted_generation_s=getattr(job, "predicted_generation_s", None),
+        fitted=FitRecord.model_validate(job.fitted) if getattr(job, "fitted", None) else None,
         priority=job.priority,
         queue_position=queue_position,
         expected_start_s=waiting.expected_start_s if waiting else None,

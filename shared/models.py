@@ -73,6 +73,8 @@ class Job(Base):
     prediction_source: Mapped[str | None] = mapped_column(String(16))
     # What admission predicted the generation would take on the workers of its class (None: none measured)
     predicted_generation_s: Mapped[float | None] = mapped_column(Float)
+    # `fit: auto`: what admission changed so the job fits, and why (FitRecord); None: run as asked
+    fitted: Mapped[dict | None] = mapped_column(JSON)
 
     priority: Mapped[str] = mapped_column(String(8), default="normal")
     owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)

@@ -8,13 +8,16 @@ from fastapi import APIRouter, Response
 from sqlalchemy import text
 
 from api.admission import (
-    FleetView, WorkerFit, decide_on_fleet, fits_on, model_defaults, parameters_on, refusal, requested_model, shape_on,
+    FleetView, WorkerFit, decide_on_fleet, fit_auto, fits_on, model_defaults, parameters_on, refusal, requested_model,
+    shape_on,
 )
 from api.deps import Caller, Ctx
 from api.errors import responses
 from api.metrics import render_metrics
 from shared import fleet
-from shared.fleet_contract import ModelPublic, ModePlan, PlanPublic, ProfilePublic, WorkerPlan, WorkerPublic
+from shared.errors import InsufficientMemory
+from shared.fleet_contract import (ModelPublic, ModePlan, PlanFit, PlanPublic, ProfilePublic, WorkerPlan,
+                                   WorkerPublic)
 from shared.jobs import JobParameters, JobShape
 from shared.memory import fmt_size, predict
 from shared.models import Worker
@@ -46,18 +49,27 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     """What admission would decide for a job of this shape: each live worker's predicted peak (the same
     prediction a submission is admitted by, on the same cached view of the fleet), its memory class and
     whether it fits; the prediction of each runtime with measured profiles; and, when none fits, the changes
-    that would."""
+    that would, and what a submission with `fit: auto` would be admitted with."""
     model = requested_model(shape.model, ctx.settings.default_model)
+    fixed = {"prompt": "", "negative_prompt": None, "seed": 0}
 
     def decide(view: FleetView) -> PlanDecision:
-        serving, params = parameters_on(view, model, shape.model_dump(exclude={"model"}), prompt="",
-                                        negative_prompt=None, seed=0)
+        serving, params = parameters_on(view, model, shape.model_dump(exclude={"model"}), **fixed)
         return PlanDecision(view, serving, params, fits_on(view, params, serving))
 
     decided = await decide_on_fleet(ctx.fleet, decide, refused=lambda d: not any(f.fits for f in d.fits))
     view, serving, params, fits = decided.view, decided.serving, decided.params, decided.fits
     fitting = [f for f in fits if f.fits]
-    hints = [] if fitting else refusal(view, params, fits).details["hints"]
+    hints, fit = [], None
+    if not fitting:
+        refused = refusal(view, params, fits)
+        hints = refused.details["hints"]
+        try:
+            _, admitted, record = fit_auto(view, params, shape.model_dump(exclude={"model"}), refused, **fixed)
+            fit = PlanFit(**record.model_dump(), predicted_peak_bytes=admitted.prediction.bytes,
+                          memory_class_bytes=admitted.memory_class_bytes)
+        except InsufficientMemory:
+            pass
     runtimes = {(backend, precision, mode): known
                 for (name, backend, precision, mode), known in view.profiles.items() if name == model}
     job_shape = shape_on(serving[0], params)
@@ -83,7 +95,7 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
                             resident_bytes=f.worker.resident_bytes, predicted_peak_bytes=f.prediction.bytes,
                             prediction_source=f.prediction.source, detail=f.prediction.detail,
                             memory_class_bytes=f.memory_class_bytes, fits=f.fits) for f in fits],
-        modes=modes, hints=hints,
+        modes=modes, hints=hints, fit=fit,
     )
 
 

@@ -19,7 +19,7 @@ from api.errors import openai_error
 from api.routes.jobs import submit
 from shared import jobstore
 from shared.errors import InvalidRequest
-from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, JobCreate, JobPublic, JobStatus, Priority
+from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, Fit, FitRecord, JobCreate, JobPublic, JobStatus, Priority
 from shared.waiting import WaitTimeout, wait_until_async
 
 router = APIRouter(tags=["openai"])
@@ -50,6 +50,9 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     priority: Priority = "normal"
+    fit: Fit = Field(default="refuse", description="as on POST /v1/jobs: auto admits a job no worker fits with the "
+                     "first change that fits (the images are then of the changed size or model; `sdfleet.fitted` "
+                     "says what changed)")
 
 
 class ImageData(BaseModel):
@@ -63,6 +66,8 @@ class SdfleetInfo(BaseModel):
     seeds: list[int]
     peak_rss_bytes: int | None
     generation_s: float | None
+    fitted: FitRecord | None = Field(default=None, description="with fit auto: what was changed so the job fits "
+                                     "(left out when nothing was)")
 
 
 class ImagesResponse(BaseModel):
@@ -74,7 +79,7 @@ class ImagesResponse(BaseModel):
 def _job_request(body: ImageGenerationRequest) -> JobCreate:
     fields = {"prompt": body.prompt, "num_images": body.n, "model": body.model, "priority": body.priority,
               "negative_prompt": body.negative_prompt, "steps": body.steps, "guidance_scale": body.guidance_scale,
-              "seed": body.seed}
+              "seed": body.seed, "fit": body.fit}
     if body.size not in (None, "auto"):
         match = _SIZE.fullmatch(body.size)
         if not match:
@@ -165,5 +170,6 @@ async def generate_images(body: ImageGenerationRequest, request: Request, caller
     answer = ImagesResponse(
         created=int(record.created_at.timestamp()), data=data,
         sdfleet=SdfleetInfo(job_id=record.id, seeds=[i.seed for i in record.images],
-                            peak_rss_bytes=record.peak_rss_bytes, generation_s=record.generation_s))
+                            peak_rss_bytes=record.peak_rss_bytes, generation_s=record.generation_s,
+                            fitted=record.fitted))
     return JSONResponse(answer.model_dump(mode="json", exclude_none=True), headers={"Location": f"/v1/jobs/{record.id}"})

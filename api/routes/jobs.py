@@ -16,24 +16,30 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 
 from api import inputs as images_in
-from api.admission import (Admission, FleetView, admit, announced_defaults, decide_on_fleet, fits_on, parameters_on,
-                           predict_generation, requested_model)
+from api.admission import (Admission, FleetView, admit, announced_defaults, decide_on_fleet, fit_auto, fits_on,
+                           parameters_on, predict_generation, requested_model)
 from api.bodies import body_schema, read_model
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from api.waits import queued_views
 from shared import deliveries, fleet, jobstore, webhooks
-from shared.errors import Gone, IdempotencyConflict, InvalidRequest, NotFound
-from shared.jobs import (DEFAULT_STRENGTH, MAX_SEED, MAX_SIDE, MAX_UPSCALED_SIDE, MIN_SIDE, ImageRef, JobCreate,
-                         JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus, denoising_steps, is_job_id)
+from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, NotFound
+from shared.jobs import (DEFAULT_STRENGTH, MAX_SEED, MAX_SIDE, MAX_UPSCALED_SIDE, MIN_SIDE, FitRecord, ImageRef,
+                         JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus, denoising_steps,
+                         is_job_id)
 from shared.models import Job, Worker
 from shared.queue import send_webhook
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+# Fields added since bodies were first hashed: left out at their default, a body hashes as it did before them
+_LATER_FIELDS = {"fit": "refuse", "image": None, "mask": None, "strength": None, "upscale": None}
+
+
 def request_hash(job: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    body = job.model_dump(mode="json", exclude={k for k, v in _LATER_FIELDS.items() if getattr(job, k) == v})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _check_webhook(ctx, url: str | None) -> None:
@@ -82,12 +88,14 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None,
     seed = job.seed if job.seed is not None else random.randrange(MAX_SEED + 1)  # a seed is no secret
     if given is None and job.image is not None:
         given = await run_in_threadpool(read_inputs, ctx, job, caller)
-    params, admitted, seconds = await decide_on_fleet(ctx.fleet, lambda view: _admit(view, job, model, seed, given))
+    # a fitted job is a refusal of the job as asked: decided again on a fresh read, where it may fit as it is
+    params, admitted, seconds, fitted = await decide_on_fleet(
+        ctx.fleet, lambda view: _admit(view, job, model, seed, given), refused=lambda decided: decided[3] is not None)
     values = jobstore.new_job_values(jobstore.NewJob(
         params=params, priority=job.priority, owner_key_id=owner_id(caller), idempotency_key=key,
         request_hash=digest, webhook_url=job.webhook_url, predicted_peak_bytes=admitted.prediction.bytes,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
-        predicted_generation_s=seconds,
+        predicted_generation_s=seconds, fitted=fitted.model_dump(mode="json") if fitted else None,
     ))
     rows = given.rows(values["id"]) if given is not None else []
     try:
@@ -181,18 +189,25 @@ def _check_kind(serving: list, params: JobParameters) -> None:
                                   f"the image back as it is")
 
 
-def _admit(view: FleetView, job: JobCreate, model: str, seed: int,
-           given: images_in.Inputs | None) -> tuple[JobParameters, Admission, float | None]:
-    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url", "image", "mask", "strength",
+def _admit(view: FleetView, job: JobCreate, model: str, seed: int, given: images_in.Inputs | None
+           ) -> tuple[JobParameters, Admission, float | None, FitRecord | None]:
+    fields = job.model_dump(exclude={"model", "seed", "priority", "webhook_url", "fit", "image", "mask", "strength",
                                      "upscale"})
     fields.update(kind_fields(job, given))
     serving, params = parameters_on(view, model, fields, seed=seed)
     _check_kind(serving, params)
     if params.kind == "upscale":
         params = _tile(view, params, serving)
-    admitted = admit(view, params)
+        fields["tile"] = params.tile
+    fitted = None
+    try:
+        admitted = admit(view, params)
+    except InsufficientMemory as refused:
+        if job.fit != "auto":
+            raise
+        params, admitted, fitted = fit_auto(view, params, fields, refused, seed=seed)
     seconds = predict_generation(view, params, admitted.memory_class_bytes)
-    return params, admitted, seconds
+    return params, admitted, seconds, fitted
 
 
 def _earlier(ctx: Ctx, caller: Caller, key: str, digest: str) -> JobPublic | None:

@@ -484,7 +484,7 @@ async function cancelJob(id, button) {
 function jobRow(j) {
   const p = j.parameters;
   const meta = `${p.model} · ${p.width}×${p.height} · ${p.steps} steps · ${p.num_images} img` +
-    (j.priority !== "normal" ? ` · ${j.priority} priority` : "");
+    (j.priority !== "normal" ? ` · ${j.priority} priority` : "") + (j.fitted ? " · fitted" : "");
   return el("tr", {"data-testid": "job-row", "data-job-id": j.id, "data-status": j.status},
     el("td", {class: "jobcell"},
       el("a", {href: `#/job/${j.id}`, class: "prompt", title: p.prompt, text: p.prompt}),
@@ -624,6 +624,9 @@ function renderJob() {
     el("p", {class: "prompt-full", "data-testid": "job-prompt", text: p.prompt}),
     j.status === "queued" ? el("p", {class: "waiting-box", "data-testid": "job-waiting"},
       el("b", {text: startText(j)}), j.waiting_reason ? ` — ${j.waiting_reason}` : "") : null,
+    j.fitted ? el("p", {class: "waiting-box", "data-testid": "job-fitted", title: j.fitted.reason},
+      el("b", {text: `Fitted: ${fittedChanges(j.fitted)}`}),
+      ` — no live worker fits it as asked (fit: auto took ${j.fitted.hint})`) : null,
     j.error ? el("p", {class: "error-box", "data-testid": "job-failure"}, el("b", {text: j.error.code}), `: ${j.error.message}`) : null,
     el("div", {class: "actions"},
       cancelButton(j),
@@ -670,6 +673,11 @@ function renderJob() {
   box.replaceChildren(head, grids, ...(images ? [images] : []), ...(history ? [history] : []));
   if (old && images && old.childElementCount === j.images.length) images.querySelector(".gallery").replaceWith(old);
   renderMemory();
+}
+
+// `fit: auto`: what admission changed so the job fits, e.g. "width 2048 → 768, height 2048 → 768"
+function fittedChanges(f) {
+  return Object.entries(f.changes).map(([k, v]) => `${k} ${f.original[k]} → ${v}`).join(", ");
 }
 
 function predictedText(j) {
