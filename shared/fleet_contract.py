@@ -55,6 +55,8 @@ class ProfilePublic(BaseModel):
     height: int
     images_per_pass: int
     guidance: bool
+    encodes: bool = Field(default=False, description="jobs with an init image (image-to-image, inpainting, an "
+                          "upscale's tiles): the VAE encoder ran first")
     peak_bytes: int
     base_bytes: int
     samples: int

@@ -64,3 +64,50 @@ def test_predictions_profile_then_scaled_then_prior():
     prior = predict(Shape(512, 512, False), [], 600 * MB)
     assert prior.source == "prior" and prior.bytes > 600 * MB + PRIOR_FIXED_BYTES
     assert predict(Shape(1024, 1024, True), [], 600 * MB).bytes > prior.bytes
+
+
+def test_an_init_images_encode_is_part_of_the_shape_and_its_prediction():
+    from shared.memory import ENCODE_BYTES_PER_LATENT_PIXEL, latent_pixels
+
+    t2i = Profile(Shape(512, 512, True), peak_bytes=5 * GB, base_bytes=4 * GB, samples=1)
+    # no job with an init image measured: text-to-image's profile scaled, or its base plus the encode prior
+    small = predict(Shape(512, 512, True, encodes=True), [t2i], resident_bytes=4 * GB)
+    assert small.source == "scaled" and "encode prior" in small.detail
+    assert small.bytes == max(5 * GB, 4 * GB + ENCODE_BYTES_PER_LATENT_PIXEL * latent_pixels(512, 512))
+    large = predict(Shape(1536, 1536, False, encodes=True), [t2i], resident_bytes=4 * GB)
+    assert large.bytes >= 4 * GB + ENCODE_BYTES_PER_LATENT_PIXEL * latent_pixels(1536, 1536)
+    # once one was measured, jobs with an init image scale from it, not from text-to-image's
+    i2i = Profile(Shape(512, 512, True, encodes=True), peak_bytes=6 * GB, base_bytes=4 * GB, samples=1)
+    assert predict(Shape(512, 512, True, encodes=True), [t2i, i2i], 4 * GB).bytes == 6 * GB
+    scaled = predict(Shape(768, 512, True, encodes=True), [t2i, i2i], 4 * GB)
+    assert scaled.bytes == 4 * GB + int(2 * GB / 2) * 3 and "encode prior" not in scaled.detail
+    # and text-to-image keeps its own
+    assert predict(Shape(512, 512, True), [t2i, i2i], 4 * GB).bytes == 5 * GB
+    # the prior (nothing measured) covers the encode too
+    assert predict(Shape(1024, 1024, False, encodes=True), [], GB).bytes >= \
+        GB + PRIOR_FIXED_BYTES + ENCODE_BYTES_PER_LATENT_PIXEL * latent_pixels(1024, 1024)
+
+
+def test_a_jobs_work_by_kind():
+    from shared.jobs import JobParameters, denoising_steps, job_work, upscale_tiles
+
+    base = dict(prompt="p", negative_prompt=None, steps=20, guidance_scale=7.5, seed=1, num_images=2, model="m")
+    t2i = job_work(JobParameters(**base, width=512, height=768))
+    assert (t2i.shape, t2i.steps, t2i.passes) == (Shape(512, 768, True), 20, 2)
+    i2i = job_work(JobParameters(**base, width=512, height=768, kind="img2img", strength=0.5))
+    assert (i2i.shape, i2i.steps, i2i.passes) == (Shape(512, 768, True, encodes=True), 10, 2)
+    # an LCM's schedule takes its steps from the part the strength leaves: all of them run
+    assert job_work(JobParameters(**base, width=512, height=512, kind="img2img", strength=0.5),
+                    family="lcm").steps == 20
+    assert denoising_steps("img2img", 20, 0.0) == 0 and denoising_steps("inpaint", 20, 1.0) == 20
+    # an upscale's shape is its tile's, its passes the tiles
+    up = job_work(JobParameters(**{**base, "num_images": 1}, width=2048, height=1024, kind="upscale",
+                                strength=0.3, upscale=2, tile=512))
+    tiles = upscale_tiles(2048, 1024, 512)
+    assert up.shape == Shape(512, 512, True, encodes=True) and up.passes == len(tiles) == 5 * 3 and up.steps == 6
+    # the tiles cover the output, each inside it, overlapping their neighbours
+    covered = set()
+    for x, y in tiles:
+        assert 0 <= x <= 2048 - 512 and 0 <= y <= 1024 - 512
+        covered |= {(x + dx, y + dy) for dx in (0, 511) for dy in (0, 511)}
+    assert {(0, 0), (2047, 1023), (2047, 0), (0, 1023)} <= covered
