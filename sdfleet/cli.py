@@ -11,6 +11,7 @@ Output: `submit` and `status` print the job record as JSON on stdout (scripts pa
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -78,14 +79,29 @@ def _job_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--fit", choices=("refuse", "auto"), help="when no live worker fits the job: refuse it (the "
                    "API's default, with the changes that would fit), or auto: run it with the first change that "
                    "fits (smaller size, guidance 1, an int8 variant), said on stderr and in the record's `fitted`")
+    p.add_argument("--image", type=Path, metavar="FILE", help="an init image (PNG, JPEG or WebP): image-to-image, "
+                   "or with --mask inpainting, or with --upscale an upscale; the job keeps its size unless "
+                   "--width/--height say otherwise")
+    p.add_argument("--mask", type=Path, metavar="FILE", help="inpainting: white (or transparent) is repainted")
+    p.add_argument("--strength", type=float, help="with --image: 0 (the image as it is) .. 1 (from noise) "
+                   "(API default 0.75; inpainting 1; upscale 0.3)")
+    p.add_argument("--upscale", type=int, choices=(2, 4), help="with --image: enlarge it 2x or 4x")
     p.add_argument("--out", type=Path, metavar="FILE", help=out_help)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
 
 
 def _job_params(args: argparse.Namespace, prompt: str) -> dict:
     names = ("negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "model",
-             "priority", "webhook_url", "fit")
-    return {"prompt": prompt, **{n: getattr(args, n) for n in names}}
+             "priority", "webhook_url", "fit", "strength", "upscale")
+    params = {"prompt": prompt, **{n: getattr(args, n, None) for n in names}}
+    for name in ("image", "mask"):  # sent as base64 in the JSON body
+        path = getattr(args, name, None)
+        if path is not None:
+            try:
+                params[name] = base64.b64encode(path.read_bytes()).decode()
+            except OSError as exc:
+                raise SystemExit(f"sdfleet: --{name} {path}: {exc.strerror or exc}") from None
+    return params
 
 
 def fitted_note(record: dict) -> str | None:

@@ -184,7 +184,7 @@ def _check_kind(serving: list, params: JobParameters) -> None:
     if params.kind != "txt2img" and params.strength and not denoising_steps(params.kind, params.steps,
                                                                            params.strength, defaults.family):
         least = math.ceil(1 / params.strength - 1e-9)
-        raise _refuse("strength", f"strength {params.strength:g} of {params.steps} step(s) runs no denoising step "
+        raise _refuse("strength", f"{params.strength:g} of {params.steps} step(s) runs no denoising step "
                                   f"(int(steps x strength) = 0): give at least {least} steps, or strength 0 to have "
                                   f"the image back as it is")
 

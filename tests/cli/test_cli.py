@@ -61,6 +61,29 @@ def test_submit_wait_out_and_status(stack, tmp_path):
     r = sdfleet("status", record["id"], "--api", stack.api_url)
     assert r.returncode == 0 and json.loads(r.stdout)["id"] == record["id"]
 
+
+def test_submit_with_an_image_inpaints_and_upscales(stack, tmp_path):
+    import numpy as np
+
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.tile(np.arange(96, dtype=np.uint8)[None, :, None] * 2, (64, 1, 3))).save(source)
+    holes = np.zeros((64, 96), dtype=np.uint8)
+    holes[8:24, 8:40] = 255
+    Image.fromarray(holes).save(mask)
+    out = tmp_path / "out.png"
+    r = sdfleet("submit", "a cat", "--api", stack.api_url, "--image", str(source), "--mask", str(mask), "--steps",
+                "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["parameters"]["kind"] == "inpaint"
+    made, given = np.asarray(Image.open(out).convert("RGB")), np.asarray(Image.open(source))
+    assert made.shape == given.shape and np.array_equal(made[holes == 0], given[holes == 0])
+    r = sdfleet("submit", "", "--api", stack.api_url, "--image", str(source), "--upscale", "2", "--steps", "4",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (192, 128)
+    r = sdfleet("submit", "a cat", "--api", stack.api_url, "--image", str(tmp_path / "missing.png"))
+    assert r.returncode != 0 and "missing.png" in r.stderr
+
     r = sdfleet("submit", "a cat", "--api", stack.api_url, "--width", "100")
     assert r.returncode == 2
     assert "width" in r.stderr and "multiple of 8" in r.stderr
