@@ -75,7 +75,7 @@ def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[d
            "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SDFLEET_MODEL": str(ir),
            "SDFLEET_MODEL_NAME": arch, "SDFLEET_DEFAULT_MODEL": arch, "SDFLEET_MEMORY_MODE": mode,
            "SDFLEET_PAUSE_CPU_PERCENT": "100", "SDFLEET_JOB_TIMEOUT_S": "6000", "SDFLEET_MAX_IMAGE_PIXELS": str(2048 ** 2),
-           "SDFLEET_PREVIEW_INTERVAL_S": "0", "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1"}
     env_all = {**{k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}, **env, "PYTHONPATH": str(ROOT)}
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     redis = start_bundled_redis(redis_port)
