@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import signal
 import subprocess
@@ -54,10 +55,11 @@ def _mask(size: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _step_s(client: Client, model: str, mode: str, width: int, height: int, guidance: bool, encodes: bool):
+def _step_s(client: Client, model: str, mode: str, width: int, height: int, guidance_scale: float, encodes: bool):
     for m in client.models():
         if m["name"] != model:
             continue
+        guidance = m["defaults"]["guidance_doubles_batch"] and guidance_scale > 1
         for p in m.get("profiles", []):
             if (p.get("memory_mode") == mode and p["width"] == width and p["height"] == height
                     and p["guidance"] == guidance and p.get("encodes", False) == encodes):
@@ -98,7 +100,7 @@ def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[d
             raise SystemExit(f"{kind} {size}: {done['error']} ({guard.killed or 'not killed'}); see {work}")
         p = done["parameters"]
         shape = (p["tile"], p["tile"]) if kind == "upscale" else (p["width"], p["height"])
-        step = _step_s(client, arch, w["memory_mode"], *shape, True, kind != "txt2img")
+        step = _step_s(client, arch, w["memory_mode"], *shape, p["guidance_scale"], kind != "txt2img")
         row = {"run": run_id, "arch": arch, "mode": mode, "precision": w["precision"], "kind": kind,
                "size": f"{p['width']}x{p['height']}", "tile": p["tile"], "steps": p["steps"],
                "strength": p["strength"], "generation_s": done["generation_s"], "step_s": step,
@@ -120,7 +122,7 @@ def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[d
                 raise SystemExit(f"the worker did not come up ({guard.killed or worker.poll()}); see {work}")
             time.sleep(1)
         steps = STEPS[arch]
-        image_steps = steps * 4 // 3  # int(steps x 0.75) = steps denoising steps
+        image_steps = math.ceil(steps / 0.75)  # int(image_steps x 0.75) = steps: as many denoising steps
         for size in sizes:
             t2i = job("txt2img", size, width=size, height=size, steps=steps)
             ref = {"job_id": t2i["id"], "index": 0}
