@@ -173,12 +173,12 @@ MAX_UPSCALED_SIDE = 4096  # an upscaled image's side, at most (its tiles are wha
 def denoising_steps(kind: str, steps: int, strength: float | None, family: str = "sd") -> int:
     """The denoising steps a job really runs per image (per tile for an upscale): diffusers' image-to-image
     pipelines skip the first (1 - strength) of the schedule and run int(steps * strength); an LCM's own
-    schedule takes its `steps` from the part of the schedule the strength leaves. 0: the input is the output."""
+    pipeline takes its `steps` from the part of the schedule the strength leaves. 0: the input is the output."""
     if kind == "txt2img" or strength is None:
         return steps
     if strength <= 0:
         return 0
-    if family.startswith("lcm"):
+    if family == "lcm":  # (an LCM-LoRA runs in the SD pipeline, whose image-to-image takes the fraction)
         return steps
     return min(int(steps * strength), steps)
 

@@ -5,6 +5,7 @@ them out. A hub ID is served from a Hugging Face cache the test lays out (offlin
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -132,6 +133,17 @@ def test_lcm_and_turbo_jobs_run_end_to_end_with_the_model_s_defaults(stack, tmp_
             stack.api.submit(prompt="a lighthouse", model=lcm, negative_prompt="fog")
         assert refused.value.status == 422 and "negative_prompt" in str(refused.value.body)
         assert "embedding" in refused.value.body["error"]["message"]
+        # an LCM takes image-to-image; optimum-intel has no LCM inpainting pipeline: refused with the reason
+        init = base64.b64encode(stack.api.image(done["images"][0]["url"])).decode()
+        done = stack.api.wait(stack.api.submit(prompt="a lighthouse", model=lcm, image=init, strength=0.5)["id"],
+                              timeout=180)
+        assert done["status"] == "succeeded" and done["parameters"]["kind"] == "img2img", done["error"]
+        assert _png(stack, done["images"][0]["url"]).size == (128, 128)
+        if backend == "optimum":
+            assert "inpaint" not in models[lcm]["defaults"]["tasks"]
+            with pytest.raises(ApiError) as refused:
+                stack.api.submit(prompt="a lighthouse", model=lcm, image=init, mask=init)
+            assert refused.value.status == 422 and "not inpaint" in refused.value.body["error"]["message"]
     finally:
         kill_tree(workers)
 
