@@ -613,6 +613,8 @@ function dl(pairs) {
     el("dt", {text: k}), el("dd", {"data-testid": testid || null}, v === null || v === undefined || v === "" ? "—" : v)]));
 }
 
+const KIND_NAMES = {txt2img: "text to image", img2img: "image to image", inpaint: "inpainting", upscale: "upscale"};
+
 function renderJob() {
   const j = state.job;
   if (!j) return;
@@ -635,7 +637,10 @@ function renderJob() {
   const ratio = j.peak_rss_bytes && j.predicted_peak_bytes ? ` (${Math.round(100 * j.peak_rss_bytes / j.predicted_peak_bytes)}% of the prediction)` : "";
   const grids = el("div", {class: "cols3"},
     el("div", {class: "card"}, el("h3", {text: "Parameters"}), dl([
-      ["Model", p.model], ["Size", `${p.width}×${p.height}`], ["Steps", p.steps], ["Guidance", p.guidance_scale],
+      ["Model", p.model], ["Kind", KIND_NAMES[p.kind] || p.kind, "job-kind"],
+      p.strength !== null && p.strength !== undefined ? ["Strength", p.strength] : null,
+      p.upscale ? ["Upscale", `${p.upscale}× in tiles of ${p.tile}×${p.tile}`] : null,
+      ["Size", `${p.width}×${p.height}`], ["Steps", p.steps], ["Guidance", p.guidance_scale],
       ["Seed", p.seed], ["Images", p.num_images], ["Priority", j.priority],
       ["Negative prompt", p.negative_prompt]])),
     el("div", {class: "card"}, el("h3", {text: "Run"}), dl([
@@ -658,6 +663,11 @@ function renderJob() {
     el("div", {class: "gallery", "data-job-id": j.id}, j.images.map((im) => el("figure", {class: "tile", "data-testid": "job-image-item"},
       imageEl(im.url, `image ${im.index}`, "job-image"),
       el("figcaption", {}, el("span", {class: "small muted", text: `#${im.index} · ${im.width}×${im.height} · seed ${im.seed}`})))))) : null;
+  // what it was given (init image, mask), as the API stored them
+  const given = (j.inputs || []).length ? el("div", {class: "card"}, el("h3", {text: "Given"}),
+    el("div", {class: "gallery"}, j.inputs.map((i) => el("figure", {class: "tile", "data-testid": "job-input-item"},
+      imageEl(i.url, i.role, "job-input"),
+      el("figcaption", {}, el("span", {class: "small muted", text: `${i.role} · ${i.width}×${i.height} · ${i.source_format}`})))))) : null;
   // the job's history: attempts taken or handed back, and how each later one started from the checkpoint
   const events = [
     ...(j.history || []).map((h) => ({attempt: h.attempt, order: 0, testid: "history-attempt", text:
@@ -670,7 +680,7 @@ function renderJob() {
   // keep the image elements of this job (no flicker, no refetch while polling)
   const box = $("job-detail");
   const old = box.querySelector(`.gallery[data-job-id="${j.id}"]`);
-  box.replaceChildren(head, grids, ...(images ? [images] : []), ...(history ? [history] : []));
+  box.replaceChildren(head, grids, ...(given ? [given] : []), ...(images ? [images] : []), ...(history ? [history] : []));
   if (old && images && old.childElementCount === j.images.length) images.querySelector(".gallery").replaceWith(old);
   renderMemory();
 }
@@ -738,7 +748,7 @@ function byteStep(vmax, count) {  // tick steps in sizes a reader can add up: 50
   return candidates.find((c) => c >= raw) || candidates[candidates.length - 1];
 }
 
-const PHASE_COLORS = {encode: "#3b7ddd", denoise: "#2fa36b", decode: "#d9468f"};
+const PHASE_COLORS = {encode: "#3b7ddd", encode_image: "#8a5cd1", denoise: "#2fa36b", decode: "#d9468f"};
 
 function drawPlot(el_, m, j) {
   const W = 880, H = 320, L = 70, R = 150, T = 22, B = 38;

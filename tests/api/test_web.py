@@ -294,6 +294,29 @@ def test_the_job_view_shows_its_history_attempts_and_resumes_in_order(stack, pag
     expect(items.nth(1)).to_contain_text("worker_left")
 
 
+def test_the_job_view_shows_an_inpainting_jobs_kind_and_what_it_was_given(stack, page):
+    import base64
+
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (40, 90, 200)).save(buf, format="JPEG")
+    mask = io.BytesIO()
+    Image.new("L", (96, 64), 255).save(mask, format="PNG")
+    job = stack.api.wait(stack.api.submit(prompt="a boat", model=stack.model, steps=2,
+                                          image=base64.b64encode(buf.getvalue()).decode(),
+                                          mask=base64.b64encode(mask.getvalue()).decode())["id"])
+    assert job["status"] == "succeeded", job["error"]
+    page.goto(f"{stack.api_url}/#/job/{job['id']}")
+    expect(page.get_by_test_id("job-kind")).to_have_text("inpainting")
+    given = page.get_by_test_id("job-input-item")
+    expect(given).to_have_count(2)
+    expect(given.first).to_contain_text("image · 96×64 · JPEG")
+    # the stored input is served to the page, as stored (PNG, its size kept)
+    img = page.get_by_test_id("job-input").first
+    expect(img).to_have_attribute("src", re.compile(r"/inputs/image\.png$"))
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 96", arg=img.element_handle())
+
+
 def test_cancel_a_queued_and_a_running_job_from_the_list(stack, page, tmp_path):
     # keep the worker busy, then queue one behind it
     busy = stack.api.submit(prompt="a very long job", model=stack.model, width=256, height=256, steps=150,
