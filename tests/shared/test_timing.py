@@ -145,7 +145,7 @@ def test_a_profiles_time_is_a_moving_average_each_figure_kept_by_a_job_that_did_
     assert row().job_overhead_s == pytest.approx(0.02)
     assert row().samples == 4
     with db() as s:
-        assert s.get(MemoryProfile, (model, "optimum", "bf16", "balanced", 512, 512, 1, True)).max_step_s == 0.2
+        assert s.get(MemoryProfile, (model, "optimum", "bf16", "balanced", 512, 512, 1, True, False)).max_step_s == 0.2
 
 
 def test_the_queue_ahead_of_a_page_of_jobs(db):
