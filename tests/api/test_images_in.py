@@ -277,6 +277,10 @@ def test_a_body_past_the_upload_limit_is_413_by_its_length_or_while_read(client,
         assert r.status_code == 413, r.text
         error = r.json()["error"]
         assert error["code"] == "payload_too_large" and str(limit) in error["message"], error
+        if path.endswith("/edits"):  # OpenAI's shape there, as every error of the route
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        else:
+            assert set(error) == {"code", "message", "details"}
     assert stored(db) == before
 
 
