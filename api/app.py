@@ -84,7 +84,7 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-BODY_MODELS = [JobCreate]  # (and the OpenAI edits route's, added by it)
+BODY_MODELS = [JobCreate, image_routes.ImageEditRequest]  # the bodies read by api/bodies.py
 
 _frozen = False
 

@@ -99,6 +99,8 @@ def render(request: Request, status: int, code: ErrorCode, message: str, details
     if code is ErrorCode.invalid_request and isinstance(details, list) and details:
         field = str(details[0].get("field", ""))
         param = _OPENAI_PARAM.get(field, field) or None
+    elif isinstance(details, dict) and details.get("field"):  # (413: an image past SDFLEET_MAX_IMAGE_BYTES)
+        param = str(details["field"])
     if code is ErrorCode.model_unavailable:
         status = 404  # OpenAI's answer to a model it does not serve
     return openai_error(_OPENAI_STATUS.get(status, status), _OPENAI_CODE.get(code, code.value), message, param,

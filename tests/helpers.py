@@ -16,7 +16,7 @@ from api.app import create_app
 from shared import fleet, jobstore, keys
 from shared.db import engine_for, migrate, session_factory
 from shared.fleet_contract import WorkerState
-from shared.jobs import JobParameters
+from shared.jobs import JobParameters, ModelDefaults
 from shared.memory import GB
 from shared.models import Job, JobImage, utcnow
 from shared.settings import Settings
@@ -103,14 +103,22 @@ def db(database_url):
     return session_factory(database_url)
 
 
-def make_api(database_url, redis_url, **overrides):
-    """An API in-process with a live worker's heartbeat for its own model (nobody consumes its queue)."""
+# What a worker whose pipeline takes images announces (an SD 1.5 on optimum-intel): image jobs are admitted
+IMAGE_DEFAULTS = ModelDefaults(family="sd", pipeline="OVStableDiffusionPipeline", scheduler="PNDMScheduler", steps=20,
+                               guidance_scale=7.5, width=512, height=512, recommended_steps=(15, 50),
+                               guidance_doubles_batch=True, negative_prompt=True,
+                               tasks=["txt2img", "img2img", "inpaint", "upscale"])
+
+
+def make_api(database_url, redis_url, defaults: ModelDefaults | None = None, **overrides):
+    """An API in-process with a live worker's heartbeat for its own model (nobody consumes its queue); the
+    worker announces `defaults` (IMAGE_DEFAULTS: it takes image jobs)."""
     model = f"hard-{uuid.uuid4().hex[:6]}"
     with session_factory(database_url).begin() as s:
         fleet.beat(s, WorkerState(name=f"h-{model}:1", host="h", model=model, backend="optimum", precision="bf16",
                                   memory_mode="fast", budget_bytes=8 * GB, cgroup_limit_bytes=None,
                                   total_ram_bytes=16 * GB, available_bytes=12 * GB, resident_bytes=GB,
-                                  current_job_id=None), utcnow())
+                                  current_job_id=None, defaults=defaults), utcnow())
     settings = Settings(**{"database_url": database_url, "redis_url": redis_url, "default_model": model,
                            "auth": "off", **overrides})
     return TestClient(create_app(settings, resolver=offline_resolver))

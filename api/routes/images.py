@@ -1,7 +1,7 @@
-"""POST /v1/images/generations: OpenAI's images API on top of the job queue, for the programs (and the
-`openai` clients) that speak it. It submits a normal job (the same validation, admission, record and
-limits as POST /v1/jobs), waits for it up to SDFLEET_IMAGES_WAIT_S, and answers in OpenAI's shape; errors
-are in OpenAI's shape too (api/errors.py renders them by route)."""
+"""POST /v1/images/generations and POST /v1/images/edits: OpenAI's images API on top of the job queue, for
+the programs (and the `openai` clients) that speak it. Each submits a normal job (the same validation,
+admission, record and limits as POST /v1/jobs), waits for it up to SDFLEET_IMAGES_WAIT_S, and answers in
+OpenAI's shape; errors are in OpenAI's shape too (api/errors.py renders them by route)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api import inputs as images_in
+from api.bodies import body_schema, read_model
 from api.deps import Caller, Ctx, owner_id
 from api.errors import openai_error
 from api.routes.jobs import submit
@@ -55,6 +57,30 @@ class ImageGenerationRequest(BaseModel):
                      "says what changed)")
 
 
+_EDIT_IMAGE = "PNG, JPEG or WebP: a file part, or (JSON) its base64 or a data: URL"
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """OpenAI's edit request: the fields of a generation, the image and its optional mask. A multipart/form-data
+    body (as OpenAI's clients send it: files as parts, the other fields as text parts), or JSON with the
+    images in base64. OpenAI's meaning: the mask's transparent pixels (or, without a mask, the image's own)
+    are what is edited (inpainting); an image with neither is edited whole (image-to-image)."""
+
+    image: str | list[str] = Field(description="the image to edit (" + _EDIT_IMAGE + "); `image[]` is taken as "
+                                   "`image`, and one image only")
+    mask: str | None = Field(default=None, description="its transparent pixels (alpha below 128) are repainted, "
+                             "the rest kept as it was; the image's size (" + _EDIT_IMAGE + ")")
+    size: str | None = Field(default=None, max_length=11,
+                             description='"WIDTHxHEIGHT" (multiples of 8, 64 to 2048), or "auto" (or none): '
+                             'the image\'s size')
+    strength: float | None = Field(default=None, ge=0, le=1, description="sdfleet's: how much is re-imagined "
+                                   "(default 1 where a mask marks what is edited, 0.75 for a whole image)")
+
+
+EDIT_PARTS = {"image": "the image to edit (PNG, JPEG or WebP)",
+              "mask": "what to edit: its transparent pixels (PNG or WebP with alpha), the image's size"}
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -76,10 +102,10 @@ class ImagesResponse(BaseModel):
     sdfleet: SdfleetInfo = Field(description="the job behind the answer (OpenAI's clients ignore it)")
 
 
-def _job_request(body: ImageGenerationRequest) -> JobCreate:
+def _job_request(body: ImageGenerationRequest, **extra) -> JobCreate:
     fields = {"prompt": body.prompt, "num_images": body.n, "model": body.model, "priority": body.priority,
               "negative_prompt": body.negative_prompt, "steps": body.steps, "guidance_scale": body.guidance_scale,
-              "seed": body.seed, "fit": body.fit}
+              "seed": body.seed, "fit": body.fit, **extra}
     if body.size not in (None, "auto"):
         match = _SIZE.fullmatch(body.size)
         if not match:
@@ -130,17 +156,71 @@ async def _until_ended(request: Request, ctx, job: JobPublic, owner: str | None)
         return record
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses={
+_RESPONSES = {
     400: {"description": "invalid_value (param names the field) or insufficient_memory (the message says "
                          "which changes would fit)"},
     401: {"description": "invalid_api_key"}, 404: {"description": "model_not_found: no live worker serves it"},
     409: {"description": "job_cancelled"}, 429: {"description": "rate_limit_exceeded"},
     500: {"description": "generation_failed (or another error code of the job)"},
-    504: {"description": "job_timeout: the job outlived SDFLEET_IMAGES_WAIT_S; it goes on (poll /v1/jobs/{id})"}})
+    504: {"description": "job_timeout: the job outlived SDFLEET_IMAGES_WAIT_S; it goes on (poll /v1/jobs/{id})"}}
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_RESPONSES)
 async def generate_images(body: ImageGenerationRequest, request: Request, caller: Caller, ctx: Ctx) -> Response:
     """OpenAI-compatible image generation: submit a job, wait for it, answer with its images."""
-    job = _job_request(body)
-    submitted, _ = await submit(ctx, job, caller, None)
+    return await _run(request, ctx, caller, _job_request(body), body.response_format)
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse,
+             openapi_extra={"requestBody": body_schema(ImageEditRequest, EDIT_PARTS)},
+             responses={**_RESPONSES, 413: {"description": "invalid_request_error: an image past "
+                                                           "SDFLEET_MAX_IMAGE_BYTES, or the body past its limit"}})
+async def edit_images(request: Request, caller: Caller, ctx: Ctx) -> Response:
+    """OpenAI-compatible image edit (multipart/form-data, as OpenAI's clients send it, or JSON): the mask's
+    transparent pixels (or the image's own, without a mask) are repainted, the rest kept exactly; an image
+    with no transparency and no mask is edited whole (image-to-image). Submits a job, waits for it, answers
+    with its images."""
+    body = await read_model(request, ImageEditRequest, tuple(EDIT_PARTS), ctx.settings.max_image_bytes,
+                            lists=("image",))
+    images = body.image if isinstance(body.image, list) else [body.image]
+    if len(images) != 1:
+        reason = (f"{len(images)} images given: this API edits one image a request" if images
+                  else "no image given")
+        raise InvalidRequest(f"image: {reason}", [{"field": "image", "reason": reason}])
+    job = _job_request(body, image=images[0], mask=body.mask, strength=body.strength)  # (before decoding)
+    given = await run_in_threadpool(_edit_inputs, ctx, images[0], body.mask)
+    if body.mask is None and given.mask is not None:  # the image's transparency is its mask: inpainting
+        job = job.model_copy(update={"mask": images[0]})
+    return await _run(request, ctx, caller, job, body.response_format, given)
+
+
+def _edit_inputs(ctx, image_text: str, mask_text: str | None) -> images_in.Inputs:
+    """The edit's image and mask, decoded and checked, in OpenAI's meaning: transparent is what is edited."""
+    settings = ctx.settings
+
+    def decoded(field: str, text: str, role: str) -> images_in.Decoded:
+        data = images_in.from_base64(field, text, settings.max_image_bytes)
+        return images_in.decode(field, data, settings.max_image_bytes, settings.max_image_pixels, role)
+
+    image = decoded("image", image_text, "image")
+    if mask_text is not None:
+        mask = decoded("mask", mask_text, "mask")
+        if mask.transparent is None:
+            reason = ("no transparent pixels: here, as on OpenAI's API, the mask's transparent pixels mark what is "
+                      "edited (a mask with none edits nothing); for a black-and-white mask, use POST /v1/jobs")
+            raise InvalidRequest(f"mask: {reason}", [{"field": "mask", "reason": reason}])
+        images_in.check_pair(image, mask)
+    elif image.transparent is not None:
+        mask = images_in.Decoded(image.transparent, image.transparent, image.source_format)
+    else:
+        mask = None
+    return images_in.Inputs(image, mask)
+
+
+async def _run(request: Request, ctx, caller, job: JobCreate, response_format: str,
+               given: images_in.Inputs | None = None) -> Response:
+    """Submit the job, wait for it, and answer in OpenAI's shape."""
+    submitted, _ = await submit(ctx, job, caller, None, given)
     owner = owner_id(caller)
     try:
         record = await _until_ended(request, ctx, submitted, owner)
@@ -161,7 +241,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request, caller
         return openai_error(status, error.code if error else "generation_failed",
                             f"job {record.id} failed: {error.message if error else 'no reason recorded'}",
                             headers={"Location": f"/v1/jobs/{record.id}"})
-    if body.response_format == "b64_json":
+    if response_format == "b64_json":
         pngs = await run_in_threadpool(_pngs, ctx, record, owner)
         data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
     else:

@@ -97,7 +97,7 @@ async def submit(ctx: Ctx, job: JobCreate, caller: Caller, key: str | None,
         prediction_source=admitted.prediction.source, memory_class_bytes=admitted.memory_class_bytes,
         predicted_generation_s=seconds, fitted=fitted.model_dump(mode="json") if fitted else None,
     ))
-    rows = given.rows(values["id"]) if given is not None else []
+    rows = await run_in_threadpool(given.rows, values["id"]) if given is not None else []  # (PNG: CPU time)
     try:
         position = await ctx.submitter.submit(values, rows)
     except IntegrityError:  # the same key submitted concurrently: the other request won

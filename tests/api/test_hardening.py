@@ -85,7 +85,7 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 def _route_paths(app) -> dict[str, set[str]]:
     """Every path of the app (a sample of each: UUIDs for job IDs, 0 for an index, a file under a mount) and the
     methods its routes take, all of them: two routes of one path (GET and DELETE /v1/jobs/{id}) add up."""
-    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0"}
+    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0", "{role}": "image"}
     paths: dict[str, set[str]] = {}
     for route in iter_route_contexts(app.routes):  # included routers' routes too, with their prefixes
         if isinstance(route.original_route, Mount):  # the web page's files: StaticFiles takes GET and HEAD
@@ -118,19 +118,24 @@ def test_every_405_names_every_method_its_path_takes(api):
 
 
 def test_a_body_over_the_cap_is_413_whether_it_says_its_length_or_not(api, db):
+    """SDFLEET_MAX_BODY_BYTES on a route that takes no image (POST /v1/plan); the routes that take images have
+    a larger cap (tests/api/test_images_in.py)."""
     before = count(db)
     big = b'{"prompt": "' + b"a" * (10 << 20) + b'"}'
-    r = api.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    r = api.post("/v1/plan", content=big, headers={"content-type": "application/json"})
     error = assert_error_shape(r, 413, "payload_too_large")
     assert error["details"]["max_body_bytes"] == 64 * 1024
 
     def chunks():  # no Content-Length: counted while read
         for _ in range(40):
             yield b" " * 4096
-        yield b'{"prompt": "a cat"}'
+        yield b'{"width": 64}'
 
-    r = api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    r = api.post("/v1/plan", content=chunks(), headers={"content-type": "application/json"})
     assert_error_shape(r, 413, "payload_too_large")
+    upload = api.app.state.ctx.settings.upload_body_bytes
+    r = api.post("/v1/jobs", content=b" " * (upload + 1), headers={"content-type": "application/json"})
+    assert assert_error_shape(r, 413, "payload_too_large")["details"]["max_body_bytes"] == upload
     assert count(db) == before
 
 

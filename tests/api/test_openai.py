@@ -140,3 +140,98 @@ def test_bearer_keys_work_as_on_the_rest_of_the_api(tmp_path, redis_url):
         assert e.value.code == "model_not_found" and "no worker is live" in e.value.message
     finally:
         stop([api])
+
+
+# --- POST /v1/images/edits -----------------------------------------------------------------------------------
+
+def _file(tmp_path, name: str, image: Image.Image) -> str:
+    path = tmp_path / name
+    image.save(path, format="PNG")
+    return str(path)
+
+
+def _noise(size: tuple[int, int]) -> Image.Image:
+    return Image.effect_noise(size, 60).convert("RGB").point(lambda v: v // 2 + 60)
+
+
+def test_edit_repaints_the_masks_transparent_part_and_keeps_the_rest_exactly(stack, tmp_path):
+    image = _noise((64, 64))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 40))  # OpenAI's meaning: transparent is what is edited
+    with open(_file(tmp_path, "in.png", image), "rb") as im, open(_file(tmp_path, "mask.png", mask), "rb") as ma:
+        result = _client(stack.api_url).images.edit(image=im, mask=ma, prompt="a red door", n=2, size="64x64",
+                                                    response_format="b64_json", extra_body={"steps": 2, "seed": 3})
+    assert len(result.data) == 2
+    outs = [_png(base64.b64decode(d.b64_json)).convert("RGB") for d in result.data]
+    assert [o.size for o in outs] == [(64, 64), (64, 64)]
+    kept = np.asarray(mask.getchannel("A")) == 255
+    src = np.asarray(image)
+    for out in outs:
+        px = np.asarray(out)
+        assert np.array_equal(px[kept], src[kept])  # outside the mask: the input's pixels, exactly
+        assert not np.array_equal(px[~kept], src[~kept])  # inside: repainted
+    assert not np.array_equal(*(np.asarray(o) for o in outs))  # seeds 3 and 4
+
+    record = stack.api.job(result.model_extra["sdfleet"]["job_id"])
+    p = record["parameters"]
+    assert (p["kind"], p["width"], p["height"], p["num_images"], p["strength"]) == ("inpaint", 64, 64, 2, 1.0)
+    assert {i["role"] for i in record["inputs"]} == {"image", "mask"}
+
+
+def test_edit_without_a_mask_repaints_the_images_own_transparent_part_at_its_size(stack, tmp_path):
+    image = _noise((96, 64)).convert("RGBA")
+    image.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    with open(_file(tmp_path, "in.png", image), "rb") as im:
+        result = _client(stack.api_url).images.edit(image=[im], prompt="a window", response_format="b64_json",
+                                                    extra_body={"steps": 2, "seed": 5})  # (sent as image[])
+    (item,) = result.data
+    out = np.asarray(_png(base64.b64decode(item.b64_json)).convert("RGB"))
+    assert out.shape == (64, 96, 3)  # no size: the input's
+    src = np.asarray(image.convert("RGB"))
+    assert np.array_equal(out[:, 32:], src[:, 32:]) and not np.array_equal(out[:, :32], src[:, :32])
+    assert stack.api.job(result.model_extra["sdfleet"]["job_id"])["parameters"]["kind"] == "inpaint"
+
+
+def test_edit_of_an_opaque_image_without_a_mask_is_image_to_image(stack, tmp_path):
+    image = _noise((64, 64))
+    client = _client(stack.api_url)
+    with open(_file(tmp_path, "in.png", image), "rb") as im:
+        same = client.images.edit(image=im, prompt="a cat", size="auto", response_format="b64_json",
+                                  extra_body={"strength": 0})  # strength 0: the image back as it is
+    assert np.array_equal(np.asarray(_png(base64.b64decode(same.data[0].b64_json)).convert("RGB")), np.asarray(image))
+    with open(_file(tmp_path, "in.png", image), "rb") as im:
+        result = client.images.edit(image=im, prompt="a cat", extra_body={"steps": 4, "seed": 1})  # url
+    (item,) = result.data
+    out = _png(httpx.get(item.url).content)
+    assert out.size == (64, 64) and not np.array_equal(np.asarray(out.convert("RGB")), np.asarray(image))
+    p = stack.api.job(result.model_extra["sdfleet"]["job_id"])["parameters"]
+    assert (p["kind"], p["strength"]) == ("img2img", 0.75)
+
+
+def test_bad_edits_raise_the_clients_own_errors_naming_the_field(stack, tmp_path):
+    client = _client(stack.api_url, max_retries=0)
+    good = _file(tmp_path, "in.png", _noise((64, 64)))
+    small_mask = _file(tmp_path, "small.png", Image.new("RGBA", (32, 32)))
+    opaque_mask = _file(tmp_path, "opaque.png", Image.new("RGB", (64, 64), (255, 255, 255)))
+    text = tmp_path / "notes.png"
+    text.write_bytes(b"not an image at all")
+    before = _jobs(stack)
+    cases = [({"image": good, "mask": small_mask}, "mask", "32x32, not the image's 64x64"),
+             ({"image": str(text)}, "image", "not a PNG, JPEG or WebP"),
+             ({"image": good, "mask": str(text)}, "mask", "not a PNG, JPEG or WebP"),
+             ({"image": good, "mask": opaque_mask}, "mask", "no transparent pixels"),
+             ({"image": [good, good]}, "image", "2 images given"),
+             ({"image": good, "size": "100x100"}, "size", "multiple of 8")]
+    for files, param, reason in cases:
+        opened = {k: [open(p, "rb") for p in v] if isinstance(v, list) else open(v, "rb")
+                  for k, v in files.items() if k in ("image", "mask")}
+        try:
+            with pytest.raises(openai.BadRequestError) as e:
+                client.images.edit(prompt="a cat", **opened, **{k: v for k, v in files.items() if k == "size"})
+        finally:
+            for f in opened.values():
+                for one in f if isinstance(f, list) else [f]:
+                    one.close()
+        assert e.value.status_code == 400 and e.value.code == "invalid_value", e.value.body
+        assert e.value.body["param"] == param and reason in e.value.message, e.value.body
+    assert _jobs(stack) == before  # nothing was stored

@@ -69,7 +69,7 @@ def test_rate_limit_is_429_with_retry_after(secured):
 
 def _every_route(app) -> list[tuple[str, str]]:
     """(method, a path of it) for every route of the app: included routers' too; a file for the static mount."""
-    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0"}
+    samples = {"{job_id}": str(uuid.uuid4()), "{index}": "0", "{role}": "image"}
     out = []
     for route in iter_route_contexts(app.routes):
         if isinstance(route.original_route, Mount):
@@ -92,7 +92,8 @@ def test_required_auth_walks_every_route_only_health_and_the_page_answer_without
         key = keys.create_key(s, "carol")
     with make_api(sqlite_url, redis_url, auth="required", api_host="127.0.0.1", images_wait_s=0.2) as client:
         routes = _every_route(client.app)
-        assert {"/openapi.json", "/docs", "/redoc", "/v1/jobs", "/v1/images/generations"} <= {p for _, p in routes}
+        assert {"/openapi.json", "/docs", "/redoc", "/v1/jobs", "/v1/images/generations", "/v1/images/edits"} <= {
+            p for _, p in routes}
         answered = set()
         for method, path in routes:
             kwargs = {"json": BODY} if method == "POST" else {}
