@@ -14,11 +14,12 @@ import binascii
 import io
 import re
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shared.errors import InvalidRequest, PayloadTooLarge
 
@@ -158,10 +159,20 @@ def _to_8bit_grey(im: Image.Image) -> Image.Image:
     return im.point(lambda v: v * (255 / top) + 0.5).convert("L")
 
 
+# Decodes at once in one API process, at most: each holds a file's pixels (up to SDFLEET_MAX_IMAGE_PIXELS x 4
+# bytes, and Pillow's working copies) while it runs; the others wait their turn in the thread pool
+DECODING = threading.BoundedSemaphore(2)
+
+
 def decode(field: str, data: bytes, max_bytes: int, max_pixels: int, role: str = "image") -> Decoded:
-    """Check and decode one input file. `role` "image" gives RGB; "mask" gives L, where white (255) is
-    repainted: a mask with transparency is read by its alpha (transparent: repainted, as OpenAI's masks
-    are), else by its grey level."""
+    """Check and decode one input file (two at a time per process: DECODING), upright by its EXIF orientation.
+    `role` "image" gives RGB; "mask" gives L, where white (255) is repainted: a mask with transparency is read
+    by its alpha (transparent: repainted, as OpenAI's masks are), else by its grey level."""
+    with DECODING:
+        return _decode(field, data, max_bytes, max_pixels, role)
+
+
+def _decode(field: str, data: bytes, max_bytes: int, max_pixels: int, role: str) -> Decoded:
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"{field}: the image is {len(data)} bytes, past {max_bytes} "
                               f"(SDFLEET_MAX_IMAGE_BYTES)", {"field": field, "max_image_bytes": max_bytes})
@@ -198,7 +209,16 @@ def decode(field: str, data: bytes, max_bytes: int, max_pixels: int, role: str =
                                  f"{str(exc)[:120]})") from None
     if im.size != (width, height):  # a JPEG's draft mode or an EXIF quirk: never trust a changed size
         raise _refuse(field, f"decoded to {im.size[0]}x{im.size[1]}, not the {width}x{height} its header says")
-    return Decoded(*_normalised(im, role), source_format=source)
+    return Decoded(*_normalised(_upright(im), role), source_format=source)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The picture as it is meant to be seen: a camera's EXIF orientation applied (a phone's portrait photo is
+    stored sideways with a tag saying so), then dropped. A tag that cannot be read leaves the pixels as they are."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block: the pixels as stored
+        return im
 
 
 def _normalised(im: Image.Image, role: str) -> tuple[Image.Image, Image.Image | None]:

@@ -429,3 +429,23 @@ def test_an_image_field_of_another_type_is_refused_naming_it(client, db, value, 
     if value is not None and not isinstance(value, list):  # (a list of one is an edit's image)
         refused(client.post("/v1/images/edits", json=body), "edits", "image", "valid string")
     assert stored(db) == before
+
+
+def test_a_phone_photo_is_stored_upright_by_its_exif_orientation():
+    """A portrait photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
+    import io
+
+    from PIL import Image
+
+    from api.inputs import decode
+
+    stored = Image.new("RGB", (96, 64), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 48, 64))  # blue on the stored left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif, quality=95)
+    upright = decode("image", buf.getvalue(), 1 << 24, 1 << 22).image
+    assert upright.size == (64, 96)
+    top, bottom = upright.getpixel((32, 10)), upright.getpixel((32, 85))
+    assert top[2] > 150 > top[0] and bottom[0] > 150 > bottom[2]  # the stored left is the viewed top
