@@ -1,6 +1,6 @@
 """Retention: finished jobs past `SDFLEET_RETENTION_DAYS`, or the oldest while the stored PNGs exceed
-`SDFLEET_RETENTION_MAX_IMAGE_BYTES`, are deleted with their images and memory timelines. Each leaves a
-tombstone, so GET of it answers 410 with when and why. Run by the reconciler's pass."""
+`SDFLEET_RETENTION_MAX_IMAGE_BYTES`, are deleted with their images and memory timelines (and a preview, were
+one left). Each leaves a tombstone, so GET of it answers 410 with when and why. Run by the reconciler's pass."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared.jobs import TERMINAL
 from shared.memory import fmt_size
-from shared.models import Job, JobImage, JobMemory, JobTombstone, utcnow
+from shared.models import Job, JobImage, JobMemory, JobPreview, JobTombstone, utcnow
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,5 +66,6 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
         session.add_all(stones)
         session.execute(delete(JobImage).where(JobImage.job_id.in_(ids)))
         session.execute(delete(JobMemory).where(JobMemory.job_id.in_(ids)))
+        session.execute(delete(JobPreview).where(JobPreview.job_id.in_(ids)))  # none once ended, but said here
         session.execute(delete(Job).where(Job.id.in_(ids)))
     return stones

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 from sqlalchemy import and_, case, false, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer, raiseload, selectinload
 
-from shared import checkpoints, ids
+from shared import checkpoints, ids, previews
 from shared.checkpoints import GeneratedImage  # noqa: F401  (jobstore.GeneratedImage: the results' type)
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
-    PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, Progress,
+    PRIORITY_ORDER, AttemptRecord, ImageLink, JobError, JobParameters, JobPublic, JobStatus, PreviewLink, Progress,
     ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
@@ -73,6 +73,7 @@ def transition(
     changed = session.execute(stmt.values(status=new.value, **values)).rowcount == 1
     if changed and new.is_terminal:
         checkpoints.drop(session, job_id)  # an ended job is never resumed
+        previews.drop(session, job_id)  # its images are the result
     return changed
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def list_jobs(session: Session, owner_key_id: str | None, statuses: list[JobStat
               after: tuple[datetime, str] | None = None) -> list[Job]:
     """The owner's jobs (every job on an open API), newest first, from just past `after` (the last row of
     the previous page: created_at, id). A keyset page: as cheap at the millionth job as at the first."""
-    stmt = select(Job).options(selectinload(Job.images)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    stmt = (select(Job).options(selectinload(Job.images), selectinload(Job.preview))
+            .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit))
     if owner_key_id is not None:
         stmt = stmt.where(Job.owner_key_id == owner_key_id)
     if statuses:
@@ -152,7 +154,8 @@ def image_png(session: Session, job_id: str, index: int, owner_key_id: str | Non
 # The columns a worker never reads, nor may (its database role, `sdfleet db worker-role`, has no right to them):
 # whose job it is and where its webhook goes. The worker's reads of a whole job leave them out (and its images).
 WORKER_HIDDEN_COLUMNS = ("webhook_url", "owner_key_id", "idempotency_key", "request_hash")
-_AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images))
+_AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images),
+              raiseload(Job.preview))
 
 
 def parameters_of(job: Job) -> JobParameters:
@@ -468,6 +471,7 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         waiting_reason=waiting.reason if waiting else None,
         progress=(Progress(image=job.progress_image, images=job.num_images, step=job.progress_step,
                            steps=job.progress_steps) if job.progress_steps else None),
+        preview=_preview_link(job),
         cancel_requested=job.cancel_requested_at is not None,
         webhook_status=job.webhook_status,
         worker_host=job.worker_host,
@@ -483,3 +487,14 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
             for i in job.images
         ],
     )
+
+
+def _preview_link(job) -> PreviewLink | None:
+    """The job's latest preview, if it has one (an ended job has none: not even looked for)."""
+    if JobStatus(job.status).is_terminal:
+        return None
+    p = getattr(job, "preview", None)
+    if p is None:
+        return None
+    return PreviewLink(url=f"/v1/jobs/{job.id}/preview", image=p.image, step=p.step, steps=p.steps, width=p.width,
+                       height=p.height, written_at=p.written_at)

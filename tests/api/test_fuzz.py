@@ -54,7 +54,7 @@ def test_no_5xx_and_one_error_shape(fuzz_schema):
     operations = list(_operations(fuzz_schema))
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}", "DELETE /v1/jobs/{job_id}", "GET /metrics",
-        "POST /v1/plan", "POST /v1/images/generations"}
+        "POST /v1/plan", "POST /v1/images/generations", "GET /v1/jobs/{job_id}/preview"}
     for op, mode in itertools.product(operations, GenerationMode):
         if op.path.startswith("/v1/images/"):
             _check_openai(op, mode)
