@@ -166,10 +166,13 @@ async function loadPreview(j) {
   if (have.key === key || have.loading === key) return;
   state.previews.set(j.id, Object.assign(have, {loading: key}));
   const sentKey = state.key;
-  let blob = null;
+  let blob = null, shown = key;
   try {
     const r = await fetch(j.preview.url, {headers: sentKey ? {Authorization: `Bearer ${sentKey}`} : {}, cache: "no-store"});
-    if (r.ok) blob = await r.blob();  // 404: it ended meanwhile (its images are the result)
+    if (r.ok) {  // the latest there is, perhaps newer than the record said: its headers say which
+      blob = await r.blob();
+      shown = `${r.headers.get("X-Preview-Image")}/${r.headers.get("X-Preview-Step")}`;
+    }  // 404: it ended meanwhile (its images are the result)
   } catch { /* the next poll tries again */ }
   const now = state.previews.get(j.id);
   if (now !== have || sentKey !== state.key) { return; }
@@ -177,10 +180,10 @@ async function loadPreview(j) {
   if (!blob) return;
   const old = have.url;
   have.url = URL.createObjectURL(blob);
-  have.key = key;
+  have.key = shown;
   for (const img of document.querySelectorAll(`img[data-preview-job="${j.id}"]`)) {
     img.src = have.url;
-    img.dataset.shown = key;
+    img.dataset.shown = shown;
   }
   if (old) URL.revokeObjectURL(old);
 }
