@@ -3,7 +3,7 @@ channels to RGB with the coefficients known for the model's latent space (SD 1.x
 latents' own size (an eighth of the image's side), encoded as a small JPEG.
 
 No decoder runs: a projection of SD 1.5's 64x64 latents takes well under a millisecond, where the tiny VAE
-(TAESD) takes 0.34 s at 512x512 (bench/README.md, "Tiny VAE"), ~15% of an SD 1.5 step on a 2-core host, and
+(TAESD) takes 0.34 s at 512x512 (bench/README.md, "Tiny VAE"), 7-15% of an SD 1.5 step on a 2-core host, and
 would hold its activations beside the UNet's in the denoising phase (the phase memory profiles measure). A
 latent layout with no known coefficients (16 channels: SD 3, Flux) has no preview.
 
