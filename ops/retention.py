@@ -1,6 +1,7 @@
 """Retention: finished jobs past `SDFLEET_RETENTION_DAYS`, or the oldest while the stored PNGs (the images jobs
 made and those they were given) exceed `SDFLEET_RETENTION_MAX_IMAGE_BYTES`, are deleted with their images,
-inputs and memory timelines. Each leaves a tombstone, so GET of it answers 410 with when and why. Run by the reconciler's pass."""
+inputs and memory timelines (and a preview, were one left). Each leaves a tombstone, so GET of it answers 410
+with when and why. Run by the reconciler's pass."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from shared.jobs import TERMINAL
 from shared.memory import fmt_size
-from shared.models import Job, JobImage, JobInput, JobMemory, JobTombstone, utcnow
+from shared.models import Job, JobImage, JobInput, JobMemory, JobPreview, JobTombstone, utcnow
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,5 +70,6 @@ def delete_expired(session: Session, older_than: datetime | None, max_image_byte
         session.execute(delete(JobImage).where(JobImage.job_id.in_(ids)))
         session.execute(delete(JobInput).where(JobInput.job_id.in_(ids)))
         session.execute(delete(JobMemory).where(JobMemory.job_id.in_(ids)))
+        session.execute(delete(JobPreview).where(JobPreview.job_id.in_(ids)))  # none once ended, but said here
         session.execute(delete(Job).where(Job.id.in_(ids)))
     return stones

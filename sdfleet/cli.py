@@ -225,12 +225,48 @@ class ProgressLine:
             self.drawn = False
 
 
-def _wait_with_progress(client: Client, record: dict, timeout: float, quiet: bool = False, check=None) -> dict:
-    """Poll the job until it ends, showing its progress; `check()` runs at each poll (may raise)."""
+class PreviewWriter:
+    """`submit --preview FILE`: the job's latest preview written to FILE (replaced whole, never half-written)
+    each time its record names a newer one."""
+
+    def __init__(self, client: Client, path: Path):
+        self.client, self.path = client, path
+        self.last: dict | None = None
+
+    def __call__(self, record: dict) -> None:
+        p = record.get("preview")
+        if not p or (self.last and (p["image"], p["step"]) == (self.last["image"], self.last["step"])):
+            return
+        try:
+            data = self.client.preview(record["id"])
+        except ApiError:
+            return
+        if data is None:  # it ended between the record and this read
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_name(f".{self.path.name}.part")
+        part.write_bytes(data)
+        os.replace(part, self.path)
+        self.last = p
+
+    def said(self) -> str:
+        if self.last is None:
+            return (f"no preview written to {self.path}: the job ended before one was taken (or its worker has "
+                    "previews off: SDFLEET_PREVIEW_INTERVAL_S=0)")
+        p = self.last
+        return f"wrote {self.path}: the last preview, image {p['image'] + 1}, step {p['step']} of {p['steps']}"
+
+
+def _wait_with_progress(client: Client, record: dict, timeout: float, quiet: bool = False, check=None,
+                        also=None) -> dict:
+    """Poll the job until it ends, showing its progress; `check()` runs at each poll (may raise), and
+    `also(record)` sees each record read."""
     show = ProgressLine(enabled=not quiet)
 
     def update(r: dict) -> None:
         show(r)
+        if also is not None:
+            also(r)
         if check is not None:
             check()
 
@@ -250,12 +286,13 @@ def cmd_submit(args) -> int:
     record = client.submit(**_job_params(args, args.prompt))
     if note := fitted_note(record):
         print(f"sdfleet: job {record['id'][:8]} {note}", file=sys.stderr)
-    if not (args.wait or args.out):
+    if not (args.wait or args.out or args.preview):
         print(json.dumps(record, indent=2))
         return 0
     job_id = record["id"]
+    previews = PreviewWriter(client, args.preview) if args.preview else None
     try:
-        record = _wait_with_progress(client, record, args.timeout, quiet=args.quiet)
+        record = _wait_with_progress(client, record, args.timeout, quiet=args.quiet, also=previews)
     except TimeoutError:
         print(f"sdfleet: job {job_id} is not finished after {args.timeout:.0f} s; it goes on "
               f"(sdfleet status {job_id}, sdfleet cancel {job_id})", file=sys.stderr)
@@ -265,6 +302,8 @@ def cmd_submit(args) -> int:
               f"{job_id})", file=sys.stderr)
         return 130
     print(json.dumps(record, indent=2))
+    if previews is not None:
+        print(previews.said(), file=sys.stderr)
     if record["status"] == "succeeded":
         for path in _write_images(client, record, args.out or Path(f"{job_id}.png")):
             print(f"wrote {path}", file=sys.stderr)
@@ -897,6 +936,9 @@ def _add_job_commands(command) -> None:
     p.add_argument("--api", help=API_HELP)
     _job_args(p, "write the PNGs here (image i > 0 gets a -i suffix); implies --wait (with --wait alone: "
               "JOB_ID.png in the current directory)")
+    p.add_argument("--preview", type=Path, metavar="FILE", help="while waiting, keep the job's latest preview "
+                   "(a small JPEG of its latents, as the API serves it) in FILE, replaced as it denoises; implies "
+                   "--wait")
     p.set_defaults(func=cmd_submit)
 
     p = command("status", "print a job's record as JSON")

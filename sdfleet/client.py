@@ -108,6 +108,17 @@ class Client:
             self._json(response)
         return response.content
 
+    def preview(self, job_id: str) -> bytes | None:
+        """GET /v1/jobs/{id}/preview: the running job's latest preview (a small JPEG), or None when it has none
+        (before its first, with previews off on its worker, or once it has ended)."""
+        response = self._send("GET", f"/v1/jobs/{job_id}/preview")
+        if response.status_code == 404:
+            self.job(job_id)  # no such job (or another key's) raises ApiError, as reading its record does
+            return None
+        if response.status_code >= 400:
+            self._json(response)
+        return response.content
+
     def workers(self) -> list[dict]:
         return self._json(self._send("GET", "/v1/workers"))
 

@@ -351,6 +351,18 @@ class ImageLink(BaseModel):
     url: str
 
 
+class PreviewLink(BaseModel):
+    """The latest preview of a job being denoised (GET it at `url`): a small image of its latents."""
+
+    url: str
+    image: int = Field(description="0-based index of the image it shows")
+    step: int = Field(description="the denoising steps done when it was taken")
+    steps: int
+    width: int = Field(description="pixels: the latents' size, an eighth of the image's side")
+    height: int
+    written_at: datetime
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -430,6 +442,10 @@ class JobPublic(BaseModel):
         description="while queued: why no worker is taking it (every worker of its class paused, with the "
         "reason; all busy, with the jobs ahead; loading; none covers its memory class)")
     progress: Progress | None = Field(description="while running, updated at a bounded rate")
+    preview: PreviewLink | None = Field(
+        default=None, description="while it runs: its latest preview, taken at most every "
+        "SDFLEET_PREVIEW_INTERVAL_S (null before the first, on workers with previews off, and once the job has "
+        "ended: its images are the result)")
     cancel_requested: bool
     webhook_status: str | None = Field(description="pending, delivered or failed, for a job with a webhook_url")
     worker_host: str | None

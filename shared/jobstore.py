@@ -12,12 +12,12 @@ from types import SimpleNamespace
 from sqlalchemy import and_, case, false, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer, raiseload, selectinload
 
-from shared import checkpoints, ids
+from shared import checkpoints, ids, previews
 from shared.checkpoints import GeneratedImage  # noqa: F401  (jobstore.GeneratedImage: the results' type)
 from shared.errors import Conflict, ErrorCode
 from shared.jobs import (
     PRIORITY_ORDER, AttemptRecord, FitRecord, ImageLink, InputLink, JobError, JobParameters, JobPublic, JobStatus,
-    Progress,
+    PreviewLink, Progress,
     ResumeRecord, WebhookStatus, check_transition, check_webhook_transition,
 )
 from shared.memory import fmt_size
@@ -74,6 +74,7 @@ def transition(
     changed = session.execute(stmt.values(status=new.value, **values)).rowcount == 1
     if changed and new.is_terminal:
         checkpoints.drop(session, job_id)  # an ended job is never resumed
+        previews.drop(session, job_id)  # its images are the result
     return changed
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def list_jobs(session: Session, owner_key_id: str | None, statuses: list[JobStat
               after: tuple[datetime, str] | None = None) -> list[Job]:
     """The owner's jobs (every job on an open API), newest first, from just past `after` (the last row of
     the previous page: created_at, id). A keyset page: as cheap at the millionth job as at the first."""
-    stmt = select(Job).options(selectinload(Job.images)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    stmt = (select(Job).options(selectinload(Job.images), selectinload(Job.preview))
+            .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit))
     if owner_key_id is not None:
         stmt = stmt.where(Job.owner_key_id == owner_key_id)
     if statuses:
@@ -169,7 +171,7 @@ def input_images(session: Session, job_id: str) -> dict[str, bytes]:
 # whose job it is and where its webhook goes. The worker's reads of a whole job leave them out (and its images).
 WORKER_HIDDEN_COLUMNS = ("webhook_url", "owner_key_id", "idempotency_key", "request_hash")
 _AS_WORKER = (*(defer(getattr(Job, c), raiseload=True) for c in WORKER_HIDDEN_COLUMNS), raiseload(Job.images),
-              raiseload(Job.inputs))
+              raiseload(Job.inputs), raiseload(Job.preview))
 
 
 def parameters_of(job: Job) -> JobParameters:
@@ -486,6 +488,7 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         waiting_reason=waiting.reason if waiting else None,
         progress=(Progress(image=job.progress_image, images=job.num_images, step=job.progress_step,
                            steps=job.progress_steps) if job.progress_steps else None),
+        preview=_preview_link(job),
         cancel_requested=job.cancel_requested_at is not None,
         webhook_status=job.webhook_status,
         worker_host=job.worker_host,
@@ -503,3 +506,14 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         inputs=[InputLink(role=i.role, width=i.width, height=i.height, source_format=i.source_format,
                           url=f"/v1/jobs/{job.id}/inputs/{i.role}.png") for i in getattr(job, "inputs", ())],
     )
+
+
+def _preview_link(job) -> PreviewLink | None:
+    """The job's latest preview, if it has one (an ended job has none: not even looked for)."""
+    if JobStatus(job.status).is_terminal:
+        return None
+    p = getattr(job, "preview", None)
+    if p is None:
+        return None
+    return PreviewLink(url=f"/v1/jobs/{job.id}/preview", image=p.image, step=p.step, steps=p.steps, width=p.width,
+                       height=p.height, written_at=p.written_at)

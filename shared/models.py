@@ -123,6 +123,9 @@ class Job(Base):
     inputs: Mapped[list["JobInput"]] = relationship(
         back_populates="job", order_by="JobInput.role", cascade="all, delete-orphan", lazy="selectin"
     )
+    # The latest preview while it runs (shared/previews.py): loaded when read (list pages: selectinload, one
+    # statement per page), its bytes deferred
+    preview: Mapped["JobPreview | None"] = relationship(viewonly=True, uselist=False)
 
 
 class JobImage(Base):
@@ -242,6 +245,25 @@ class JobCheckpointImage(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     png: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobPreview(Base):
+    """The latest preview of a running job: the latents of image `image` after `step` of `steps`, projected to
+    RGB and encoded small (`media_type`), written by attempt `attempt` at most every SDFLEET_PREVIEW_INTERVAL_S.
+    Dropped when the job ends (its images are the result)."""
+
+    __tablename__ = "job_previews"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    image: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(32))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    written_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class JobTombstone(Base):

@@ -27,9 +27,9 @@ JOB_COLUMNS_WRITTEN = (
 
 # Every table of the schema: the role is granted exactly what follows on them, nothing else. A table a later
 # release adds is refused to workers until it is named here.
-TABLES = ("jobs", "job_images", "job_inputs", "job_checkpoints", "job_checkpoint_images", "job_memory", "job_tombstones",
-          "workers", "memory_profiles", "api_keys", "job_counts", "job_count_deltas", "job_histograms",
-          "job_histogram_deltas", "alembic_version")
+TABLES = ("jobs", "job_images", "job_inputs", "job_checkpoints", "job_checkpoint_images", "job_previews",
+          "job_memory", "job_tombstones", "workers", "memory_profiles", "api_keys", "job_counts",
+          "job_count_deltas", "job_histograms", "job_histogram_deltas", "alembic_version")
 
 
 def _columns(table, leave_out=()) -> str:
@@ -63,7 +63,7 @@ def worker_role_sql(role: str = WORKER_ROLE) -> str:
         ("job_images", "write", "INSERT", "WITH CHECK (EXISTS (SELECT FROM jobs j WHERE j.id = job_images.job_id "
                                           "AND j.status = 'succeeded' AND j.status_by = session_user))"),
         *((t, "held", "ALL", f"USING ({held.format(t=t)}) WITH CHECK ({held.format(t=t)})")
-          for t in ("job_checkpoints", "job_checkpoint_images", "job_memory")),
+          for t in ("job_checkpoints", "job_checkpoint_images", "job_previews", "job_memory")),
         ("job_inputs", "held", "SELECT", f"USING ({held.format(t='job_inputs')})"),
         ("workers", "insert", "INSERT", "WITH CHECK (db_role = session_user)"),
         ("workers", "update", "UPDATE", "USING (db_role = session_user) WITH CHECK (db_role = session_user)"),
@@ -100,8 +100,8 @@ def worker_role_sql(role: str = WORKER_ROLE) -> str:
         f"GRANT INSERT ON job_images TO {role};",
         "-- the images the job it runs was given: read, never written",
         f"GRANT SELECT ON job_inputs TO {role};",
-        "-- checkpoints and the memory timeline of the job it runs; heartbeats; the fleet's memory profiles",
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON job_checkpoints, job_checkpoint_images TO {role};",
+        "-- checkpoints, previews and the memory timeline of the job it runs; heartbeats; the fleet's memory profiles",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON job_checkpoints, job_checkpoint_images, job_previews TO {role};",
         f"GRANT SELECT, INSERT, UPDATE ON job_memory, memory_profiles TO {role};",
         f"GRANT SELECT ON workers TO {role};",
         f"GRANT INSERT ({workers_written}), UPDATE ({workers_written}) ON workers TO {role};",

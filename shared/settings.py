@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     # multi-image job has finished) is written at most this often, so another host resumes where it stopped;
     # 0 writes one after every step. At most this much work is lost when a host goes away (plus one step).
     checkpoint_interval_s: float = Field(default=10.0, ge=0, le=3600)
+    # While a job denoises, a preview of its latents (a linear projection to RGB, a small JPEG at the latents'
+    # size: an eighth of the image's side) is written at most this often, for GET /v1/jobs/{id}/preview, the
+    # page and `sdfleet submit --preview`; 0: no previews (the denoising loop then does nothing for them).
+    preview_interval_s: float = Field(default=2.0, ge=0, le=3600)
     # A worker paused by its owner (CPU or memory) for longer than this while a job runs hands the job back
     # with its checkpoint, so that another host continues it; 0 never hands back for a pause.
     pause_handback_s: float = Field(default=60.0, ge=0)

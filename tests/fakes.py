@@ -66,6 +66,9 @@ class FaultyPipeline(PipelineBase):
     def snapshot(self):
         return self._real.snapshot()
 
+    def preview(self):
+        return self._real.preview()
+
 
 def faulty(settings):
     return FaultyPipeline(settings)

@@ -5,7 +5,8 @@ the per-process cache that loads a model once per host.
 (seed, seed + 1, ...) so that N images cost the peak memory of one. A pipeline that can resume
 (`resumable`) gives, from inside `on_step`, a snapshot of its state after that step (`snapshot()`) and goes on
 from one given back in `request.resume`: the result is bitwise the uninterrupted one on the same runtime
-(`runtime`).
+(`runtime`). From inside `on_step` too, `preview()` keeps the latents of that step for a live preview, rendered
+later in another thread (worker/preview.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import gc
 import importlib
 import inspect
+import json
 import logging
 import os
 import time
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 from modeltools import hub
@@ -31,6 +34,7 @@ from shared.settings import Levers, Settings
 from worker.meter import (
     FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark, rss_bytes,
 )
+from worker.preview import projection_for
 from worker.tiny_vae import tiny_vae_folder
 
 log = logging.getLogger(__name__)
@@ -107,6 +111,8 @@ class Pipeline(Protocol):
 
     def snapshot(self) -> bytes | None: ...  # from inside on_step: the state to resume from (None: cannot)
 
+    def preview(self) -> Callable[[], Image.Image | None] | None: ...  # from inside on_step: renders its latents
+
     def warm_up(self) -> None: ...
 
     def drop_weight_pages(self, measure: bool = False) -> int: ...
@@ -148,6 +154,12 @@ class PipelineBase:
     def snapshot(self) -> bytes | None:
         """Called from inside `on_step`: the state after that step, to be given back as ImageRequest.resume
         (None: this pipeline cannot resume within an image, or that was the last step)."""
+        return None
+
+    def preview(self) -> Callable[[], Image.Image | None] | None:
+        """Called from inside `on_step` when a live preview is due: a function, called later from another thread
+        (the worker's monitor), that renders a small image of the latents after that step (None: no preview).
+        What it keeps must not change as the loop goes on (a copy of the latents)."""
         return None
 
     def warm_up(self) -> None:
@@ -227,6 +239,8 @@ class OptimumPipeline(PipelineBase):
         # Resuming: the loop's iterations before the checkpoint's step run without the UNet (see generate)
         self._skipping = False
         self._snapshot: Callable[[], bytes] | None = None  # set during on_step
+        self._latents = None  # the step's latents, during on_step (for preview)
+        self._projection = projection_for(type(self._pipe).__name__)
         self.resumable = "unet" in self._parts
         if self.resumable:
             self._parts["unet"].forward = self._skippable(self._parts["unet"].forward)
@@ -296,6 +310,11 @@ class OptimumPipeline(PipelineBase):
 
     def snapshot(self) -> bytes | None:
         return self._snapshot() if self._snapshot is not None else None
+
+    def preview(self) -> Callable[[], Image.Image | None] | None:
+        if self._latents is None or self._projection is None:
+            return None
+        return functools.partial(self._projection.render, self._latents.detach().float().numpy().copy())
 
     def _skippable(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -416,10 +435,11 @@ class OptimumPipeline(PipelineBase):
             if on_step is not None:
                 self._snapshot = (lambda: take_snapshot(scheduler, generator, tensors["latents"], done)) \
                     if done < total else None
+                self._latents = tensors["latents"]
                 try:
                     on_step(done, total)
                 finally:
-                    self._snapshot = None
+                    self._snapshot = self._latents = None
             return tensors
 
         kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
@@ -637,6 +657,12 @@ class GenaiPipeline(PipelineBase):
         self._genai, self._device, self._props, self._shape = openvino_genai, device, props, None
         self._model = model
         self._image_pipes: dict = {}
+        self._latent = None  # the step's latents (an ov.Tensor whose buffer the loop reuses), during on_step
+        try:
+            self._projection = projection_for(json.loads((Path(model) / "model_index.json").read_text())
+                                              .get("_class_name", ""))
+        except (OSError, ValueError):
+            self._projection = None
         t0 = time.perf_counter()
         if levers.static_shape:
             self._pipe = openvino_genai.Text2ImagePipeline(model)  # compiled per shape, in prepare()
@@ -680,20 +706,28 @@ class GenaiPipeline(PipelineBase):
                 self._pipe.compile(self._device, **self._props)
             self._shape = shape
 
+    def preview(self) -> Callable[[], Image.Image | None] | None:
+        if self._latent is None or self._projection is None:
+            return None
+        return functools.partial(self._projection.render, np.array(self._latent.data, dtype=np.float32, copy=True))
+
     def model_files(self) -> list[str]:
         return hub.storage_roots(self._model) + ([self._props["CACHE_DIR"]] if self._props.get("CACHE_DIR") else [])
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
         raised: list[BaseException] = []
 
-        def callback(step: int, num_steps: int, _latent) -> bool:
+        def callback(step: int, num_steps: int, latent) -> bool:
             # an exception cannot cross the C++ loop: keep it, stop the loop (True), and raise it after
             try:
                 if on_step is not None:
+                    self._latent = latent
                     on_step(step + 1, num_steps)
             except BaseException as exc:
                 raised.append(exc)
                 return True
+            finally:
+                self._latent = None
             return False
 
         if request.image is not None and not request.strength:
@@ -757,7 +791,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     pipeline = _load_factory(settings.backend)(settings)
     if not isinstance(pipeline, Pipeline):
         missing = [name for name in ("backend", "precision", "levers", "warm_peak", "memory_mode", "generate",
-                                     "model_files", "snapshot", "warm_up", "drop_weight_pages")
+                                     "model_files", "snapshot", "preview", "warm_up", "drop_weight_pages")
                    if not hasattr(pipeline, name)]
         raise TypeError(f"SDFLEET_BACKEND={settings.backend}: the factory's {type(pipeline).__name__} lacks "
                         f"{', '.join(missing)} of the Pipeline contract; subclass worker.pipelines.PipelineBase")

@@ -19,7 +19,7 @@ from celery import Celery
 from PIL import Image
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from shared import deliveries, fleet, jobstore
+from shared import deliveries, fleet, jobstore, previews
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters
@@ -31,6 +31,7 @@ from shared.timing import StepTiming, measured, predict_time, unet_passes
 from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
 from worker.pipelines import CheckpointError, ImageRequest
+from worker.preview import MEDIA_TYPE, encode
 from worker.resume import Keeper
 from worker.upscale import upscale
 
@@ -89,21 +90,74 @@ class InputMissing(Exception):
 
 class Monitor:
     """Writes a running job's progress and reads its cancel flag every `interval_s`, in its own thread:
-    the denoising loop only touches memory (no database write per step on a fast model)."""
+    the denoising loop only touches memory (no database write per step on a fast model). With previews on
+    (`preview_interval_s` > 0), the loop hands it the latents of a step at most that often (the first step at
+    once); it renders, encodes and writes the preview with its next progress write, in the same transaction."""
 
-    def __init__(self, sessions, attempt: jobstore.Attempt, interval_s: float):
+    def __init__(self, sessions, attempt: jobstore.Attempt, interval_s: float, preview_interval_s: float = 0.0):
         self.sessions, self.attempt, self.interval_s = sessions, attempt, interval_s
         self.position = (0, 0, attempt.parameters.steps)  # image, step, steps
         self.cancelled = threading.Event()
         self._written = None
         self._stop = threading.Event()
+        self.preview_interval_s = preview_interval_s
+        self._preview_due = 0.0 if preview_interval_s > 0 else float("inf")  # time.monotonic() it is due at
+        self._preview = None  # (image, step, steps, render) from the loop, for the next sync
+        self.preview_writes: list[tuple[int, float]] = []  # (bytes, seconds to render, encode and write)
+
+    def preview_due(self) -> bool:
+        """From on_step: whether to hand over this step's latents (one clock read per step)."""
+        return time.monotonic() >= self._preview_due
+
+    def offer_preview(self, image: int, step: int, steps: int, render) -> None:
+        """From on_step: `render` (the pipeline's `preview()`) makes the preview of this step, in the monitor's
+        thread; None: this pipeline has none."""
+        self._preview_due = time.monotonic() + self.preview_interval_s
+        if render is not None:
+            self._preview = (image, step, steps, render)
+
+    def _rendered(self):
+        taken, self._preview = self._preview, None
+        if taken is None:
+            return None
+        image, step, steps, render = taken
+        try:
+            picture = render()
+            return None if picture is None else (image, step, steps, encode(picture), picture.width, picture.height)
+        except Exception:  # a preview is a nicety: never the job's failure
+            log.warning("job %s: preview not rendered; no more for this job", self.attempt.job_id, exc_info=True)
+            self._preview_due = float("inf")
+            return None
 
     def sync(self) -> None:
         position = self.position
+        t0 = time.perf_counter()
+        preview = self._rendered()
+        try:
+            self._write(position, preview)
+        except Exception as exc:
+            if preview is None or is_transient(exc):
+                raise
+            # e.g. a worker's database role not brought up to date (`sdfleet db worker-role` after an upgrade):
+            # the progress and the cancel check go on without previews
+            log.warning("job %s: preview not written (%s: %s); no more for this job", self.attempt.job_id,
+                        type(exc).__name__, str(exc)[:200])
+            self._preview_due = float("inf")
+            self._write(position, None)
+            preview = None
+        if preview is not None:
+            self.preview_writes.append((len(preview[3]), time.perf_counter() - t0))
+        self._written = position
+
+    def _write(self, position, preview) -> None:
+        """The progress (if it moved), the cancel check and the preview, in one transaction."""
         with self.sessions.begin() as session:
             if jobstore.sync_running(session, self.attempt, position if position != self._written else None):
                 self.cancelled.set()
-        self._written = position
+            if preview is not None:
+                image, step, steps, data, width, height = preview
+                previews.save(session, self.attempt.job_id, self.attempt.number, image, step, steps, data,
+                              MEDIA_TYPE, width, height)
 
     def _try_sync(self) -> None:
         try:
@@ -181,6 +235,8 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
     def on_step(step: int, total: int) -> None:
         clock.tick()
         monitor.position = (image_index, step, total)
+        if monitor.preview_due():
+            monitor.offer_preview(image_index, step, total, worker.pipeline.preview())
         if monitor.cancelled.is_set():
             raise JobCancelled()
         keeper.taken()
@@ -471,10 +527,11 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
                      min_available_bytes=settings.pause_available_bytes // 2)
     clock = StepClock()
     keeper = Keeper(sessions, attempt, worker.model, worker.pipeline, HOST, settings.checkpoint_interval_s)
+    monitor = Monitor(sessions, attempt, settings.progress_interval_s, settings.preview_interval_s)
     images, code, message, left = [], None, None, None
     t0 = time.perf_counter()
     try:
-        with meter, Monitor(sessions, attempt, settings.progress_interval_s) as monitor:
+        with meter, monitor:
             worker.running = RunningJob(attempt, meter)
             worker.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
             given = _read_inputs(sessions, attempt.parameters, attempt.job_id)
@@ -501,6 +558,10 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
         sizes, times = zip(*keeper.writes)
         log.info("job %s: %d checkpoint(s) written, %d KiB and %.1f ms each at most", attempt.job_id, len(sizes),
                  max(sizes) >> 10, 1000 * max(times))
+    if monitor.preview_writes:
+        sizes, times = zip(*monitor.preview_writes)
+        log.info("job %s: %d preview(s) written, %d bytes and %.1f ms (render, encode, write) each at most",
+                 attempt.job_id, len(sizes), max(sizes), 1000 * max(times))
     return Generation(images, code, message, time.perf_counter() - t0, meter, clock, left)
 
 

@@ -22,7 +22,7 @@ from api.bodies import body_schema, read_model
 from api.deps import Caller, Ctx, JobId, enforce_rate_limit, idempotency_key, owner_id
 from api.errors import responses
 from api.waits import queued_views
-from shared import deliveries, fleet, jobstore, webhooks
+from shared import deliveries, fleet, jobstore, previews, webhooks
 from shared.errors import Gone, IdempotencyConflict, InsufficientMemory, InvalidRequest, NotFound
 from shared.jobs import (DEFAULT_STRENGTH, MAX_SEED, MAX_SIDE, MAX_UPSCALED_SIDE, MIN_SIDE, FitRecord, ImageRef,
                          JobCreate, JobList, JobMemoryPublic, JobParameters, JobPublic, JobStatus, denoising_steps,
@@ -350,6 +350,27 @@ def get_input(job_id: JobId, role: Literal["image", "mask"], caller: Caller, ctx
             owned_job(session, job_id, caller)
             raise NotFound(f"job {job_id} was given no {role}")
     return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/preview", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "the latest preview of the image being "
+                             "denoised (small: the latents' size); never cached",
+                             "headers": {f"X-Preview-{h}": {"description": d, "schema": {"type": "integer"}}
+                                         for h, d in (("Image", "0-based index of the image it shows"),
+                                                      ("Step", "denoising steps done when it was taken"),
+                                                      ("Steps", "the image's denoising steps"))}},
+                       **responses(404, 410)})
+def get_preview(job_id: JobId, caller: Caller, ctx: Ctx) -> Response:
+    """While the job runs: its latest preview. 404 before the first, with previews off, and once it has ended."""
+    with ctx.sessions() as session:
+        row = previews.load(session, job_id, owner_id(caller))
+        if row is None:
+            owned_job(session, job_id, caller)  # 410 for a deleted job, 404 for no such job (or another key's)
+            raise NotFound(f"job {job_id} has no preview (none is kept before its first denoising steps, on "
+                           f"workers with previews off, or once it has ended: its images are the result)")
+    return Response(row.data, media_type=row.media_type, headers={
+        "Cache-Control": "no-store", "X-Preview-Image": str(row.image), "X-Preview-Step": str(row.step),
+        "X-Preview-Steps": str(row.steps)})
 
 
 @router.get("/{job_id}/memory", response_model=JobMemoryPublic, responses=responses(404, 410))

@@ -25,6 +25,7 @@ const state = {
   job: null,              // the job page's record
   memory: null,           // its timeline
   blobs: new Map(),       // image URL -> blob: URL (images need the key)
+  previews: new Map(),    // job id -> {key, url, loading}: its latest preview, as a blob: URL
   timer: null,
   ticking: false,
   again: false,
@@ -141,6 +142,62 @@ function imageEl(url, alt, testid) {
   return img;
 }
 
+// ---------- live previews ----------
+
+// A running job's record names its latest preview (image, step): a small image of its latents, read from
+// its URL (never cached, with the key) when the record names a newer one, shown through a blob: URL kept per
+// job. Until the newer one has arrived, the last one stays.
+function previewKey(p) { return `${p.image}/${p.step}`; }
+
+function previewEl(j, testid, cls) {
+  const p = j.preview;
+  const img = el("img", {class: cls, "data-testid": testid, "data-preview-job": j.id, "data-image": p.image,
+                         "data-step": p.step, alt: `preview: image ${p.image + 1}, step ${p.step} of ${p.steps}`,
+                         title: `preview: image ${p.image + 1}, step ${p.step} of ${p.steps}`});
+  const have = state.previews.get(j.id);
+  if (have && have.url) { img.src = have.url; img.dataset.shown = have.key; }
+  loadPreview(j);
+  return img;
+}
+
+async function loadPreview(j) {
+  const key = previewKey(j.preview);
+  const have = state.previews.get(j.id) || {};
+  if (have.key === key || have.loading === key) return;
+  state.previews.set(j.id, Object.assign(have, {loading: key}));
+  const sentKey = state.key;
+  let blob = null, shown = key;
+  try {
+    const r = await fetch(j.preview.url, {headers: sentKey ? {Authorization: `Bearer ${sentKey}`} : {}, cache: "no-store"});
+    if (r.ok) {  // the latest there is, perhaps newer than the record said: its headers say which
+      blob = await r.blob();
+      shown = `${r.headers.get("X-Preview-Image")}/${r.headers.get("X-Preview-Step")}`;
+    }  // 404: it ended meanwhile (its images are the result)
+  } catch { /* the next poll tries again */ }
+  const now = state.previews.get(j.id);
+  if (now !== have || sentKey !== state.key) { return; }
+  have.loading = null;
+  if (!blob) return;
+  const old = have.url;
+  have.url = URL.createObjectURL(blob);
+  have.key = shown;
+  for (const img of document.querySelectorAll(`img[data-preview-job="${j.id}"]`)) {
+    img.src = have.url;
+    img.dataset.shown = shown;
+  }
+  if (old) URL.revokeObjectURL(old);
+}
+
+function forgetPreviews(jobs) {  // jobs listed without a preview (ended): their blob goes
+  for (const j of jobs) {
+    const have = state.previews.get(j.id);
+    if (!j.preview && have && !have.loading) {
+      if (have.url) URL.revokeObjectURL(have.url);
+      state.previews.delete(j.id);
+    }
+  }
+}
+
 // ---------- API keys ----------
 
 function showKeyPanel(reason, isError) {
@@ -178,6 +235,8 @@ function renderKeyStatus() {
 function resetData() {  // another key sees other jobs: nothing of the last one stays on the page
   for (const u of state.blobs.values()) URL.revokeObjectURL(u);
   state.blobs.clear();
+  for (const p of state.previews.values()) if (p.url) URL.revokeObjectURL(p.url);
+  state.previews.clear();
   state.jobs.clear();
   state.olderJobs = [];
   state.jobsCursor = null;
@@ -487,6 +546,7 @@ function jobRow(j) {
     (j.priority !== "normal" ? ` · ${j.priority} priority` : "") + (j.fitted ? " · fitted" : "");
   return el("tr", {"data-testid": "job-row", "data-job-id": j.id, "data-status": j.status},
     el("td", {class: "jobcell"},
+      j.preview ? el("a", {href: `#/job/${j.id}`, class: "thumb"}, previewEl(j, "preview-thumb", "preview-thumb")) : null,
       el("a", {href: `#/job/${j.id}`, class: "prompt", title: p.prompt, text: p.prompt}),
       el("div", {class: "small muted"}, el("code", {text: short(j.id)}), ` · ${meta}`)),
     el("td", {}, statusCell(j)),
@@ -523,6 +583,7 @@ function renderJobs() {
     prev = tr;
   }
   for (const tr of rows.values()) tr.remove();
+  forgetPreviews(jobs);
   const live = jobs.filter((j) => LIVE.has(j.status));
   $("jobs-summary").textContent = jobs.length ? `${live.filter((j) => j.status === "running").length} running · ` +
     `${live.filter((j) => j.status === "queued").length} queued · ${jobs.length} shown` : "";
@@ -659,6 +720,14 @@ function renderJob() {
       ["· anonymous", fmtSize(j.peak_rss_anon_bytes)], ["· file-backed", fmtSize(j.peak_rss_file_bytes)],
       ["RSS at start", fmtSize(j.rss_before_bytes)], ["Method", j.peak_rss_method],
       ["Memory class", fmtSize(j.memory_class_bytes)], ["Hand-ons", j.handoffs]])));
+  // while it denoises: its latest preview, refreshed as the record names a newer one
+  const pv = j.preview;
+  const preview = pv ? el("div", {class: "card", "data-testid": "job-preview-card"}, el("h3", {text: "Preview"}),
+    el("figure", {class: "preview"}, previewEl(j, "job-preview", "preview-large"),
+      el("figcaption", {class: "small muted", "data-testid": "job-preview-caption",
+        text: `image ${pv.image + 1} of ${p.num_images} · step ${pv.step} of ${pv.steps} · its latents ` +
+              `(${pv.width}×${pv.height}) projected to colour, not decoded`}))) : null;
+  if (!pv) forgetPreviews([j]);
   const images = j.images.length ? el("div", {class: "card"}, el("h3", {text: "Images"}),
     el("div", {class: "gallery", "data-job-id": j.id}, j.images.map((im) => el("figure", {class: "tile", "data-testid": "job-image-item"},
       imageEl(im.url, `image ${im.index}`, "job-image"),
@@ -680,7 +749,8 @@ function renderJob() {
   // keep the image elements of this job (no flicker, no refetch while polling)
   const box = $("job-detail");
   const old = box.querySelector(`.gallery[data-job-id="${j.id}"]`);
-  box.replaceChildren(head, grids, ...(given ? [given] : []), ...(images ? [images] : []), ...(history ? [history] : []));
+  box.replaceChildren(head, ...(preview ? [preview] : []), grids, ...(given ? [given] : []), ...(images ? [images] : []),
+                      ...(history ? [history] : []));
   if (old && images && old.childElementCount === j.images.length) images.querySelector(".gallery").replaceWith(old);
   renderMemory();
 }

@@ -61,7 +61,8 @@ def test_no_5xx_and_one_error_shape(fuzz_schema):
     operations = list(_operations(fuzz_schema))
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}", "DELETE /v1/jobs/{job_id}", "GET /metrics",
-        "POST /v1/plan", "POST /v1/images/generations", "POST /v1/images/edits"}
+        "POST /v1/plan", "POST /v1/images/generations", "POST /v1/images/edits",
+        "GET /v1/jobs/{job_id}/preview"}
     sent = collections.defaultdict(collections.Counter)  # the bodies' content types, by operation
     for op, mode in itertools.product(operations, GenerationMode):
         name = f"{op.method.upper()} {op.path}"

@@ -1,6 +1,7 @@
 """The web page (api/static) in a real headless browser: Debian's chromium driven by playwright, against a live
 API + worker on the tiny model. Submit from the form and watch the progress, the image in the gallery, the job
-page's memory plot drawn from the timeline's own points, cancelling a queued and a running job, the fleet page,
+page's memory plot drawn from the timeline's own points, a running job's live preview (job view and list),
+cancelling a queued and a running job, the fleet page,
 a refused job's hints resubmitting, and API keys (asked for, a wrong one refused, only the key's own jobs).
 
 Screenshots of each view go to tmp_path and are checked (not one colour, the generated image visible); with
@@ -248,6 +249,50 @@ def test_submit_see_progress_image_in_gallery_and_the_memory_plot(stack, page, t
     check_not_blank(drawn, "the memory plot", min_colours=10)
     dark = sum(drawn.convert("L").histogram()[:70])
     assert dark > 200, "the RSS line is not drawn"
+
+
+def test_a_running_job_shows_its_live_preview_in_the_job_view_and_the_list(stack, page, tmp_path):
+    """While a long job denoises, the job view shows its latest preview (the latents' size, 32x24 here) and
+    replaces it with a newer one; the jobs list shows it as a thumbnail; once the job has ended, neither."""
+    job = stack.api.submit(prompt="a preview while it runs", model=stack.model, width=256, height=192, steps=150,
+                           num_images=4, guidance_scale=7.5)
+    try:
+        wait_for(stack, job["id"], "status", "running", timeout=30)
+        page.goto(f"{stack.api_url}/#/job/{job['id']}")
+        img = page.locator('[data-testid="job-preview"]')
+        expect(img).to_be_visible(timeout=30_000)
+        loaded = ("([img, w]) => img.isConnected && img.complete && img.naturalWidth === w && !!img.dataset.shown")
+        page.wait_for_function(loaded, arg=[img.element_handle(), 32])
+        first = img.get_attribute("data-shown")
+        image, step = map(int, first.split("/"))
+        assert 0 <= image < 4 and 1 <= step <= 150
+        expect(page.locator('[data-testid="job-preview-caption"]')).to_contain_text(
+            re.compile(r"image [1-4] of 4 · step \d+ of 150"))
+        shown = element_image(img, tmp_path, "preview")
+        check_not_blank(shown, "the preview in the job view", min_colours=20, min_stddev=5)
+        screenshot(page, tmp_path, "job-preview", full_page=True)
+        # refreshed: a newer preview (every SDFLEET_PREVIEW_INTERVAL_S) replaces it while the job runs
+        page.wait_for_function(
+            "(first) => { const i = document.querySelector('[data-testid=job-preview]');"
+            " return !!i && !!i.dataset.shown && i.dataset.shown !== first && i.complete && i.naturalWidth === 32; }",
+            arg=first, timeout=30_000)
+        newer = tuple(map(int, page.locator('[data-testid="job-preview"]').get_attribute("data-shown").split("/")))
+        assert newer > (image, step)
+
+        # the jobs list: a thumbnail in the job's row
+        page.goto(stack.api_url + "/")
+        thumb = row(page, job["id"]).locator('[data-testid="preview-thumb"]')
+        expect(thumb).to_be_visible()
+        page.wait_for_function(loaded, arg=[thumb.element_handle(), 32])
+        screenshot(page, tmp_path, "jobs-preview")
+    finally:
+        stack.api.http.delete(f"/v1/jobs/{job['id']}")
+    r = row(page, job["id"])
+    expect(r).to_have_attribute("data-status", "cancelled", timeout=30_000)
+    expect(r.locator('[data-testid="preview-thumb"]')).to_have_count(0)
+    page.goto(f"{stack.api_url}/#/job/{job['id']}")
+    expect(page.locator('[data-testid="job-prompt"]')).to_have_text("a preview while it runs")
+    expect(page.locator('[data-testid="job-preview-card"]')).to_have_count(0)
 
 
 def test_fleet_page_shows_workers_and_model_profiles(stack, page, tmp_path):

@@ -142,6 +142,35 @@ def test_wait_shows_progress_and_jobs_lists_and_cancel_stops_a_running_job(stack
     assert r.returncode == 1 and "already succeeded" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+def test_submit_preview_keeps_the_latest_preview_in_a_file_while_it_waits(stack, tmp_path):
+    """`submit --preview FILE` (implies --wait): FILE holds the job's latest preview while the job runs (a JPEG of
+    its latents' size), replaced whole as it goes on; it stays when the job has ended, and stderr says which."""
+    live = tmp_path / "live.jpg"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdfleet", "submit", "a lighthouse", "--preview", str(live), "--width", "256",
+         "--height", "192", "--steps", "120", "--guidance-scale", "7.5", "--api", stack.api_url, "-q"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        until(lambda: live.exists(), 60, lambda: "no preview file while the job runs")
+        running = [j for j in stack.api.jobs(status=["running"])["jobs"] if j["parameters"]["prompt"] == "a lighthouse"]
+        assert running, "the file was written while the job ran"
+        first = Image.open(live)
+        assert first.format == "JPEG" and first.size == (32, 24)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    record = json.loads(stdout)
+    assert record["status"] == "succeeded" and record["preview"] is None  # ended: its image is the result
+    last = Image.open(live)
+    assert last.format == "JPEG" and last.size == (32, 24)
+    said = re.search(rf"wrote {re.escape(str(live))}: the last preview, image 1, step (\d+) of 120", stderr)
+    assert said, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["live.jpg", f"{record['id']}.png"])  # no part file
+    assert Image.open(tmp_path / f"{record['id']}.png").size == (256, 192)
+
+
 def test_status_says_when_a_queued_job_may_start_why_it_waits_and_its_predicted_time(stack):
     small = dict(width=128, height=128, steps=4)
     stack.api.wait(stack.api.submit(prompt="measures its time", **small)["id"])

@@ -28,13 +28,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
 from sdfleet.stack import start_bundled_redis, stop
-from shared import checkpoints, deliveries, fleet, jobstats, jobstore, keys
+from shared import checkpoints, deliveries, fleet, jobstats, jobstore, keys, previews
 from shared.db import MigrationRefused, engine_for, head_revision, migrate, schema_revision, session_factory
 from shared.errors import ErrorCode
 from shared.fleet_contract import WorkerState
 from shared.jobs import JobParameters, ResumeRecord
 from shared.memory import GB, Shape
-from shared.models import Job, JobCheckpoint, JobImage, JobMemory, Worker, utcnow
+from shared.models import Job, JobCheckpoint, JobImage, JobMemory, JobPreview, Worker, utcnow
 from shared.privilege import JOB_COLUMNS_WRITTEN, TABLES, worker_role_sql
 from shared.queue import MEMORY_CLASSES, queue_name
 from tests.conftest import POSTGRES_URL, ROOT, free_port, postgres_database
@@ -123,7 +123,7 @@ def _heartbeat(name: str, model: str = "m-priv") -> WorkerState:
 
 def test_a_worker_role_does_all_a_worker_does(roles):
     """Every write of worker/ (through the shared code it calls), as the login role of host A: the claim, the
-    pre-check's reads, progress and cancel, the running peak, checkpoints and how the attempt started, the
+    pre-check's reads, progress and cancel, the running peak, checkpoints, previews and how the attempt started, the
     heartbeat and profiles, the result with its images and timeline (the job statistics' trigger appends its
     deltas), the webhook's hand-out; handing a job back, taking back its own dead pool child's job, handing a
     job on, ending one unplaceable, and stopping a job cancelled while it runs."""
@@ -154,6 +154,12 @@ def test_a_worker_role_does_all_a_worker_does(roles):
         assert checkpoints.save_step(s, job_id, 1, "rt", "host-a", 0, 1, 2, b"latents")
     with a.begin() as s:
         assert checkpoints.save_image(s, job_id, 1, "rt", "host-a", checkpoints.GeneratedImage(0, 1, 64, 64, b"png0"))
+    for step in (1, 2):  # a preview with the progress (the monitor's one transaction), then a newer one
+        with a.begin() as s:
+            assert not jobstore.sync_running(s, attempt, (1, step, 2))
+            assert previews.save(s, job_id, 1, 1, step, 2, b"jpeg%d" % step, "image/jpeg", 8, 8)
+    with owner() as s:
+        assert previews.load(s, job_id).data == b"jpeg2"
     with a() as s:
         kept = checkpoints.load(s, job_id)
         assert kept.image == 1 and [i.png for i in kept.images] == [b"png0"]
@@ -178,6 +184,7 @@ def test_a_worker_role_does_all_a_worker_does(roles):
         assert done.resumes[0]["note"] == "started from step 0"
         assert s.get(JobMemory, job_id).timeline == [{"t": 0.0, "rss": 90}]
         assert s.get(JobCheckpoint, job_id) is None  # dropped as the job ended
+        assert s.get(JobPreview, job_id) is None
         assert s.get(Worker, "host-a:1").db_role == roles.host_a
     # the job statistics' trigger appended the deltas of the worker's transitions (queued -> running -> succeeded)
     after = _counts(owner)
@@ -272,11 +279,13 @@ def test_a_worker_role_changes_only_queued_jobs_and_the_running_jobs_it_claimed(
     mine_b = _claim(roles.b, job_id, delivery, "host-b")
     with sb.begin() as s:
         assert checkpoints.save_step(s, job_id, 1, "rt", "host-b", 0, 1, 2, b"b's latents")
-    # host A cannot see it: not its prompt, not its checkpoint
+        assert previews.save(s, job_id, 1, 0, 1, 2, b"b's preview", "image/jpeg", 8, 8)
+    # host A cannot see it: not its prompt, not its checkpoint, not its preview
     with sa_() as s:
         assert s.scalars(select(Job.prompt).where(Job.id == job_id)).all() == []
         assert jobstore.queued_job(s, job_id, delivery) is None
         assert checkpoints.load(s, job_id) is None
+        assert previews.load(s, job_id) is None
     # nor change it, whatever it writes: the row is out of its reach (no error, nothing changed)
     assert _rows(a, "UPDATE jobs SET status = 'failed', error_code = 'internal' WHERE id = :id", id=job_id) == 0
     assert _rows(a, "UPDATE jobs SET progress_step = 99 WHERE id = :id", id=job_id) == 0
@@ -285,15 +294,21 @@ def test_a_worker_role_changes_only_queued_jobs_and_the_running_jobs_it_claimed(
         assert not jobstore.finish_failed(s, mine_b, ErrorCode.internal, "forged", None)
         assert not jobstore.sync_running(s, mine_b, (0, 2, 2))
         assert not checkpoints.save_step(s, job_id, 1, "rt", "host-a", 0, 2, 2, b"forged")
+        assert not previews.save(s, job_id, 1, 0, 2, 2, b"forged", "image/jpeg", 8, 8)
     _denied(a, "INSERT INTO job_images (job_id, index, seed, width, height, png, created_at) "
                "VALUES (:id, 7, 1, 64, 64, 'x', now())", id=job_id)
     _denied(a, "INSERT INTO job_checkpoints (job_id, attempt, runtime, host, image, written_at) "
                "VALUES (:id, 1, 'rt', 'host-a', 0, now())", id=job_id)
     assert _rows(a, "DELETE FROM job_checkpoints WHERE job_id = :id", id=job_id) == 0
+    _denied(a, "INSERT INTO job_previews (job_id, attempt, image, step, steps, media_type, width, height, data, "
+               "written_at) VALUES (:id, 1, 0, 2, 2, 'image/jpeg', 8, 8, 'x', now())", id=job_id)
+    assert _rows(a, "UPDATE job_previews SET data = 'x' WHERE job_id = :id", id=job_id) == 0
+    assert _rows(a, "DELETE FROM job_previews WHERE job_id = :id", id=job_id) == 0
     with session_factory(roles.owner)() as s:  # all as host B left it
         row = s.get(Job, job_id)
         assert (row.status, row.error_code, row.progress_step, row.worker_host) == ("running", None, None, "host-b")
         assert s.get(JobCheckpoint, job_id).state == b"b's latents"
+        assert previews.load(s, job_id).data == b"b's preview"
     with sb.begin() as s:
         assert jobstore.finish_succeeded(s, mine_b, [jobstore.GeneratedImage(0, 1, 64, 64, b"b")], 1.0, READING)
     # ended: out of reach for both, readable only by host B, which ended it

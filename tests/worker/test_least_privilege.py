@@ -185,6 +185,9 @@ def test_a_worker_under_its_acl_user_and_database_role_runs_jobs(tiny_model, tmp
             # stopped mid-job: the job goes back to its queue with its checkpoint, not counted as an attempt
             long = client.submit(prompt="a long one", width=512, height=512, steps=150)
             _until(lambda: (client.job(long["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "running")
+            # its preview, written under the worker's role with its progress
+            _until(lambda: client.job(long["id"]).get("preview"), 60, "a preview")
+            assert client.preview(long["id"]).startswith(b"\xff\xd8")  # a JPEG
             with owner() as s:
                 running = s.get(Job, long["id"]).delivery_id
             # delivered, not acknowledged yet (late ack): kept in the model's own keys, where the reconciler looks
