@@ -20,11 +20,7 @@ import argparse
 import base64
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +28,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from predictions import CACHE, GIB, Guard, free_port  # noqa: E402  (bench/ is a folder of scripts)
+from predictions import GIB, bench_stack  # noqa: E402  (bench/ is a folder of scripts)
 from sdfleet.client import Client  # noqa: E402
-from sdfleet.stack import spawn, start_bundled_redis, stop  # noqa: E402
 
 RESULTS = HERE / "results" / "image_modes.jsonl"
 PROMPT = "a lighthouse on a cliff in a storm, oil painting"
@@ -68,59 +63,37 @@ def _step_s(client: Client, model: str, mode: str, width: int, height: int, guid
 
 
 def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[dict]:
-    ir = CACHE / f"{arch}-fp16"
-    if not (ir / "model_index.json").is_file():
-        raise SystemExit(f"{ir} is missing: run bench/export_bench.py --arch {arch} --formats fp16 --skip-cli")
-    work = Path(tempfile.mkdtemp(prefix=f"sdfleet-img-{arch}-{mode}-"))
-    redis_port, api_port = free_port(), free_port()
-    env = {"SDFLEET_DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
-           "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SDFLEET_MODEL": str(ir),
-           "SDFLEET_MODEL_NAME": arch, "SDFLEET_DEFAULT_MODEL": arch, "SDFLEET_MEMORY_MODE": mode,
-           "SDFLEET_PAUSE_CPU_PERCENT": "100", "SDFLEET_JOB_TIMEOUT_S": "6000", "SDFLEET_MAX_IMAGE_PIXELS": str(2048 ** 2),
-           "HF_HUB_OFFLINE": "1"}
-    env_all = {**{k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}, **env, "PYTHONPATH": str(ROOT)}
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    redis = start_bundled_redis(redis_port)
-    worker = subprocess.Popen([sys.executable, "-m", "sdfleet", "worker"], env=env_all, cwd=ROOT,
-                              stdout=open(work / "worker.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    guard = Guard(worker, int(limit_gb * GIB))
-    guard.start()
-    api = spawn(["api", "--port", str(api_port), "--quiet"], env_all, str(work / "api.log"))
-    client = Client(f"http://127.0.0.1:{api_port}", timeout=120)
     rows = []
+    with bench_stack(arch, mode, limit_gb, "img", timeout_s=6000, SDFLEET_MAX_IMAGE_PIXELS=str(2048 ** 2)) as stack:
+        client, guard, work = stack.client, stack.guard, stack.work
 
-    def job(kind: str, size: int, **body) -> dict:
-        (w,) = client.workers()
-        r = client.http.post("/v1/jobs", json={"prompt": PROMPT, "seed": 1, "guidance_scale": GUIDANCE[arch],
-                                               **body})
-        if r.status_code != 202:
-            raise SystemExit(f"{kind} {size}: {r.status_code} {r.text[:300]}")
-        done = client.wait(r.json()["id"], timeout=6000, poll_s=1)
-        if done["status"] != "succeeded":
-            raise SystemExit(f"{kind} {size}: {done['error']} ({guard.killed or 'not killed'}); see {work}")
-        p = done["parameters"]
-        shape = (p["tile"], p["tile"]) if kind == "upscale" else (p["width"], p["height"])
-        step = _step_s(client, arch, w["memory_mode"], *shape, p["guidance_scale"], kind != "txt2img")
-        row = {"run": run_id, "arch": arch, "mode": mode, "precision": w["precision"], "kind": kind,
-               "size": f"{p['width']}x{p['height']}", "tile": p["tile"], "steps": p["steps"],
-               "strength": p["strength"], "generation_s": done["generation_s"], "step_s": step,
-               "source": done["prediction_source"], "predicted_bytes": done["predicted_peak_bytes"],
-               "measured_bytes": done["peak_rss_bytes"],
-               "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
-               "resident_bytes": w["resident_bytes"], "at": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-        rows.append(row)
-        RESULTS.parent.mkdir(exist_ok=True)
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-        return done
+        def job(kind: str, size: int, **body) -> dict:
+            (w,) = client.workers()
+            r = client.http.post("/v1/jobs", json={"prompt": PROMPT, "seed": 1, "guidance_scale": GUIDANCE[arch],
+                                                   **body})
+            if r.status_code != 202:
+                raise SystemExit(f"{kind} {size}: {r.status_code} {r.text[:300]}")
+            done = client.wait(r.json()["id"], timeout=6000, poll_s=1)
+            if done["status"] != "succeeded":
+                raise SystemExit(f"{kind} {size}: {done['error']} ({guard.killed or 'not killed'}); see {work}")
+            p = done["parameters"]
+            shape = (p["tile"], p["tile"]) if kind == "upscale" else (p["width"], p["height"])
+            step = _step_s(client, arch, w["memory_mode"], *shape, p["guidance_scale"], kind != "txt2img")
+            row = {"run": run_id, "arch": arch, "mode": mode, "precision": w["precision"], "kind": kind,
+                   "size": f"{p['width']}x{p['height']}", "tile": p["tile"], "steps": p["steps"],
+                   "strength": p["strength"], "generation_s": done["generation_s"], "step_s": step,
+                   "source": done["prediction_source"], "predicted_bytes": done["predicted_peak_bytes"],
+                   "measured_bytes": done["peak_rss_bytes"],
+                   "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
+                   "resident_bytes": w["resident_bytes"], "at": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+            rows.append(row)
+            RESULTS.parent.mkdir(exist_ok=True)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            return done
 
-    try:
-        deadline = time.monotonic() + 1800
-        while not (client.healthy() and any(w["alive"] and w["state"] == "ready" for w in client.workers())):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not come up ({guard.killed or worker.poll()}); see {work}")
-            time.sleep(1)
         steps = STEPS[arch]
         image_steps = math.ceil(steps / 0.75)  # int(image_steps x 0.75) = steps: as many denoising steps
         for size in sizes:
@@ -131,15 +104,6 @@ def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[d
         half = job("txt2img", sizes[-1] // 2, width=sizes[-1] // 2, height=sizes[-1] // 2, steps=steps)
         job("upscale", sizes[-1], image={"job_id": half["id"], "index": 0}, upscale=2, steps=image_steps,
             strength=0.75)
-    finally:
-        stop([api])
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-        stop([redis])
     return rows
 
 

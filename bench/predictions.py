@@ -13,6 +13,7 @@ bench/results/predictions.jsonl and prints a markdown table; --table reprints it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -74,34 +76,61 @@ class Guard(threading.Thread):
             time.sleep(0.2)
 
 
-def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
+@dataclass
+class BenchStack:
+    client: Client
+    guard: Guard
+    work: Path  # its folder: the database, the worker's and the API's logs
+    db: str
+
+
+@contextlib.contextmanager
+def bench_stack(arch: str, mode: str, limit_gb: float, prefix: str, timeout_s: int = 3000, **settings):
+    """A real worker serving the full-size `arch` in memory mode `mode` (its own process group, killed past
+    `limit_gb`), a real API on SQLite and the bundled Redis, each on a free port; up once the worker is ready,
+    all stopped at the end. `settings`: more SDFLEET_* variables."""
     ir = CACHE / f"{arch}-fp16"
     if not (ir / "model_index.json").is_file():
         raise SystemExit(f"{ir} is missing: run bench/export_bench.py --arch {arch} --formats fp16 --skip-cli")
-    work = Path(tempfile.mkdtemp(prefix=f"sdfleet-pred-{arch}-{mode}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"sdfleet-{prefix}-{arch}-{mode}-"))
     redis_port, api_port = free_port(), free_port()
     db = f"sqlite:///{work / 'bench.db'}"
     env = {"SDFLEET_DATABASE_URL": db, "SDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "SDFLEET_MODEL": str(ir), "SDFLEET_MODEL_NAME": arch, "SDFLEET_DEFAULT_MODEL": arch,
-           "SDFLEET_MEMORY_MODE": mode, "SDFLEET_PAUSE_CPU_PERCENT": "100", "SDFLEET_JOB_TIMEOUT_S": "3000",
-           "HF_HUB_OFFLINE": "1"}
+           "SDFLEET_MEMORY_MODE": mode, "SDFLEET_PAUSE_CPU_PERCENT": "100", "SDFLEET_JOB_TIMEOUT_S": str(timeout_s),
+           "HF_HUB_OFFLINE": "1", **settings}
     env_all = {**{k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}, **env,
                "PYTHONPATH": str(ROOT)}
-    run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     redis = start_bundled_redis(redis_port)
     worker = subprocess.Popen([sys.executable, "-m", "sdfleet", "worker"], env=env_all, cwd=ROOT,
                               stdout=open(work / "worker.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     guard = Guard(worker, int(limit_gb * GIB))
     guard.start()
     api = spawn(["api", "--port", str(api_port), "--quiet"], env_all, str(work / "api.log"))
-    client = Client(f"http://127.0.0.1:{api_port}", timeout=60)
-    rows = []
+    client = Client(f"http://127.0.0.1:{api_port}", timeout=120)
     try:
         deadline = time.monotonic() + 1800
         while not (client.healthy() and any(w["alive"] and w["state"] == "ready" for w in client.workers())):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the worker did not come up ({guard.killed or worker.poll()}); see {work}")
             time.sleep(1)
+        yield BenchStack(client, guard, work, db)
+    finally:
+        stop([api])
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        stop([redis])
+
+
+def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    rows = []
+    with bench_stack(arch, mode, limit_gb, "pred") as stack:
+        client, guard, work, db = stack.client, stack.guard, stack.work, stack.db
         (w,) = client.workers()
         first = None
         for width, height, guidance, images in SHAPES[arch]:
@@ -133,15 +162,6 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
             first = first or (width, height, guidance)
-    finally:
-        stop([api])
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-        stop([redis])
     return rows
 
 

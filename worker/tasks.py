@@ -23,7 +23,7 @@ from shared import deliveries, fleet, jobstore, previews
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters
-from shared.jobs import Work, job_work, upscale_tiles
+from shared.jobs import Work, job_work
 from shared.memory import Prediction, Shape, fmt_size, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
