@@ -332,23 +332,26 @@ def cancel_job(job_id: JobId, caller: Caller, ctx: Ctx, response: Response) -> J
 def get_image(job_id: JobId, index: int, caller: Caller, ctx: Ctx) -> Response:
     if not 0 <= index < 2**31:  # no such image; and past the database's integers
         raise NotFound(f"job {job_id} has no image {index}")
-    with ctx.sessions() as session:
-        png = jobstore.image_png(session, job_id, index, owner_id(caller))
-        if png is None:
-            owned_job(session, job_id, caller)
-            raise NotFound(f"job {job_id} has no image {index}")
-    return Response(png, media_type="image/png")
+    return _png(ctx, caller, job_id, lambda s, owner: jobstore.image_png(s, job_id, index, owner),
+                f"job {job_id} has no image {index}")
 
 
 @router.get("/{job_id}/inputs/{role}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **responses(404, 410)})
 def get_input(job_id: JobId, role: Literal["image", "mask"], caller: Caller, ctx: Ctx) -> Response:
     """An image the job was given (its init image or mask), as stored: decoded, checked, PNG."""
+    return _png(ctx, caller, job_id, lambda s, owner: jobstore.input_png(s, job_id, role, owner),
+                f"job {job_id} was given no {role}")
+
+
+def _png(ctx: Ctx, caller: Caller, job_id: str, read, missing: str) -> Response:
+    """A PNG of the caller's job (`read(session, owner)`); 404 `missing` when there is none, 410 for a deleted
+    job, 404 for no such job."""
     with ctx.sessions() as session:
-        png = jobstore.input_png(session, job_id, role, owner_id(caller))
+        png = read(session, owner_id(caller))
         if png is None:
             owned_job(session, job_id, caller)
-            raise NotFound(f"job {job_id} was given no {role}")
+            raise NotFound(missing)
     return Response(png, media_type="image/png")
 
 
