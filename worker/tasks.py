@@ -16,14 +16,13 @@ import time
 from dataclasses import dataclass
 
 from celery import Celery
-from PIL import Image
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from PIL import Image
 
 from shared import deliveries, fleet, jobstore, previews
 from shared.db import session_factory
 from shared.errors import ErrorCode
-from shared.jobs import JobParameters
-from shared.jobs import Work, job_work
+from shared.jobs import JobParameters, Work, job_work
 from shared.memory import Prediction, Shape, fmt_size, predict
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
@@ -60,6 +59,10 @@ def shape_of(params: JobParameters, worker: WorkerProcess) -> Shape:
     return work_of(params, worker).shape
 
 
+class InputMissing(Exception):
+    """An image job whose init image is not stored (it fails the job: no attempt would find it)."""
+
+
 def _read_inputs(sessions, params: JobParameters, job_id: str) -> dict[str, Image.Image]:
     """The job's input images, at the size the job runs at: the init image (RGB; an upscale's enlarged to its
     output) and the mask (L). The API stored them decoded and checked, as PNG."""
@@ -82,10 +85,6 @@ def _read_inputs(sessions, params: JobParameters, job_id: str) -> dict[str, Imag
                                  else Image.Resampling.BILINEAR)
         out[role] = image.convert("RGB" if role == "image" else "L")
     return out
-
-
-class InputMissing(Exception):
-    pass
 
 
 class Monitor:
