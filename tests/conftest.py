@@ -54,7 +54,8 @@ FILE_SECONDS = {  # by path under tests/
     "worker/test_failures.py": 115, "worker/test_fewstep.py": 110, "system/test_faults.py": 110,
     "worker/test_states.py": 160, "worker/test_resume.py": 130, "system/test_end_to_end.py": 50, "api/test_web.py": 50, "api/test_fuzz.py": 40,
     "api/test_validation.py": 40, "cli/test_cli.py": 40, "shared/test_telemetry.py": 35,
-    "worker/test_least_privilege.py": 45, "worker/test_previews.py": 80,
+    "worker/test_least_privilege.py": 45, "worker/test_previews.py": 80, "system/test_image_jobs.py": 45,
+    "system/test_fit.py": 40, "api/test_images_in.py": 30, "api/test_previews.py": 30,
 }
 
 
