@@ -62,7 +62,7 @@ def _step_s(client: Client, model: str, mode: str, width: int, height: int, guid
     return None
 
 
-def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[dict]:
+def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...], steps: int | None = None) -> list[dict]:
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []
     with bench_stack(arch, mode, limit_gb, "img", timeout_s=6000, SDFLEET_MAX_IMAGE_PIXELS=str(2048 ** 2)) as stack:
@@ -94,7 +94,7 @@ def run(arch: str, mode: str, limit_gb: float, sizes: tuple[int, ...]) -> list[d
             print(json.dumps(row), flush=True)
             return done
 
-        steps = STEPS[arch]
+        steps = steps or STEPS[arch]
         image_steps = math.ceil(steps / 0.75)  # int(image_steps x 0.75) = steps: as many denoising steps
         for size in sizes:
             t2i = job("txt2img", size, width=size, height=size, steps=steps)
@@ -126,6 +126,8 @@ def main() -> int:
     ap.add_argument("--modes", default="low,balanced")
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--limit-gb", type=float, default=21.0)
+    ap.add_argument("--steps", type=int, help="text-to-image steps (default: SD 1.5 8, SDXL 4); memory does not "
+                    "depend on them, time per step is per UNet pass")
     ap.add_argument("--table", action="store_true", help="print the table of results/image_modes.jsonl")
     args = ap.parse_args()
     if args.table:
@@ -134,7 +136,7 @@ def main() -> int:
     rows = []
     for arch in args.arch.split(","):
         for mode in args.modes.split(","):
-            rows += run(arch, mode, args.limit_gb, tuple(int(s) for s in args.sizes.split(",")))
+            rows += run(arch, mode, args.limit_gb, tuple(int(s) for s in args.sizes.split(",")), args.steps)
     print(table(rows))
     return 0
 
