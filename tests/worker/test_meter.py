@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import numpy as np
@@ -13,7 +14,11 @@ MB = 2**20
 
 
 def _hold(mb: int, seconds: float = 0.2):
-    a = np.ones(mb * MB // 8)  # touched, so resident
+    """`mb` of fresh anonymous memory, every page written (so resident): its own mapping, never heap the
+    process freed before and kept (what ran earlier in this test process would decide the RSS it adds)."""
+    a = mmap.mmap(-1, mb * MB)
+    for _ in range(mb):
+        a.write(b"\x01" * MB)
     time.sleep(seconds)
     return a
 
