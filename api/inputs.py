@@ -59,7 +59,8 @@ class Decoded:
         return buf.getvalue()
 
 
-def _refuse(field: str, reason: str) -> InvalidRequest:
+def refuse(field: str, reason: str) -> InvalidRequest:
+    """422 invalid_request naming `field` and the reason."""
     return InvalidRequest(f"{field}: {reason}", [{"field": field, "reason": reason}])
 
 
@@ -73,7 +74,7 @@ def from_base64(field: str, text: str, max_bytes: int) -> bytes:
     try:
         return base64.b64decode(body.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise _refuse(field, "not base64 (nor a data: URL of base64): send the file's bytes in base64, or the "
+        raise refuse(field, "not base64 (nor a data: URL of base64): send the file's bytes in base64, or the "
                              "file itself as a multipart/form-data part") from None
 
 
@@ -83,18 +84,18 @@ def _check_png(field: str, data: bytes) -> None:
     view, pos, chunks = memoryview(data), len(_PNG_SIGNATURE), 0
     while True:
         if pos + 8 > len(data):
-            raise _refuse(field, f"truncated PNG data: the file ends at byte {len(data)} with no IEND chunk")
+            raise refuse(field, f"truncated PNG data: the file ends at byte {len(data)} with no IEND chunk")
         length, ctype = struct.unpack_from(">I4s", data, pos)
         name = ctype.decode("latin-1")
         end = pos + 12 + length
         if end > len(data):
-            raise _refuse(field, f"truncated PNG data: its {name!r} chunk at byte {pos} runs past the file's end "
+            raise refuse(field, f"truncated PNG data: its {name!r} chunk at byte {pos} runs past the file's end "
                                  f"({len(data)} bytes)")
         if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
-            raise _refuse(field, f"corrupt PNG data: the CRC of its {name!r} chunk at byte {pos} does not match")
+            raise refuse(field, f"corrupt PNG data: the CRC of its {name!r} chunk at byte {pos} does not match")
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
-            raise _refuse(field, f"a PNG of more than {MAX_PNG_CHUNKS} chunks: not what an encoder writes "
+            raise refuse(field, f"a PNG of more than {MAX_PNG_CHUNKS} chunks: not what an encoder writes "
                                  f"(refused before decoding)")
         if ctype == b"IEND":
             return
@@ -109,7 +110,7 @@ def _check_jpeg(field: str, data: bytes) -> None:
     while pos < len(data):
         steps += 1
         if steps > MAX_JPEG_MARKERS:
-            raise _refuse(field, f"a JPEG of more than {MAX_JPEG_MARKERS} markers: not what an encoder writes "
+            raise refuse(field, f"a JPEG of more than {MAX_JPEG_MARKERS} markers: not what an encoder writes "
                                  f"(refused before decoding)")
         fill = _JPEG_FILL.match(data, pos)
         if fill is None:  # not at a marker: resynchronise at the next 0xFF, as libjpeg does
@@ -136,7 +137,7 @@ def _check_jpeg(field: str, data: bytes) -> None:
         if marker == 0xDA:  # SOS: its header, then the entropy-coded data up to the next marker
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                raise _refuse(field, f"a JPEG of more than {MAX_JPEG_SCANS} scans (a progressive JPEG has about "
+                raise refuse(field, f"a JPEG of more than {MAX_JPEG_SCANS} scans (a progressive JPEG has about "
                                      f"10): refused before decoding, whose time grows with every scan")
             end = _JPEG_SCAN_END.search(data, pos)
             if end is None:
@@ -177,38 +178,38 @@ def _decode(field: str, data: bytes, max_bytes: int, max_pixels: int, role: str)
         raise PayloadTooLarge(f"{field}: the image is {len(data)} bytes, past {max_bytes} "
                               f"(SDFLEET_MAX_IMAGE_BYTES)", {"field": field, "max_image_bytes": max_bytes})
     if not data:
-        raise _refuse(field, "empty: no image in it")
+        raise refuse(field, "empty: no image in it")
     _check_structure(field, data)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
-            raise _refuse(field, "not a PNG, JPEG or WebP image (or its header is corrupt)") from None
+            raise refuse(field, "not a PNG, JPEG or WebP image (or its header is corrupt)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _refuse(field, f"its header claims more than {max_pixels} pixels") from None
+            raise refuse(field, f"its header claims more than {max_pixels} pixels") from None
         except Exception as exc:  # a header Pillow could not parse (a text chunk inflating past its limit, ...)
-            raise _refuse(field, f"its header could not be read ({type(exc).__name__}: {str(exc)[:120]})") from None
+            raise refuse(field, f"its header could not be read ({type(exc).__name__}: {str(exc)[:120]})") from None
         width, height = im.size
         if width * height > max_pixels:
-            raise _refuse(field, f"{width}x{height} is {width * height} pixels, past the limit of {max_pixels} "
+            raise refuse(field, f"{width}x{height} is {width * height} pixels, past the limit of {max_pixels} "
                                  f"(SDFLEET_MAX_IMAGE_PIXELS)")
         if width < MIN_SIDE or height < MIN_SIDE:
-            raise _refuse(field, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE}")
+            raise refuse(field, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE}")
         # an MPO is a JPEG with further images after it (a camera's second view, an Ultra HDR photo's gain
         # map): its first image is the photo, and the only one decoded
         if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
-            raise _refuse(field, f"an animated {im.format} ({im.n_frames} frames): send one still image")
+            raise refuse(field, f"an animated {im.format} ({im.n_frames} frames): send one still image")
         source = "JPEG" if im.format == "MPO" else im.format
         try:
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _refuse(field, f"it decodes to more than {max_pixels} pixels") from None
+            raise refuse(field, f"it decodes to more than {max_pixels} pixels") from None
         except Exception as exc:  # truncated, corrupt data, a zlib bomb in a text chunk (ValueError), ...
-            raise _refuse(field, f"truncated or corrupt {source} data ({type(exc).__name__}: "
+            raise refuse(field, f"truncated or corrupt {source} data ({type(exc).__name__}: "
                                  f"{str(exc)[:120]})") from None
     if im.size != (width, height):  # a JPEG's draft mode or an EXIF quirk: never trust a changed size
-        raise _refuse(field, f"decoded to {im.size[0]}x{im.size[1]}, not the {width}x{height} its header says")
+        raise refuse(field, f"decoded to {im.size[0]}x{im.size[1]}, not the {width}x{height} its header says")
     return Decoded(*_normalised(_upright(im), role), source_format=source)
 
 
@@ -242,7 +243,7 @@ def _normalised(im: Image.Image, role: str) -> tuple[Image.Image, Image.Image | 
 
 def check_pair(image: Decoded, mask: Decoded | None) -> None:
     if mask is not None and mask.size != image.size:
-        raise _refuse("mask", f"{mask.size[0]}x{mask.size[1]}, not the image's {image.size[0]}x{image.size[1]}: "
+        raise refuse("mask", f"{mask.size[0]}x{mask.size[1]}, not the image's {image.size[0]}x{image.size[1]}: "
                               f"a mask must be the size of its image")
 
 

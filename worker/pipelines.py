@@ -577,7 +577,7 @@ def one_by_one(forward: Callable, sample, timestep, encoder_hidden_states, *args
     return merged if return_dict else ModelOutput(**merged)
 
 
-def _ramp(n: int, width: int):
+def blend_ramp(n: int, width: int):
     """Blend weights along one side of a tile: rising over `width` pixels from each edge, 1 inside."""
     import torch
 
@@ -617,7 +617,7 @@ def tiled_decode(decode: Callable, latent_sample, *args, tile: int = VAE_TILE, o
             image = piece[key]
             scale = image.shape[-1] // min(tile, w)
             th, tw = image.shape[-2], image.shape[-1]
-            mask = _ramp(th, overlap * scale)[:, None] * _ramp(tw, overlap * scale)[None, :]
+            mask = blend_ramp(th, overlap * scale)[:, None] * blend_ramp(tw, overlap * scale)[None, :]
             if out is None:
                 out = torch.zeros(image.shape[0], image.shape[1], h * scale, w * scale, dtype=torch.float32)
                 weight = torch.zeros(h * scale, w * scale, dtype=torch.float32)

@@ -10,13 +10,7 @@ import dataclasses
 from PIL import Image
 
 from shared.jobs import tile_overlap, upscale_tiles
-
-
-def _ramp(n: int, width: int):
-    import numpy as np
-
-    i = np.arange(n, dtype=np.float32)
-    return np.clip(np.minimum(i + 1, n - i) / width, 1e-3, 1.0)
+from worker.pipelines import blend_ramp
 
 
 def upscale(pipeline, request, tile: int, on_step=None) -> Image.Image:
@@ -27,7 +21,8 @@ def upscale(pipeline, request, tile: int, on_step=None) -> Image.Image:
     width, height = request.width, request.height
     tiles = upscale_tiles(width, height, tile)
     overlap = tile_overlap(tile)
-    weights = _ramp(tile, overlap)[:, None] * _ramp(tile, overlap)[None, :]
+    ramp = blend_ramp(tile, overlap).numpy()  # the tiled VAE decode's blend
+    weights = ramp[:, None] * ramp[None, :]
     out = np.zeros((height, width, 3), dtype=np.float32)
     total = np.zeros((height, width), dtype=np.float32)
     for k, (x, y) in enumerate(tiles):

@@ -117,8 +117,8 @@ def read_inputs(ctx: Ctx, job: JobCreate, caller: Caller) -> images_in.Inputs:
             with ctx.sessions() as session:
                 data = jobstore.image_png(session, value.job_id, value.index, owner_id(caller))
             if data is None:
-                reason = f"job {value.job_id} has no image {value.index} (or is not a job of this key)"
-                raise InvalidRequest(f"{field}: {reason}", [{"field": field, "reason": reason}])
+                raise images_in.refuse(field, f"job {value.job_id} has no image {value.index} (or is not a job of "
+                                              f"this key)")
         else:
             data = images_in.from_base64(field, value, settings.max_image_bytes)
         return images_in.decode(field, data, settings.max_image_bytes, settings.max_image_pixels, role)
@@ -127,10 +127,6 @@ def read_inputs(ctx: Ctx, job: JobCreate, caller: Caller) -> images_in.Inputs:
     mask = one("mask", job.mask, "mask") if job.mask is not None else None
     images_in.check_pair(image, mask)
     return images_in.Inputs(image, mask)
-
-
-def _refuse(field: str, reason: str) -> InvalidRequest:
-    return InvalidRequest(f"{field}: {reason}", [{"field": field, "reason": reason}])
 
 
 def kind_fields(job: JobCreate, given: images_in.Inputs | None) -> dict:
@@ -145,14 +141,14 @@ def kind_fields(job: JobCreate, given: images_in.Inputs | None) -> dict:
         out["upscale"] = job.upscale
         w, h = width * job.upscale, height * job.upscale
         if max(w, h) > MAX_UPSCALED_SIDE or min(w, h) < MIN_SIDE:
-            raise _refuse("upscale", f"{width}x{height} enlarged {job.upscale}x is {w}x{h}: an upscale's output is "
+            raise images_in.refuse("upscale", f"{width}x{height} enlarged {job.upscale}x is {w}x{h}: an upscale's output is "
                                      f"{MIN_SIDE} to {MAX_UPSCALED_SIDE} pixels a side")
         out["width"], out["height"] = w, h
     elif job.width is None and job.height is None:
         scale = min(1.0, MAX_SIDE / max(width, height))  # an input larger than a job may be: its aspect kept
         w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
         if min(w, h) < MIN_SIDE:
-            raise _refuse("image", f"{width}x{height} makes a job of {w}x{h}: a side must be at least {MIN_SIDE} "
+            raise images_in.refuse("image", f"{width}x{height} makes a job of {w}x{h}: a side must be at least {MIN_SIDE} "
                                    f"pixels (give width and height to resize it)")
         out["width"], out["height"] = w, h
     return out
@@ -180,11 +176,11 @@ def _check_kind(serving: list, params: JobParameters) -> None:
     if params.kind not in defaults.tasks:
         reason = (f"the workers of model {params.model!r} ({defaults.family}, {defaults.pipeline}, backend "
                   f"{serving[0].backend}) take {', '.join(defaults.tasks)} jobs, not {params.kind}")
-        raise _refuse("image" if params.kind != "upscale" else "upscale", reason)
+        raise images_in.refuse("image" if params.kind != "upscale" else "upscale", reason)
     if params.kind != "txt2img" and params.strength and not denoising_steps(params.kind, params.steps,
                                                                            params.strength, defaults.family):
         least = math.ceil(1 / params.strength - 1e-9)
-        raise _refuse("strength", f"{params.strength:g} of {params.steps} step(s) runs no denoising step "
+        raise images_in.refuse("strength", f"{params.strength:g} of {params.steps} step(s) runs no denoising step "
                                   f"(int(steps x strength) = 0): give at least {least} steps, or strength 0 to have "
                                   f"the image back as it is")
 
