@@ -10,6 +10,7 @@ No browser: skipped with the reason, or failed when SDFLEET_TEST_REQUIRE_BROWSER
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -116,6 +117,16 @@ def element_image(locator, tmp_path: Path, name: str) -> Image.Image:
     path = tmp_path / f"{name}.png"
     locator.screenshot(path=str(path))
     return Image.open(path).convert("RGB")
+
+
+def shown_pixels(page, selector: str) -> Image.Image:
+    """The pixels an <img> shows, read in one step in the page (drawn to a canvas at its natural size): an element
+    the page re-renders on every poll, as the live preview is, can be replaced between two steps of a screenshot."""
+    url = page.wait_for_function(
+        "(sel) => { const i = document.querySelector(sel); if (!i || !i.complete || !i.naturalWidth) return null;"
+        " const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
+        " c.getContext('2d').drawImage(i, 0, 0); return c.toDataURL('image/png'); }", arg=selector).json_value()
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
 def wait_image_loaded(page, img_locator, width: int) -> None:
@@ -261,14 +272,16 @@ def test_a_running_job_shows_its_live_preview_in_the_job_view_and_the_list(stack
         page.goto(f"{stack.api_url}/#/job/{job['id']}")
         img = page.locator('[data-testid="job-preview"]')
         expect(img).to_be_visible(timeout=30_000)
-        loaded = ("([img, w]) => img.isConnected && img.complete && img.naturalWidth === w && !!img.dataset.shown")
-        page.wait_for_function(loaded, arg=[img.element_handle(), 32])
+        # by selector, never by element handle: the view is re-rendered on every poll, the <img> with it
+        loaded = ("([sel, w]) => { const img = document.querySelector(sel);"
+                  " return !!img && img.complete && img.naturalWidth === w && !!img.dataset.shown; }")
+        page.wait_for_function(loaded, arg=['[data-testid="job-preview"]', 32])
         first = img.get_attribute("data-shown")
         image, step = map(int, first.split("/"))
         assert 0 <= image < 4 and 1 <= step <= 150
         expect(page.locator('[data-testid="job-preview-caption"]')).to_contain_text(
             re.compile(r"image [1-4] of 4 · step \d+ of 150"))
-        shown = element_image(img, tmp_path, "preview")
+        shown = shown_pixels(page, '[data-testid="job-preview"]')
         check_not_blank(shown, "the preview in the job view", min_colours=20, min_stddev=5)
         screenshot(page, tmp_path, "job-preview", full_page=True)
         # refreshed: a newer preview (every SDFLEET_PREVIEW_INTERVAL_S) replaces it while the job runs
@@ -283,7 +296,8 @@ def test_a_running_job_shows_its_live_preview_in_the_job_view_and_the_list(stack
         page.goto(stack.api_url + "/")
         thumb = row(page, job["id"]).locator('[data-testid="preview-thumb"]')
         expect(thumb).to_be_visible()
-        page.wait_for_function(loaded, arg=[thumb.element_handle(), 32])
+        thumb_sel = '[data-testid="job-row"][data-job-id="%s"] [data-testid="preview-thumb"]' % job["id"]
+        page.wait_for_function(loaded, arg=[thumb_sel, 32])
         screenshot(page, tmp_path, "jobs-preview")
     finally:
         stack.api.http.delete(f"/v1/jobs/{job['id']}")
