@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 from shared import fleet
 from shared.errors import InsufficientMemory, InvalidRequest, ModelUnavailable
 from shared.jobs import FALLBACK_DEFAULTS, FitRecord, JobParameters, ModelDefaults, Work, job_work
-from shared.memory import Profile, Prediction, Shape, fmt_size, predict
+from shared.memory import LeverSet, Prediction, Profile, Shape, choose_lever_set, fmt_size, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
+from shared.settings import decodes_in_tiles, lever_set_keys
 from shared.timing import TimePrediction, predict_time, unet_passes
 
 if TYPE_CHECKING:
@@ -123,9 +124,22 @@ class FleetView:
         return serving
 
 
+def _sets_on(view: FleetView, worker: Worker, model: str) -> list[LeverSet]:
+    """The lever sets a worker runs jobs in, fastest first, with their profiles: its memory mode's, or an auto
+    worker's sets. Every one starts from the resident figure the worker announces (an auto worker's: its
+    cheapest set's); a set that keeps components between jobs has them in its profiles' base."""
+    return [LeverSet(key, view.profiles.get((model, worker.backend, worker.precision, key), []),
+                     worker.resident_bytes, decodes_in_tiles(key)) for key in lever_set_keys(worker.memory_mode)]
+
+
 def _predict_on(view: FleetView, worker: Worker, model: str, shape: Shape) -> Prediction:
-    known = view.profiles.get((model, worker.backend, worker.precision, worker.memory_mode), [])
-    return predict(shape, known, worker.resident_bytes)
+    """A job's peak on a worker: in its lever set, or on an auto worker in the cheapest set it can switch to:
+    the least of the predictions of its sets measured so far (each from its own profiles), or the cheapest
+    set's prior when none is."""
+    sets = _sets_on(view, worker, model)
+    measured = [s for s in sets if s.profiles] or sets[-1:]
+    return min((predict(shape, s.profiles, s.resident_bytes, s.tiled_decode) for s in measured),
+               key=lambda p: p.bytes)
 
 
 @dataclass(frozen=True)
@@ -255,8 +269,12 @@ def fit_auto(view: FleetView, params: JobParameters, fields: dict, refused: Insu
 def time_on(view: FleetView, worker: Worker, params) -> TimePrediction | None:
     """A job's generation seconds on this worker (`params`: JobParameters or a job's row): from its runtime's
     profiles (shared/timing.py), or None."""
-    known = view.profiles.get((params.model, worker.backend, worker.precision, worker.memory_mode), [])
     work = work_on(worker, params)
+    # the set the worker would run it in: on an auto worker, the fastest measured one that fits its class
+    sets = _sets_on(view, worker, params.model)
+    sets = [s for s in sets if s.profiles] or sets[-1:]
+    chosen = choose_lever_set(work.shape, sets, top_class(worker.budget_bytes))
+    known = next(s.profiles for s in sets if s.key == chosen.key)
     return predict_time(work.shape, work.steps, work.passes, known,
                         unet_passes(params.guidance_scale, announced_defaults(worker)))
 

@@ -5,6 +5,11 @@ shape's profile in the database: admission's prediction at submit beside the pea
 The first job's own prediction is the prior's (nothing measured yet).
 
     .venv/bin/python bench/predictions.py [--arch sd15,sdxl] [--modes low,balanced] [--limit-gb 21]
+    .venv/bin/python bench/predictions.py --updown [--arch sd15,sdxl] [--modes fast,balanced,low,auto]
+
+With --updown the worker keeps every profile, as a real worker does, and the shapes go from small to large
+and back to small (UPDOWN): each prediction is admission's from everything measured before it, against a
+resident set that the larger jobs may have grown; each row has the job's peak per phase too.
 
 Needs the fp16 IR folders that bench/export_bench.py leaves in ~/.cache/sdfleet/bench. Appends every row to
 bench/results/predictions.jsonl and prints a markdown table; --table reprints it.
@@ -44,6 +49,15 @@ SHAPES = {
              (640, 640, 7.5, 2), (1024, 768, 7.5, 1)],
     "sdxl": [(1024, 1024, 1.0, 1), (768, 768, 1.0, 1), (1024, 1024, 7.5, 1), (1280, 768, 1.0, 1),
              (896, 896, 7.5, 1), (512, 512, 7.5, 1), (1024, 1024, 1.0, 2)],
+}
+
+
+# small -> large -> small, every profile kept: what a real worker sees
+UPDOWN = {
+    "sd15": [(512, 512, 7.5, 1), (768, 512, 7.5, 1), (1024, 1024, 7.5, 1), (640, 640, 1.0, 1), (512, 512, 7.5, 1),
+             (768, 768, 7.5, 1), (512, 512, 1.0, 1)],
+    "sdxl": [(768, 768, 1.0, 1), (1024, 1024, 1.0, 1), (1024, 1024, 5.0, 1), (768, 768, 5.0, 1), (896, 896, 1.0, 1),
+             (768, 768, 1.0, 1)],
 }
 
 
@@ -126,15 +140,23 @@ def bench_stack(arch: str, mode: str, limit_gb: float, prefix: str, timeout_s: i
         stop([redis])
 
 
-def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
+def phase_peaks(memory: dict) -> dict:
+    """The job's highest RSS in each phase of its timeline (encode, denoise, decode, ...)."""
+    out: dict[str, int] = {}
+    for s in memory["samples"]:
+        out[s["phase"]] = max(out.get(s["phase"], 0), s["rss"])
+    return out
+
+
+def run(arch: str, mode: str, limit_gb: float, updown: bool = False) -> list[dict]:
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []
     with bench_stack(arch, mode, limit_gb, "pred") as stack:
         client, guard, work, db = stack.client, stack.guard, stack.work, stack.db
         (w,) = client.workers()
         first = None
-        for width, height, guidance, images in SHAPES[arch]:
-            if first is not None:  # only the first shape's profile: predictions from one measured shape
+        for width, height, guidance, images in (UPDOWN if updown else SHAPES)[arch]:
+            if first is not None and not updown:  # only the first shape's profile: predictions from one measured shape
                 from sqlalchemy import create_engine, text
 
                 engine = create_engine(db)
@@ -155,6 +177,8 @@ def run(arch: str, mode: str, limit_gb: float) -> list[dict]:
                    "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
                    "resident_bytes": w["resident_bytes"], "rss_before_bytes": done["rss_before_bytes"],
                    "measured_shape": "x".join(map(str, first[:2])) + f" g{first[2]}" if first else None,
+                   "order": "updown" if updown else "one", "lever_set": done.get("lever_set"),
+                   "phase_peaks": phase_peaks(client.memory(job["id"])),
                    "at": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
             rows.append(row)
             RESULTS.parent.mkdir(exist_ok=True)
@@ -180,6 +204,7 @@ def main() -> int:
     ap.add_argument("--arch", default="sd15,sdxl")
     ap.add_argument("--modes", default="low,balanced")
     ap.add_argument("--limit-gb", type=float, default=21.0)
+    ap.add_argument("--updown", action="store_true", help="keep every profile; shapes small -> large -> small")
     ap.add_argument("--table", action="store_true", help="print the table of results/predictions.jsonl")
     args = ap.parse_args()
     if args.table:  # the newest run of each model and mode
@@ -192,7 +217,7 @@ def main() -> int:
     rows = []
     for arch in args.arch.split(","):
         for mode in args.modes.split(","):
-            rows += run(arch, mode, args.limit_gb)
+            rows += run(arch, mode, args.limit_gb, args.updown)
     print(table(rows))
     return 0
 

@@ -71,6 +71,7 @@ def run(cmd: list[str], limit_bytes: int, timeout_s: float, interval_s: float = 
 
 def guarded(cmd: list[str], limit_gb: float, log: Path, timeout_s: float = 3600, cwd: Path | None = None) -> dict:
     """Run `cmd` under this watchdog in a child process, its output to `log`; returns the verdict."""
+    log.parent.mkdir(parents=True, exist_ok=True)  # (a new machine has no bench cache folder yet)
     with open(log, "w") as f:
         subprocess.run([sys.executable, __file__, "--limit-gb", str(limit_gb), "--timeout", str(timeout_s), "--",
                         *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, check=False)

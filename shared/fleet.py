@@ -74,7 +74,8 @@ def live_workers(session: Session, stale_s: float, model: str | None = None) -> 
 
 def profile_of(row: MemoryProfile) -> Profile:
     return Profile(Shape(row.width, row.height, row.guidance, row.images_per_pass, bool(row.encodes)), row.peak_bytes,
-                   row.base_bytes, row.samples, row.step_s, row.image_overhead_s, row.job_overhead_s)
+                   row.base_bytes, row.samples, row.step_s, row.image_overhead_s, row.job_overhead_s,
+                   row.steps_peak_bytes, row.decode_peak_bytes)
 
 
 def profiles(session: Session, model: str, backend: str, precision: str, memory_mode: str) -> list[Profile]:
@@ -102,10 +103,11 @@ def all_profiles(session: Session) -> list[MemoryProfile]:
 
 def record_profile(session: Session, model: str, backend: str, precision: str, memory_mode: str, shape: Shape,
                    peak_bytes: int, base_bytes: int, max_step_s: float | None = None,
-                   timing: StepTiming | None = None) -> None:
+                   timing: StepTiming | None = None, phases: tuple[int | None, int | None] = (None, None)) -> None:
     """Fold one measured job into its shape's profile: one upsert (INSERT ... ON CONFLICT), so two workers
     finishing the first job of a new shape at once both count, and neither fails. Keeps the worst peak,
-    with the base it was measured above, and the slowest step; the time per step, per image and per job are
+    with the base it was measured above and its first image's peaks before and during its decode (`phases`),
+    and the slowest step; the time per step, per image and per job are
     moving averages (the latest job weighs LATEST_WEIGHT), each left as it was by a job that did not measure it."""
     key = dict(model=model, backend=backend, precision=precision, memory_mode=memory_mode, width=shape.width,
                height=shape.height, images_per_pass=shape.images_per_pass, guidance=shape.guidance,
@@ -118,6 +120,8 @@ def record_profile(session: Session, model: str, backend: str, precision: str, m
             "updated_at": new.updated_at,
             "peak_bytes": case((worse, new.peak_bytes), else_=old.peak_bytes),
             "base_bytes": case((worse, new.base_bytes), else_=old.base_bytes),
+            "steps_peak_bytes": case((worse, new.steps_peak_bytes), else_=old.steps_peak_bytes),
+            "decode_peak_bytes": case((worse, new.decode_peak_bytes), else_=old.decode_peak_bytes),
             "max_step_s": case((old.max_step_s.is_(None), new.max_step_s), (new.max_step_s > old.max_step_s,
                                                                            new.max_step_s), else_=old.max_step_s),
             "step_s": _average(old.step_s, new.step_s),
@@ -129,7 +133,8 @@ def record_profile(session: Session, model: str, backend: str, precision: str, m
     upsert(session, MemoryProfile.__table__, {**key, "peak_bytes": peak_bytes, "base_bytes": base_bytes,
                                                "samples": 1, "updated_at": utcnow(), "max_step_s": max_step_s,
                                                "step_s": timing.step_s, "image_overhead_s": timing.image_overhead_s,
-                                               "job_overhead_s": timing.job_overhead_s},
+                                               "job_overhead_s": timing.job_overhead_s,
+                                               "steps_peak_bytes": phases[0], "decode_peak_bytes": phases[1]},
            list(key), fold)
 
 

@@ -432,6 +432,12 @@ class JobPublic(BaseModel):
     fitted: FitRecord | None = Field(
         description="`fit: auto` only: what admission changed so that the job fits a live worker, "
         "and why; null when the job runs as it was asked")
+    lever_set: str | None = Field(
+        default=None, description="the lever set the job runs (ran) in: its worker's memory mode (fast, balanced, "
+        "low, + levers set apart), or the one a worker with SDFLEET_MEMORY_MODE=auto chose for it; null until started")
+    lever_reason: str | None = Field(
+        default=None, description="why that set: the worker's memory mode, or auto's predicted peak in it against "
+        "the worker's budget (and what the faster sets would have needed)")
     priority: Priority
     queue_position: int | None = Field(description="while queued: 1 is next for its model")
     expected_start_s: float | None = Field(

@@ -205,7 +205,7 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         attempts=number, started_at=utcnow(), worker_host=host, worker_name=worker_name,
         error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
         peak_rss_anon_bytes=None, peak_rss_file_bytes=None, rss_before_bytes=None,
-        progress_image=None, progress_step=None, progress_steps=None,
+        progress_image=None, progress_step=None, progress_steps=None, lever_set=None, lever_reason=None,
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))
@@ -441,6 +441,13 @@ def note_peak(session: Session, attempt: Attempt, peak_bytes: int) -> None:
         Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
     ).values(peak_rss_bytes=peak_bytes, peak_rss_method="partial"))
 
+def note_levers(session: Session, attempt: Attempt, key: str, reason: str) -> None:
+    """The lever set the running attempt runs in (its worker's memory mode, or auto's choice), and why."""
+    session.execute(update(Job).where(
+        Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
+    ).values(lever_set=key, lever_reason=reason))
+
+
 def finish_failed(
     session: Session, attempt: Attempt, code: ErrorCode, message: str, memory: MemoryReading | None,
     generation_s: float | None = None,
@@ -482,6 +489,8 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         prediction_source=job.prediction_source,
         predicted_generation_s=getattr(job, "predicted_generation_s", None),
         fitted=FitRecord.model_validate(job.fitted) if getattr(job, "fitted", None) else None,
+        lever_set=getattr(job, "lever_set", None),
+        lever_reason=getattr(job, "lever_reason", None),
         priority=job.priority,
         queue_position=queue_position,
         expected_start_s=waiting.expected_start_s if waiting else None,

@@ -26,6 +26,9 @@ PRIOR_BYTES_PER_LATENT_PIXEL = 160 * 1024  # 1.25 GiB at 512x512 with guidance, 
 # pixel (worker/pipelines.py: 147 KiB measured at 1024x1024, bf16; f32 doubles it), on top of the base, and
 # the job's peak as the larger of that and the scaled text-to-image peak.
 ENCODE_BYTES_PER_LATENT_PIXEL = 192 * 1024
+# The VAE decoder's tile, in latent pixels a side (512 image pixels), where a worker decodes in tiles
+# (vae_tiles): its decode never costs more than one tile's, whatever the image's size.
+VAE_TILE = 64
 
 
 def cgroup_memory_limit(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -134,6 +137,12 @@ class Profile:
     step_s: float | None = None
     image_overhead_s: float | None = None
     job_overhead_s: float | None = None
+    # The first image's peak during its steps (with its init image's encode) and during its decode, when measured
+    # (None in profiles from before they were): the UNet's activations grow with the latent pixels times its
+    # batch, the decoder's with the pixels alone, a component kept compiled holds its buffers while the next one
+    # runs, and the prompt's encode costs the same at every size.
+    steps_peak_bytes: int | None = None
+    decode_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,10 +152,34 @@ class Prediction:
     detail: str
 
 
-def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -> Prediction:
-    """A job's peak RSS on a worker whose loaded pipeline holds `resident_bytes`."""
-    # A job's peak is never below what the worker holds as it starts: OpenVINO keeps the buffers of the
-    # largest shape it has run, and a smaller job reuses them, so the resident set already holds them.
+def decode_pixels(shape: Shape, tiled: bool) -> int:
+    """What a decode's activations grow with: one image's latent pixels (whatever the guidance), or at most a
+    tile's where the worker decodes in tiles."""
+    pixels = latent_pixels(shape.width, shape.height)
+    return min(pixels, VAE_TILE * VAE_TILE) if tiled else pixels
+
+
+def _scaled_rise(near: Profile, shape: Shape, tiled: bool) -> int:
+    """What a job of `shape` rises above the base, from a measured profile of another shape. With the profile's
+    phases: the steps' rise scales with the UNet's work, the decode's further rise (the decoder's buffers on
+    top of the UNet's, which a resident UNet keeps) with the decoded pixels, and what the job peaked at above
+    both (the prompt's encode with its encoders compiled, later images) stays as measured. Without them, the
+    whole rise scales with the work."""
+    base, peak = near.base_bytes, near.peak_bytes
+    if near.steps_peak_bytes is None or near.decode_peak_bytes is None:
+        return int(max(0, peak - base) / near.shape.work * shape.work)
+    steps = max(0, near.steps_peak_bytes - base) / near.shape.work * shape.work
+    decode = max(0, near.decode_peak_bytes - max(near.steps_peak_bytes, base)) / decode_pixels(near.shape, tiled) \
+        * decode_pixels(shape, tiled)
+    later = max(0, peak - max(near.steps_peak_bytes, near.decode_peak_bytes))
+    return int(steps + decode + later)
+
+
+def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None, tiled_decode: bool = False) -> Prediction:
+    """A job's peak RSS on a worker whose loaded pipeline holds `resident_bytes` (`tiled_decode`: its lever
+    set decodes in tiles)."""
+    # A job's peak is never below what the worker holds as it starts (a worker gives the runtime's buffers
+    # back after each job, but a model of its own may keep them).
     floor = resident_bytes or 0
     for p in profiles:
         if p.shape == shape:
@@ -158,8 +191,7 @@ def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -
         # pipeline that loads components per job) scales with the work, on top of that same base.
         same = [p for p in profiles if p.shape.encodes == shape.encodes] or profiles
         near = min(same, key=lambda p: abs(p.shape.work - shape.work) + (0 if p.shape.guidance == shape.guidance else 1))
-        per_work = max(0, near.peak_bytes - near.base_bytes) / near.shape.work
-        value = max(floor, int(near.base_bytes + per_work * shape.work))
+        value = max(floor, near.base_bytes + _scaled_rise(near, shape, tiled_decode))
         detail = f"scaled by latent pixels from {near.shape.width}x{near.shape.height}" \
                  f"{' with guidance' if near.shape.guidance else ''}"
         if shape.encodes and not near.shape.encodes:  # no job with an init image measured yet: its encode prior
@@ -169,6 +201,42 @@ def predict(shape: Shape, profiles: list[Profile], resident_bytes: int | None) -
     base = resident_bytes if resident_bytes is not None else 0
     value = base + PRIOR_FIXED_BYTES + max(PRIOR_BYTES_PER_LATENT_PIXEL * shape.work, encode)
     return Prediction(value, "prior", "no job of this model measured yet: loaded pipeline + activation prior")
+
+
+@dataclass(frozen=True)
+class LeverSet:
+    """One lever set a worker can run a job in: its profile key, its profiles, what a job in it starts from
+    (the worker's resident set in it), and whether it decodes in tiles."""
+
+    key: str
+    profiles: list[Profile]
+    resident_bytes: int | None
+    tiled_decode: bool = False
+
+
+@dataclass(frozen=True)
+class LeverChoice:
+    key: str
+    prediction: Prediction
+    reason: str
+
+
+def choose_lever_set(shape: Shape, sets: list[LeverSet], budget: int) -> LeverChoice:
+    """The fastest lever set (`sets`: fastest first) whose predicted peak fits `budget`; else the cheapest,
+    the last (which the caller finds past the budget). With one set, that set."""
+    if len(sets) == 1:
+        only = sets[0]
+        return LeverChoice(only.key, predict(shape, only.profiles, only.resident_bytes, only.tiled_decode),
+                           f"the worker's memory mode, {only.key}")
+    passed = []
+    for s in sets:
+        p = predict(shape, s.profiles, s.resident_bytes, s.tiled_decode)
+        if p.bytes <= budget or s is sets[-1]:
+            fits = "fits" if p.bytes <= budget else "is past"
+            return LeverChoice(s.key, p, f"auto: {s.key}, predicted {fmt_size(p.bytes)} ({p.source}), {fits} the "
+                                         f"budget of {fmt_size(budget)}" + (f"; {', '.join(passed)}" if passed else ""))
+        passed.append(f"{s.key} would need {fmt_size(p.bytes)}")
+    raise AssertionError("unreachable")
 
 
 def fmt_size(n: int) -> str:

@@ -75,6 +75,10 @@ class Job(Base):
     predicted_generation_s: Mapped[float | None] = mapped_column(Float)
     # `fit: auto`: what admission changed so the job fits, and why (FitRecord); None: run as asked
     fitted: Mapped[dict | None] = mapped_column(JSON)
+    # The lever set the job ran in (its worker's memory mode, or the one SDFLEET_MEMORY_MODE=auto chose for it,
+    # e.g. "balanced") and why; None until a worker starts it
+    lever_set: Mapped[str | None] = mapped_column(String(200))
+    lever_reason: Mapped[str | None] = mapped_column(Text)
 
     priority: Mapped[str] = mapped_column(String(8), default="normal")
     owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
@@ -213,6 +217,9 @@ class MemoryProfile(Base):
     step_s: Mapped[float | None] = mapped_column(Float)
     image_overhead_s: Mapped[float | None] = mapped_column(Float)
     job_overhead_s: Mapped[float | None] = mapped_column(Float)
+    # The worst job's first image before and during its decode (shared/memory.Profile), with its peak and base
+    steps_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    decode_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class JobCheckpoint(Base):

@@ -65,8 +65,13 @@ class Levers:
         """What memory profiles are keyed by: the mode, and any lever set against it ("low-vae_tiles")."""
         preset = _MODE_PRESETS[self.mode]
         flips = [("+" if getattr(self, k) else "-") + k for k, v in preset.items() if getattr(self, k) != v]
-        return self.mode + "".join(flips) + ("+static" if self.static_shape else "") + \
-            ("+tiny_vae" if self.tiny_vae else "")
+        return self.mode + "".join(flips) + self.suffix
+
+    @property
+    def suffix(self) -> str:
+        """What the key says beyond the mode levers (static shapes, a tiny VAE): the same in every set of an
+        auto worker."""
+        return ("+static" if self.static_shape else "") + ("+tiny_vae" if self.tiny_vae else "")
 
     def describe(self) -> str:
         on = [name for name in ("release_encoders", "release_all", "drop_file_pages", "vae_tiles", "split_guidance",
@@ -82,6 +87,32 @@ _MODE_PRESETS = {
                      split_guidance=False),
     "low": dict(release_encoders=True, release_all=True, drop_file_pages=True, vae_tiles=True, split_guidance=True),
 }
+
+
+# SDFLEET_MEMORY_MODE=auto: a worker chooses among these for each job, the fastest first, the cheapest last
+AUTO_SETS = ("fast", "balanced", "low")
+_KEY_RE = re.compile(r"^(fast|balanced|low|auto)((?:[+-][a-z_]+)*)$")
+
+
+def lever_set_keys(memory_mode: str) -> list[str]:
+    """The profile keys of the lever sets a worker announcing `memory_mode` runs jobs in: its own, or for an
+    auto worker ("auto", "auto+static") one per set of AUTO_SETS, fastest first."""
+    if memory_mode == "auto" or memory_mode.startswith("auto+"):
+        return [mode + memory_mode[len("auto"):] for mode in AUTO_SETS]
+    return [memory_mode]
+
+
+def decodes_in_tiles(key: str) -> bool:
+    """Whether the lever set of a profile key ("low", "balanced+vae_tiles", "low-vae_tiles+static") decodes
+    in tiles; False for a key it cannot read (a custom pipeline's)."""
+    m = _KEY_RE.match(key)
+    if m is None or m.group(1) == "auto":
+        return False
+    tiles = _MODE_PRESETS[m.group(1)]["vae_tiles"]
+    for flip in re.findall(r"([+-])([a-z_]+)", m.group(2)):
+        if flip[1] == "vae_tiles":
+            tiles = flip[0] == "+"
+    return tiles
 
 
 ENV_PREFIX = "SDFLEET_"
@@ -193,7 +224,8 @@ class Settings(BaseSettings):
     model_load_timeout_s: int = Field(default=1800, ge=10)
 
     # How a worker trades speed for memory (see Levers); each lever can be set on its own, overriding the mode.
-    memory_mode: Literal["fast", "balanced", "low"] = "balanced"
+    # auto: each job runs in the fastest of fast, balanced and low whose predicted peak fits the budget
+    memory_mode: Literal["fast", "balanced", "low", "auto"] = "balanced"
     release_encoders: bool | None = None
     release_all: bool | None = None
     drop_file_pages: bool | None = None
@@ -291,6 +323,11 @@ class Settings(BaseSettings):
                 "SDFLEET_WORKER_STALE_S must exceed twice SDFLEET_HEARTBEAT_S, or live workers look gone"
             )
         check_webhook_schedule(self.webhook_timeout_s, self.webhook_max_attempts)
+        if self.memory_mode == "auto":
+            fixed = [f"SDFLEET_{k.upper()}" for k in _MODE_PRESETS["fast"] if getattr(self, k) is not None]
+            if fixed:
+                raise ValueError(f"SDFLEET_MEMORY_MODE=auto chooses the lever sets {', '.join(AUTO_SETS)} for each "
+                                 f"job; {', '.join(fixed)} would fix a lever of all of them: unset it, or choose a mode")
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError(
                 "SDFLEET_VISIBILITY_TIMEOUT_S must exceed SDFLEET_JOB_TIMEOUT_S: Redis would hand a "
@@ -306,11 +343,28 @@ class Settings(BaseSettings):
 
     @property
     def levers(self) -> Levers:
-        preset = _MODE_PRESETS[self.memory_mode]
-        chosen = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
-        return Levers(mode=self.memory_mode, static_shape=self.static_shape, precision=self.inference_precision,
-                      compile_threads=self.compile_threads, mmap=self.enable_mmap, tiny_vae=self.tiny_vae or None,
-                      **chosen)
+        """The lever set a worker starts in: its memory mode's (with the levers set apart), or for auto the
+        cheapest of its sets (the one admission judges it by)."""
+        return self.lever_sets[-1]
+
+    @property
+    def lever_sets(self) -> list[Levers]:
+        """The lever sets a worker runs jobs in, fastest first: one, or with auto one per mode of AUTO_SETS."""
+        modes = AUTO_SETS if self.memory_mode == "auto" else (self.memory_mode,)
+        out = []
+        for mode in modes:
+            preset = _MODE_PRESETS[mode]
+            chosen = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
+            out.append(Levers(mode=mode, static_shape=self.static_shape, precision=self.inference_precision,
+                              compile_threads=self.compile_threads, mmap=self.enable_mmap,
+                              tiny_vae=self.tiny_vae or None, **chosen))
+        return out
+
+    @property
+    def announced_mode(self) -> str:
+        """What a worker announces as its memory mode: its lever set's key, or "auto" (+ static, tiny VAE)."""
+        levers = self.levers
+        return "auto" + levers.suffix if self.memory_mode == "auto" else levers.key
 
     @property
     def broker_visibility_timeout(self) -> int:

@@ -241,6 +241,16 @@ class JobMeter:
         with self._lock:
             return max((s[1] for s in self._samples if s[4] == phase), default=None)
 
+    def first_image_phases(self) -> tuple[int | None, int | None]:
+        """The first image's highest RSS during its steps (and its init image's encode) and during its decode:
+        what a profile scales by the UNet's work and by the decoded pixels; the prompt's encode is the same for
+        every shape. (None, None) without both (a job that ended before its first decode)."""
+        with self._lock:
+            mine = [s for s in self._samples if s[5] == 0]
+        steps = max((s[1] for s in mine if s[4] in ("denoise", "encode_image")), default=None)
+        decode = max((s[1] for s in mine if s[4] == "decode"), default=None)
+        return (steps, decode) if steps is not None and decode is not None else (None, None)
+
     def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> list[dict]:
         """The samples, thinned to at most about `max_points`: in each run of samples the highest is kept,
         and so is every phase change, so the peak and the marks survive."""

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from modeltools import hub
+from shared.memory import VAE_TILE  # latent pixels a side: 512 image pixels
 from shared.settings import Levers, Settings
 from worker.meter import (
     FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark, rss_bytes,
@@ -117,6 +118,8 @@ class Pipeline(Protocol):
 
     def drop_weight_pages(self, measure: bool = False) -> int: ...
 
+    def release_buffers(self) -> None: ...  # between jobs: the runtime's activation buffers go back
+
 
 # A pipeline that does not say how it runs keeps everything resident.
 RESIDENT = Levers(mode="fast", release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False,
@@ -170,7 +173,12 @@ class PipelineBase:
         t0 = time.perf_counter()
         self.generate(ImageRequest("warm up", None, 64, 64, 1, 1.0, 0))
         self.warm_peak = high_water_mark_bytes() or 0
+        if isinstance(getattr(self, "warm_peaks", None), dict):
+            self.warm_peaks[self.levers.key] = self.warm_peak
         log.info("warm-up in %.1f s, peak %d MB", time.perf_counter() - t0, self.warm_peak >> 20)
+
+    def release_buffers(self) -> None:
+        """Between jobs: give back what the runtime keeps for the shapes it ran (nothing here)."""
 
     def drop_weight_pages(self, measure: bool = False) -> int:
         """Between jobs: drop the weights' file pages if the levers say so. With `measure`, returns the bytes
@@ -224,18 +232,17 @@ class OptimumPipeline(PipelineBase):
         self._task_pipes: dict[str, object] = {}
         self.tasks = ("txt2img", *self._task_classes, *(("upscale",) if "img2img" in self._task_classes else ()))
         self.on_phase: Callable[[str], None] | None = None  # told when a phase starts (the job's memory timeline)
-        self._transient = {n for n in self._parts if self.levers.release_all
-                           or (self.levers.release_encoders and PHASES[n] == "encode")}
         self._phase: str | None = None
         self._shape: tuple | None = None
+        self.warm_peaks: dict[str, int] = {}  # each lever set's warm-up peak, by its key
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
-        if self.levers.vae_tiles:
-            decoder = self._parts["vae_decoder"]
-            decoder.forward = functools.partial(self._decode, decoder.forward)
+        # the levers of the decode and of guidance are read at each call: an auto worker switches between jobs
+        decoder = self._parts["vae_decoder"]
+        decoder.forward = functools.partial(self._decode, decoder.forward)
         self.decode_bytes_per_pixel: float | None = None  # a whole decode's cost per latent pixel, once measured
-        if self.levers.split_guidance:
-            self._parts["unet"].forward = functools.partial(one_by_one, self._parts["unet"].forward)
+        if "unet" in self._parts:
+            self._parts["unet"].forward = functools.partial(self._guided, self._parts["unet"].forward)
         # Resuming: the loop's iterations before the checkpoint's step run without the UNet (see generate)
         self._skipping = False
         self._snapshot: Callable[[], bytes] | None = None  # set during on_step
@@ -286,6 +293,33 @@ class OptimumPipeline(PipelineBase):
             self._task_pipes[task] = pipe
         return pipe
 
+    @property
+    def _transient(self) -> set[str]:
+        """The components compiled for their phase only and released after it, in the lever set now."""
+        return {n for n in self._parts if self.levers.release_all
+                or (self.levers.release_encoders and PHASES[n] == "encode")}
+
+    def use_levers(self, levers: Levers) -> None:
+        """Run the next jobs in another lever set (an auto worker, between jobs): what the new set does not keep
+        between jobs is released now, before the job's meter starts; what it keeps is compiled when first
+        needed. Never a second copy of a component: each has one compiled model, or none."""
+        if levers == self.levers:
+            return
+        if (levers.static_shape, levers.tiny_vae, levers.precision) != \
+                (self.levers.static_shape, self.levers.tiny_vae, self.levers.precision):
+            raise ValueError(f"lever sets {self.levers.key} and {levers.key} differ beyond the memory levers")
+        self.levers = levers
+        self._phase = "switch"
+        self._enter(None)
+        self._shape = None  # static shapes: the UNet's batch follows split_guidance
+        log.info("lever set now %s", levers.describe())
+
+    def _guided(self, forward: Callable, *args, **kwargs):
+        """split_guidance: classifier-free guidance as two batch-1 passes (one_by_one), else as it comes."""
+        if self.levers.split_guidance:
+            return one_by_one(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+
     def _decode(self, forward: Callable, latent_sample, *args, **kwargs):
         """vae_tiles: decode whole when that cannot raise the job's peak, else in tiles. A whole decode of
         large latents takes fewer seconds (SDXL at 1024x1024: 32 s against 59 s in tiles, bench/taesd.py), and
@@ -294,7 +328,7 @@ class OptimumPipeline(PipelineBase):
         estimated (DECODE_BYTES_PER_LATENT_PIXEL, or what a whole decode measured here) and compared with the
         headroom under the job's peak so far (VmHWM, which the job's meter reset at its start)."""
         _, _, h, w = latent_sample.shape
-        if h <= VAE_TILE and w <= VAE_TILE:
+        if not self.levers.vae_tiles or (h <= VAE_TILE and w <= VAE_TILE):
             return forward(latent_sample, *args, **kwargs)
         self._enter("decode")
         peak, rss = high_water_mark_bytes(), rss_bytes()
@@ -307,6 +341,17 @@ class OptimumPipeline(PipelineBase):
         if after > peak:  # it did raise the peak: the estimate was low; learn what it took
             self.decode_bytes_per_pixel = max(per_pixel, (after - rss) / (h * w))
         return out
+
+    def release_buffers(self) -> None:
+        """OpenVINO's CPU plugin keeps each compiled model's intermediate buffers at the largest shape it has
+        run, and reuses them: after a 1024x1024 job with guidance, full-size SD 1.5 in balanced mode held 2.7
+        GiB more between jobs than after a 512x512 one, so every later job started there, and a profile measured
+        above that grown base under-predicted the next larger shape (0.67x). `release_memory()` gives them back
+        (30 ms for the UNet, 130 ms for the VAE decoder there); the next inference allocates its own shape's."""
+        for part in self._parts.values():
+            request = part.request
+            if request is not None and hasattr(request, "release_memory"):
+                request.release_memory()
 
     def snapshot(self) -> bytes | None:
         return self._snapshot() if self._snapshot is not None else None
@@ -388,7 +433,7 @@ class OptimumPipeline(PipelineBase):
         if not self.levers.static_shape:
             return
         guidance = request.guidance_scale > 1.0
-        shape = (request.width, request.height, guidance)
+        shape = (request.width, request.height, guidance, self.levers.split_guidance)
         if shape == self._shape:
             return
         pipe = self._pipe
@@ -585,7 +630,6 @@ def blend_ramp(n: int, width: int):
     return torch.clamp(torch.minimum(i + 1, n - i) / width, 1e-3, 1.0)
 
 
-VAE_TILE = 64  # latent pixels: 512 image pixels
 # What a whole VAE decode adds, compiling the decoder included, per latent pixel, kept above what was measured:
 # SD's (and SDXL's) full VAE decoder at 1024x1024 took 2.36 GiB at bf16 (147 KiB per latent pixel,
 # bench/taesd.py). At 16-bit inference; f32 doubles it.
@@ -791,7 +835,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     pipeline = _load_factory(settings.backend)(settings)
     if not isinstance(pipeline, Pipeline):
         missing = [name for name in ("backend", "precision", "levers", "warm_peak", "memory_mode", "generate",
-                                     "model_files", "snapshot", "preview", "warm_up", "drop_weight_pages")
+                                     "model_files", "snapshot", "preview", "warm_up", "drop_weight_pages", "release_buffers")
                    if not hasattr(pipeline, name)]
         raise TypeError(f"SDFLEET_BACKEND={settings.backend}: the factory's {type(pipeline).__name__} lacks "
                         f"{', '.join(missing)} of the Pipeline contract; subclass worker.pipelines.PipelineBase")
@@ -812,8 +856,17 @@ def get_pipeline(settings: Settings) -> Pipeline:
             if settings.levers.drop_file_pages and folder and os.path.isdir(folder) else []
         with FilePageTrimmer(roots):
             _loaded = load_pipeline(settings)
+            sets = settings.lever_sets
+            if len(sets) > 1 and not hasattr(_loaded, "use_levers"):
+                raise ValueError(f"SDFLEET_MEMORY_MODE=auto: the {_loaded.backend} backend cannot switch lever sets "
+                                 f"between jobs (its components stay compiled); use SDFLEET_BACKEND=optimum or a mode")
             if settings.warmup:
-                _loaded.warm_up()
+                # each set's warm-up peak is what a job in it loads (an auto worker's: cheapest first, ending in
+                # the fastest, everything compiled)
+                for levers in reversed(sets):
+                    if len(sets) > 1:
+                        _loaded.use_levers(levers)
+                    _loaded.warm_up()
         dropped = _loaded.drop_weight_pages(measure=True)
         if dropped:
             log.info("dropped %d MB of the IR's file pages from the resident set", dropped >> 20)

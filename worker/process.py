@@ -4,6 +4,7 @@ killed mid-job leaves its last reading behind)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from shared.memory import fmt_size, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
 from worker.family import worker_defaults
-from worker.meter import JobMeter, rss_bytes
+from worker.meter import JobMeter, release_free_memory, rss_bytes
 from worker.owner import Consumers, OwnerWatch
 from worker.pipelines import Pipeline
 
@@ -104,7 +105,11 @@ class WorkerProcess:
         # the model's steps, guidance and size, and the operator's; the kinds of job its pipeline runs
         self.defaults = worker_defaults(settings).model_copy(
             update={"tasks": list(getattr(pipeline, "tasks", ("txt2img",)))})
-        self.memory_mode = pipeline.memory_mode
+        # the lever sets jobs run in, fastest first: the pipeline's own, or with SDFLEET_MEMORY_MODE=auto one per
+        # mode, switched between jobs (announced as "auto": admission judges a job by the cheapest)
+        auto = settings.memory_mode == "auto" and hasattr(pipeline, "use_levers")
+        self.lever_sets = settings.lever_sets if auto else [pipeline.levers]
+        self.memory_mode = "auto" + pipeline.levers.suffix if auto else pipeline.memory_mode
         self.name = worker_name()
         # the configured budget is the ceiling; what the worker announces and checks follows the owner (beat)
         self.configured_budget, self.cgroup_limit = read_host_budget(settings.memory_reserve,
@@ -114,15 +119,9 @@ class WorkerProcess:
         self.consumers = consumers
         self.state, self.state_reason = "ready", None
         self.started_at = utcnow()
-        # A pipeline that releases components between jobs loads them again in every job (the text encoders
-        # in balanced mode, every component in low mode): what that costs above the RSS between jobs is
-        # measured once, at the warm-up (its peak above what stays resident after it).
-        releases = pipeline.levers.release_all or pipeline.levers.release_encoders
-        self.floor = pipeline.warm_peak if releases else 0
-        self.reload_bytes = max(0, self.floor - rss_bytes())
-        self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
-        self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
-        self.resident = self._resident()
+        self._settle()
+        self.resident = self.resident_for(self.lever_sets[-1])
+        self.start_resident = self.resident  # what the running job started from, in the set it runs in
         self.running: RunningJob | None = None
         self.busy = False  # inside a task (from before its claim to its end)
         self.stopping: str | None = None  # why the worker is stopping (SIGTERM): jobs are handed back
@@ -136,6 +135,38 @@ class WorkerProcess:
         log.info("model family %s (%s, %s): defaults %d steps, guidance %g, %dx%d%s", d.family, d.pipeline, d.scheduler,
                  d.steps, d.guidance_scale, d.width, d.height,
                  f" (set by the operator: {', '.join(d.overridden)})" if d.overridden else "")
+
+    def _settle(self) -> None:
+        """What jobs in the lever set now start from. A pipeline that releases components between jobs loads
+        them again in every job (the text encoders in balanced mode, every component in low mode): what that
+        costs above the RSS between jobs is measured once, at the warm-up (its peak above what stays resident
+        after it)."""
+        levers = self.pipeline.levers
+        releases = levers.release_all or levers.release_encoders
+        peak = getattr(self.pipeline, "warm_peaks", {}).get(levers.key, self.pipeline.warm_peak)
+        self.floor = peak if releases else 0
+        self.reload_bytes = max(0, self.floor - rss_bytes())
+        self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
+        self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
+
+    def use_levers(self, key: str) -> None:
+        """Run the next job in the lever set of this key (an auto worker's choice; a no-op in the set now)."""
+        if key == self.pipeline.levers.key:
+            return
+        (levers,) = [lv for lv in self.lever_sets if lv.key == key]
+        self.pipeline.use_levers(levers)
+        gc.collect()
+        release_free_memory()
+        self._settle()
+
+    def resident_for(self, levers) -> int:
+        """What a job in this lever set would start from: in the set now, the resident figure (_resident);
+        in another, what its warm-up peaked at (low mode: one phase's components loaded), or where the set keeps
+        components between jobs, the largest warm-up peak (everything compiled)."""
+        if levers.key == self.pipeline.levers.key:
+            return self._resident()
+        peaks = getattr(self.pipeline, "warm_peaks", {})
+        return peaks.get(levers.key, 0) if levers.release_all else max(peaks.values(), default=0)
 
     def _resident(self) -> int:
         """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
@@ -162,7 +193,7 @@ class WorkerProcess:
         self.owner.sample()
         rss = rss_bytes()
         self.budget = self.owner.budget(self.configured_budget, rss)
-        reason = self.owner.pause_reason(max(0, rss - self.resident) if self.running else 0)
+        reason = self.owner.pause_reason(max(0, rss - self.start_resident) if self.running else 0)
         if (reason is None) != (self.state_reason is None):
             log.warning("worker %s %s", self.name, f"paused: {reason}" if reason else "resumes taking jobs")
         self.state, self.state_reason = ("paused", reason) if reason else ("ready", None)
@@ -188,7 +219,7 @@ class WorkerProcess:
     def beat(self) -> None:
         running = self.running
         if running is None:
-            self.resident = self._resident()
+            self.resident = self.resident_for(self.lever_sets[-1])
         self.follow_owner()
         ram = psutil.virtual_memory()
         hb = WorkerState(

@@ -23,7 +23,7 @@ from shared import deliveries, fleet, jobstore, previews
 from shared.db import session_factory
 from shared.errors import ErrorCode
 from shared.jobs import JobParameters, Work, job_work
-from shared.memory import Prediction, Shape, fmt_size, predict
+from shared.memory import LeverChoice, LeverSet, Prediction, Shape, choose_lever_set, fmt_size
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
 from shared.timing import StepTiming, measured, predict_time, unet_passes
@@ -334,7 +334,8 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
                            f"this worker serves {worker.model!r}, not {params.model!r}")
     # the pre-check's prediction for the job it read queued; a redelivered job that was already running
     # (the pre-check saw it not queued) is checked here
-    expected = check.expected if check.params == params else _expected(sessions, worker, params)
+    choice = check.choice if check.params == params else _expected(sessions, worker, params)
+    expected = choice.prediction
     if expected.bytes > worker.budget:
         return _fail_unrun(sessions, attempt, celery, ErrorCode.insufficient_memory,
                            f"predicted peak {fmt_size(expected.bytes)} ({expected.source}) exceeds this worker's "
@@ -342,6 +343,7 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     if worker.leave_reason is not None:  # the worker began stopping as it claimed the job
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
+    _use_levers(sessions, worker, attempt, choice)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
@@ -369,13 +371,14 @@ def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: 
 
 
 def _release_after_job(worker: WorkerProcess) -> None:
-    """After a job's generation, once (a job is running until then): the job's garbage and freed heap go back
-    to the OS, the weights' file pages are dropped (with the levers that say so), and a heartbeat at once:
+    """After a job's generation, once (a job is running until then): the runtime's buffers for the job's shape,
+    the job's garbage and freed heap go back to the OS, the weights' file pages are dropped (with the levers that say so), and a heartbeat at once:
     admission predicts the next jobs from what this one left resident."""
     if worker.running is None:
         return
     worker.running = None
     worker.paused_leave = None  # a pause hands back the job it ran through, not the next one
+    worker.pipeline.release_buffers()
     gc.collect()
     release_free_memory()
     worker.pipeline.drop_weight_pages()
@@ -404,7 +407,11 @@ class PreCheckOutcome(str, enum.Enum):
 class PreCheck:
     outcome: PreCheckOutcome
     params: JobParameters | None = None  # with `run`: the parameters checked
-    expected: Prediction | None = None  # and this worker's prediction for them
+    choice: LeverChoice | None = None  # and the lever set it runs them in, with this worker's prediction there
+
+    @property
+    def expected(self) -> Prediction | None:
+        return self.choice.prediction if self.choice is not None else None
     delivery_id: str | None = None  # with `handed on`: the delivery to send (None: the job changed meanwhile)
     ended: bool = False  # with `failed`: this worker ended the job (not another process first)
 
@@ -422,10 +429,10 @@ def _pre_check(sessions, job_id: str, delivery_id: str | None, worker: WorkerPro
     params, job = retrying(read)
     if params is None:
         return PreCheck(PreCheckOutcome.not_queued)
-    expected = _expected(sessions, worker, params)
-    if expected.bytes <= worker.budget:
-        return PreCheck(PreCheckOutcome.run, params, expected)
-    return _hand_on(sessions, job, delivery_id, worker, expected, celery)
+    choice = _expected(sessions, worker, params)
+    if choice.prediction.bytes <= worker.budget:
+        return PreCheck(PreCheckOutcome.run, params, choice)
+    return _hand_on(sessions, job, delivery_id, worker, choice.prediction, celery)
 
 
 def _hand_on(sessions, job, delivery_id: str | None, worker: WorkerProcess, expected: Prediction,
@@ -473,14 +480,33 @@ def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess
         raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
 
 
-def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> Prediction:
+def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> LeverChoice:
+    """The lever set this worker would run the job in, and its predicted peak there: its only set, or (auto) the
+    fastest whose prediction fits its budget, each judged by its own profiles from what a job in it starts from."""
     pipeline = worker.pipeline
 
     def read_profiles():
         with sessions() as session:
-            return fleet.profiles(session, worker.model, pipeline.backend, pipeline.precision, worker.memory_mode)
+            return {lv.key: fleet.profiles(session, worker.model, pipeline.backend, pipeline.precision, lv.key)
+                    for lv in worker.lever_sets}
 
-    return predict(shape_of(params, worker), retrying(read_profiles), worker.resident)
+    known = retrying(read_profiles)
+    sets = [LeverSet(lv.key, known[lv.key], worker.resident_for(lv), lv.vae_tiles) for lv in worker.lever_sets]
+    return choose_lever_set(shape_of(params, worker), sets, worker.budget)
+
+
+def _use_levers(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, choice: LeverChoice) -> None:
+    """Switch to the chosen lever set (auto) and say in the job's record which set it runs in, and why."""
+    worker.use_levers(choice.key)
+    worker.start_resident = worker.resident_for(worker.pipeline.levers)
+    if len(worker.lever_sets) > 1:
+        log.info("job %s: %s", attempt.job_id, choice.reason)
+
+    def write():
+        with sessions.begin() as session:
+            jobstore.note_levers(session, attempt, choice.key, choice.reason)
+
+    retrying(write)
 
 
 def _fail_unrun(sessions, attempt: jobstore.Attempt, celery: Celery, code: ErrorCode, message: str) -> RunOutcome:
@@ -534,8 +560,9 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
             worker.running = RunningJob(attempt, meter)
             worker.try_beat()  # at once, not at the next beat: a worker killed now still leaves a reading
             given = _read_inputs(sessions, attempt.parameters, attempt.job_id)
-            # the init image's encode is a phase of the job's memory timeline
-            worker.pipeline.on_phase = lambda phase: meter.mark(phase) if phase == "encode_image" else None
+            # the pipeline's phases as its components start (the prompt's encode, an init image's, the steps from
+            # the first UNet pass, the decode): the timeline's marks, and what a profile is split by
+            worker.pipeline.on_phase = meter.mark
             try:
                 images = _generate_all(worker, attempt.parameters, meter, monitor, clock, keeper, given)
             finally:
@@ -579,7 +606,7 @@ def _account(worker: WorkerProcess, run: Generation) -> int:
     # never the little a low-memory worker holds between jobs, or the weights would count twice when scaled
     # to another size. The prompt encoding stays out of it: scaled with the shape, it covers the VAE's
     # attention, which grows faster than the pixels (SD 1.5 at 1024x1024 from 768x512).
-    base = max(worker.resident, reading.rss_before_bytes)
+    base = max(worker.start_resident, reading.rss_before_bytes)
     worker.last_start = reading.rss_before_bytes
     if run.code is None:
         worker.encode_bytes = encode_bytes
@@ -601,7 +628,7 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
         def read_profiles():
             with sessions() as session:
                 return fleet.profiles(session, worker.model, worker.pipeline.backend, worker.pipeline.precision,
-                                      worker.memory_mode)
+                                      worker.pipeline.levers.key)
 
         predicted = predict_time(work.shape, work.steps, work.passes, retrying(read_profiles), passes)
         known = predicted.step_s / passes if predicted else None
@@ -619,9 +646,9 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         # the result, like the beat: whoever sees the job succeeded is admitted on what it measured.
         timing = _timing(sessions, worker, attempt.parameters, run)
         with sessions.begin() as session:
-            fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, worker.memory_mode,
+            fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, pipeline.levers.key,
                                  shape_of(attempt.parameters, worker), reading.peak_rss_bytes, base,
-                                 run.slowest_step_s or None, timing)
+                                 run.slowest_step_s or None, timing, run.meter.first_image_phases())
 
     def finish() -> bool:
         with sessions.begin() as session:

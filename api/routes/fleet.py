@@ -22,6 +22,7 @@ from shared.jobs import JobParameters, JobShape
 from shared.memory import fmt_size, predict
 from shared.models import Worker
 from shared.queue import top_class
+from shared.settings import decodes_in_tiles
 
 router = APIRouter()
 
@@ -76,7 +77,7 @@ async def plan(shape: JobShape, caller: Caller, ctx: Ctx) -> PlanPublic:
     best = min(fitting, key=lambda f: f.memory_class_bytes) if fitting else None
     modes = []
     for (backend, precision, mode), known in sorted(runtimes.items()):
-        p = predict(job_shape, known, None)
+        p = predict(job_shape, known, None, decodes_in_tiles(mode))
         modes.append(ModePlan(backend=backend, precision=precision, memory_mode=mode, predicted_peak_bytes=p.bytes,
                               prediction_source=p.source, detail=p.detail))
     if best:

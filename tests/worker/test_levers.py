@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 from shared.db import engine_for, migrate, session_factory
-from shared.settings import Settings
+from shared.settings import Settings, decodes_in_tiles, lever_set_keys
 from tests.conftest import POSTGRES_URL, postgres_database, wait_for
 from worker.meter import drop_file_pages
 from worker.pipelines import GenaiPipeline, ImageRequest, OptimumPipeline, load_pipeline, one_by_one, tiled_decode
@@ -36,6 +36,23 @@ def test_modes_pick_their_levers_and_a_lever_set_apart_shows_in_the_profile_key(
     assert not custom.vae_tiles and custom.release_all
     assert custom.key == "low-vae_tiles+static"
     assert Settings(memory_mode="fast", inference_precision="f32").levers.precision == "f32"
+
+
+def test_auto_runs_in_every_mode_s_lever_set_and_reads_which_decode_in_tiles():
+    settings = Settings(memory_mode="auto", static_shape=True)
+    assert [lv.key for lv in settings.lever_sets] == ["fast+static", "balanced+static", "low+static"]
+    assert settings.levers.key == "low+static"  # it starts in the cheapest, which admission judges it by
+    assert settings.announced_mode == "auto+static"
+    assert lever_set_keys("auto+static") == ["fast+static", "balanced+static", "low+static"]
+    assert lever_set_keys("balanced-release_encoders") == ["balanced-release_encoders"]
+    assert Settings(memory_mode="low").announced_mode == "low"
+    assert [decodes_in_tiles(k) for k in ("fast", "balanced", "low", "low-vae_tiles+static", "fast+vae_tiles",
+                                          "my-own-pipeline")] == [False, False, True, False, True, False]
+
+
+def test_auto_refuses_a_lever_fixed_for_all_its_sets():
+    with pytest.raises(ValidationError, match="SDFLEET_VAE_TILES would fix a lever"):
+        Settings(memory_mode="auto", vae_tiles=False)
 
 
 @pytest.mark.parametrize("field,value", [("memory_mode", "tiny"), ("inference_precision", "int8"),
@@ -71,6 +88,32 @@ def test_every_mode_makes_the_same_images_job_after_job(model, tmp_path_factory)
     for mode in ("balanced", "low"):
         assert all(np.array_equal(a, b) for a, b in zip(images["fast"], images[mode])), mode
     assert np.array_equal(images["low"][0], images["low"][2])
+
+
+def test_one_auto_pipeline_switches_lever_sets_between_jobs_and_makes_each_mode_s_images(model, tmp_path_factory):
+    """SDFLEET_MEMORY_MODE=auto: one pipeline switched between jobs makes the images the fixed modes make; a
+    switch to a set that keeps less releases what it does not keep at once (each component has one compiled
+    model or none, never two), and the runtime's buffers given back after a job change no image."""
+    fast, balanced, low = Settings(memory_mode="auto").lever_sets
+    pipe = _load(model, tmp_path_factory, memory_mode="auto")
+    assert pipe.levers == low
+    reference = _load(model, tmp_path_factory, memory_mode="fast")
+    want = [np.asarray(reference.generate(job)) for job in JOBS]
+
+    def compiled() -> set[str]:
+        return {name for name, part in pipe._parts.items() if part.request is not None}
+
+    encoders = {n for n in pipe._parts if n.startswith("text_encoder")}
+    for levers, job, expected in zip((fast, low, balanced, fast), (*JOBS, JOBS[1]), (*want, want[1])):
+        pipe.use_levers(levers)
+        if levers is low:
+            assert compiled() == set(), "what low mode does not keep between jobs is released at the switch"
+        assert pipe.levers.key == levers.key
+        assert np.array_equal(np.asarray(pipe.generate(job)), expected), levers.key
+        kept = {"fast": set(pipe._parts) - {"vae_encoder"}, "balanced": {"unet", "vae_decoder"}, "low": set()}
+        assert compiled() == kept[levers.key] - (set() if levers is fast else encoders)
+        pipe.release_buffers()  # what the worker does after each job
+    assert np.array_equal(np.asarray(pipe.generate(JOBS[0])), want[0])
 
 
 def test_static_shapes_follow_guidance_and_size_from_job_to_job(model, tmp_path_factory):
