@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from shared.memory import (
-    GB, MB, PRIOR_FIXED_BYTES, Profile, Shape, cgroup_memory_limit, host_budget, predict,
+    GB, MB, PRIOR_FIXED_BYTES, LeverSet, Profile, Shape, cgroup_memory_limit, choose_lever_set, host_budget, predict,
 )
 
 
@@ -111,3 +113,49 @@ def test_a_jobs_work_by_kind():
         assert 0 <= x <= 2048 - 512 and 0 <= y <= 1024 - 512
         covered |= {(x + dx, y + dy) for dx in (0, 511) for dy in (0, 511)}
     assert {(0, 0), (2047, 1023), (2047, 0), (0, 1023)} <= covered
+
+
+# Full-size SD 1.5 in balanced mode (bf16, bench/predictions.py --updown): a 512x512 job with guidance started at
+# 2.50 GiB, its steps peaked at 3.08 and its whole VAE decode, on top of the UNet's kept buffers, at 3.69.
+SD15_512 = Profile(Shape(512, 512, True), peak_bytes=int(3.69 * GB), base_bytes=int(2.50 * GB), samples=1,
+                   steps_peak_bytes=int(3.08 * GB), decode_peak_bytes=int(3.69 * GB))
+
+
+def test_a_decode_grows_with_the_pixels_whatever_the_guidance():
+    # The whole rise scaled by the UNet's work halves without guidance; the decode's share does not: a 768x768
+    # job without guidance decodes 2.25x the pixels of the measured 512x512 one
+    big = predict(Shape(768, 768, False), [SD15_512], None)
+    steps = (3.08 - 2.50) * GB * (96 * 96) / (64 * 64 * 2)
+    decode = (3.69 - 3.08) * GB * (96 * 96) / (64 * 64)
+    assert big.source == "scaled" and big.bytes == int(2.50 * GB) + int(steps + decode)
+    whole = int(2.50 * GB + (3.69 - 2.50) * GB * (96 * 96) / (64 * 64 * 2))
+    assert big.bytes > whole + int(0.5 * GB)  # what the rise scaled as one would have missed
+    # a profile from before phases were measured scales as it did
+    old = Profile(SD15_512.shape, SD15_512.peak_bytes, SD15_512.base_bytes, 1)
+    assert predict(Shape(768, 768, False), [old], None).bytes == whole
+
+
+def test_a_decode_in_tiles_costs_one_tile_at_any_size():
+    tiled = predict(Shape(1024, 1024, True), [SD15_512], None, tiled_decode=True)
+    whole = predict(Shape(1024, 1024, True), [SD15_512], None)
+    assert whole.bytes - tiled.bytes == pytest.approx((3.69 - 3.08) * GB * 3, abs=4)  # three tiles more, whole
+    # what the job peaked at above its steps and decode (the prompt's encoders, later images) stays as measured
+    prompt = Profile(SD15_512.shape, int(3.9 * GB), SD15_512.base_bytes, 1, steps_peak_bytes=int(3.08 * GB),
+                     decode_peak_bytes=int(3.69 * GB))
+    assert predict(Shape(640, 640, True), [prompt], None).bytes - predict(Shape(640, 640, True), [SD15_512], None).bytes \
+        == pytest.approx(0.21 * GB, abs=4)
+
+
+def test_auto_chooses_the_fastest_lever_set_that_fits_and_says_why():
+    fast = LeverSet("fast", [Profile(Shape(512, 512, True), 6 * GB, 5 * GB, 1)], 5 * GB)
+    balanced = LeverSet("balanced", [Profile(Shape(512, 512, True), 4 * GB, 3 * GB, 1)], 3 * GB)
+    low = LeverSet("low", [Profile(Shape(512, 512, True), 2 * GB, GB, 1)], GB, tiled_decode=True)
+    shape = Shape(512, 512, True)
+    assert choose_lever_set(shape, [fast, balanced, low], 8 * GB).key == "fast"
+    chosen = choose_lever_set(shape, [fast, balanced, low], 5 * GB)
+    assert chosen.key == "balanced" and chosen.prediction.bytes == 4 * GB
+    assert chosen.reason == "auto: balanced, predicted 4.0 GiB (profile), fits the budget of 5.0 GiB; fast would need 6.0 GiB"
+    none = choose_lever_set(shape, [fast, balanced, low], GB)
+    assert none.key == "low" and none.prediction.bytes > GB and "is past the budget" in none.reason
+    only = choose_lever_set(shape, [balanced], GB)  # a worker of one mode runs in it, fitting or not
+    assert only.key == "balanced" and only.reason == "the worker's memory mode, balanced"
