@@ -99,7 +99,8 @@ def child(spec: dict) -> dict:
 
         def make(seed: int):
             image = pipeline.generate(ImageRequest(PROMPT, None, size, size, steps, guidance, seed), on_step)
-            pipeline.drop_weight_pages()  # what the worker does after each job
+            pipeline.release_buffers()  # what the worker does after each job
+            pipeline.drop_weight_pages()
             return image
 
         def precision():

@@ -15,14 +15,14 @@ WORKER_ROLE = "sdfleet_worker"
 _ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # no quoting needed, and under PostgreSQL's 63 bytes
 
 # The columns of a job a worker writes: claiming it (start_attempt), its progress and memory reading
-# (sync_running, note_peak), how it started (note_resume), ending it (finish_*: the webhook marked pending),
+# (sync_running, note_peak), how it started (note_resume) and in which lever set (note_levers), ending it (finish_*: the webhook marked pending),
 # handing it back (hand_back, take_back of its own dead pool child's job) or on (hand_on).
 JOB_COLUMNS_WRITTEN = (
     "status", "attempts", "started_at", "finished_at", "generation_s", "worker_host", "worker_name",
     "error_code", "error_message", "peak_rss_bytes", "peak_rss_anon_bytes", "peak_rss_file_bytes",
     "rss_before_bytes", "peak_rss_method", "progress_step", "progress_steps", "progress_image", "history",
     "resumes", "leaves", "delivery_id", "enqueued_at", "memory_class_bytes", "handoffs", "webhook_status",
-    "webhook_delivery_id",
+    "webhook_delivery_id", "lever_set", "lever_reason",
 )
 
 # Every table of the schema: the role is granted exactly what follows on them, nothing else. A table a later

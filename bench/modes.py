@@ -1,0 +1,132 @@
+"""Every memory mode side by side, on a real worker: for each model, the fastsdcpu way (bench/fewstep.py's
+in-process row) and a real worker (its own process, the bundled Redis, SQLite, an API) in each of fast, balanced,
+low and auto, one after the other in one run: the worker's time to its first image (from its start: load,
+warm-up, the first job), the time per image after the first (the median of the jobs' generation_s), the jobs'
+peak RSS (each job's own, kernel VmHWM reset per job) and, for auto, the lever set each job ran in. With
+--tight, auto runs once more with a budget between low's and balanced's peaks (measured in the same run), where
+the faster sets do not fit.
+
+    .venv/bin/python bench/modes.py [--arch lcm,sd-turbo,sdxl-turbo,sd15] [--rows fastsdcpu,fast,balanced,low,auto]
+                                    [--images 3] [--tight] [--limit-gb 21]
+    .venv/bin/python bench/modes.py --table      # reprint the newest run's table (bench/results/modes.jsonl)
+
+Needs the IR folders of bench/fewstep.py --prepare. Each worker reads OpenVINO's compile cache as one does after
+its first start (the fastsdcpu row compiles without a cache, as fastsdcpu does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fewstep import JOBS, NAMES, SIZE, run_row, spec_for  # noqa: E402  (bench/ is a folder of scripts)
+from memory import PROMPT  # noqa: E402
+from predictions import GIB, bench_stack  # noqa: E402
+
+RESULTS = HERE / "results" / "modes.jsonl"
+ROWS = ("fastsdcpu", "fast", "balanced", "low", "auto")
+
+
+def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int | None = None) -> dict:
+    job = JOBS[arch]
+    extra = {"SDFLEET_MEMORY_BUDGET": str(budget)} if budget else {}
+    t0 = time.monotonic()
+    with bench_stack(arch, mode, limit_gb, "modes", **extra) as stack:
+        ready_s = time.monotonic() - t0
+        (w,) = stack.client.workers()
+        done = []
+        for seed in range(images + 1):
+            submitted = time.monotonic()
+            record = stack.client.wait(stack.client.submit(prompt=PROMPT, width=SIZE, height=SIZE, steps=job["steps"],
+                                                           guidance_scale=job["guidance"], seed=seed)["id"],
+                                       timeout=3000, poll_s=0.5)
+            if record["status"] != "succeeded":
+                raise SystemExit(f"{arch} {mode}: {record['error']} ({stack.guard.killed or 'not killed'}); "
+                                 f"see {stack.work}")
+            if seed == 0:
+                first_s = ready_s + time.monotonic() - submitted
+            done.append(record)
+    later = done[1:]
+    return {"arch": arch, "row": mode + (" (tight budget)" if budget else ""), "mode": mode, "budget_bytes": budget,
+            "precision": w["precision"], "steps": job["steps"], "guidance": job["guidance"], "size": SIZE,
+            "ready_s": round(ready_s, 1), "first_image_s": round(first_s, 1),
+            "image_s": [round(r["generation_s"], 2) for r in later],
+            "s_per_image": round(statistics.median(r["generation_s"] for r in later), 2),
+            "peak_bytes": max(r["peak_rss_bytes"] for r in done),
+            "later_peak_bytes": max(r["peak_rss_bytes"] for r in later),
+            "lever_sets": [r.get("lever_set") for r in done],
+            "predicted_over_measured": [round(r["predicted_peak_bytes"] / r["peak_rss_bytes"], 2) for r in done]}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | row | precision | peak RSS | vs fastsdcpu | first image | s/image after the first | "
+           "vs fastsdcpu | lever sets (auto) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["arch"] == r["arch"] and b["row"] == "fastsdcpu"), None)
+        if r["row"] == "fastsdcpu":
+            peak, per_image, first = r["peak_mb"] * 2**20, r.get("s_per_image"), r.get("first_image_s")
+        else:
+            peak, per_image, first = r["peak_bytes"], r["s_per_image"], r["first_image_s"]
+        bpeak = base["peak_mb"] * 2**20 if base else None
+        time_ratio = f"{per_image / base['s_per_image']:.2f}x" if base and base.get("s_per_image") else ""
+        peak_ratio = f"{peak / bpeak:.2f}x" if bpeak else ""
+        sets = ""
+        if r.get("lever_sets") and r["mode"] == "auto":
+            sets = ", ".join(f"{k} x{r['lever_sets'].count(k)}" for k in dict.fromkeys(r["lever_sets"]))
+        out.append(f"| {NAMES.get(r['arch'], r['arch'])} {r['size']}px, {r['steps']} steps, g{r['guidance']:g} | "
+                   f"{r['row']} | {r.get('precision', '')} | {peak / GIB:.2f} GiB | {peak_ratio} | {first:.1f} s | "
+                   f"{per_image:.1f} s | {time_ratio} | {sets} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="lcm,sd-turbo,sdxl-turbo,sd15")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--images", type=int, default=3, help="timed images after the first")
+    ap.add_argument("--tight", action="store_true", help="auto once more, its budget between low's and balanced's")
+    ap.add_argument("--limit-gb", type=float, default=21.0)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    if args.table:
+        rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+        newest = max(r["run"] for r in rows)
+        print(table([r for r in rows if r["run"] == newest]))
+        return 0
+    run = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    rows = []
+    RESULTS.parent.mkdir(exist_ok=True)
+    for arch in args.arch.split(","):
+        mine = {}
+        for row in args.rows.split(","):
+            if row == "fastsdcpu":
+                fa = argparse.Namespace(steps=None, model_dir=None, size=SIZE, images=args.images,
+                                        cache_dir=Path("/nonexistent"))
+                r = run_row(spec_for(arch, "fastsdcpu", fa), args.limit_gb, tag="-modes")
+                if not r.get("s_per_image"):
+                    print(f"fastsdcpu {arch}: {r.get('error') or r.get('killed')}", flush=True)
+            else:
+                r = worker_row(arch, row, args.images, args.limit_gb)
+            mine[row] = r
+            rows.append({**r, "run": run})
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+            print(json.dumps(rows[-1]), flush=True)
+        if args.tight and "low" in mine and "balanced" in mine:
+            budget = (mine["low"]["peak_bytes"] + mine["balanced"]["later_peak_bytes"]) // 2
+            rows.append({**worker_row(arch, "auto", args.images, args.limit_gb, budget), "run": run})
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
