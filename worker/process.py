@@ -162,11 +162,13 @@ class WorkerProcess:
     def resident_for(self, levers) -> int:
         """What a job in this lever set would start from: in the set now, the resident figure (_resident);
         in another, what its warm-up peaked at (low mode: one phase's components loaded), or where the set keeps
-        components between jobs, the largest warm-up peak (everything compiled)."""
+        components between jobs, the largest warm-up peak (everything compiled); without warm-ups, the RSS now."""
         if levers.key == self.pipeline.levers.key:
             return self._resident()
         peaks = getattr(self.pipeline, "warm_peaks", {})
-        return peaks.get(levers.key, 0) if levers.release_all else max(peaks.values(), default=0)
+        if not peaks:  # no warm-up (SDFLEET_WARMUP=false): what it holds now, everything it has compiled
+            return rss_bytes()
+        return peaks.get(levers.key, max(peaks.values())) if levers.release_all else max(peaks.values())
 
     def _resident(self) -> int:
         """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
