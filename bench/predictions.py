@@ -6,6 +6,7 @@ The first job's own prediction is the prior's (nothing measured yet).
 
     .venv/bin/python bench/predictions.py [--arch sd15,sdxl] [--modes low,balanced] [--limit-gb 21]
     .venv/bin/python bench/predictions.py --updown [--arch sd15,sdxl] [--modes fast,balanced,low,auto]
+    .venv/bin/python bench/predictions.py --table [--updown]   # the newest run of each model and mode
 
 With --updown the worker keeps every profile, as a real worker does, and the shapes go from small to large
 and back to small (UPDOWN): each prediction is admission's from everything measured before it, against a
@@ -178,6 +179,7 @@ def run(arch: str, mode: str, limit_gb: float, updown: bool = False) -> list[dic
                    "resident_bytes": w["resident_bytes"], "rss_before_bytes": done["rss_before_bytes"],
                    "measured_shape": "x".join(map(str, first[:2])) + f" g{first[2]}" if first else None,
                    "order": "updown" if updown else "one", "lever_set": done.get("lever_set"),
+                   "lever_predicted_bytes": done.get("lever_predicted_bytes"),
                    "phase_peaks": phase_peaks(client.memory(job["id"])),
                    "at": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
             rows.append(row)
@@ -190,12 +192,18 @@ def run(arch: str, mode: str, limit_gb: float, updown: bool = False) -> list[dic
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | mode, precision | job (size, guidance, images) | source | predicted | measured | predicted / measured |",
-           "|---|---|---|---|---|---|---|"]
+    updown = any(r.get("order") == "updown" for r in rows)
+    extra = " job started at | ran in | the worker's prediction there / measured |" if updown else ""
+    out = ["| model | mode, precision | job (size, guidance, images) | source | predicted | measured | predicted / measured |"
+           + extra, "|---|---|---|---|---|---|---|" + ("---|---|---|" if updown else "")]
     for r in rows:
+        mine = r.get("lever_predicted_bytes")
+        theirs = f"{mine / r['measured_bytes']:.2f}" if mine else ""
+        more = f" {r['rss_before_bytes'] / GIB:.2f} GiB | {r.get('lever_set') or ''} | {theirs} |" if updown else ""
         out.append(f"| {r['arch']} | {r['mode']}, {r['precision']} | {r['width']}x{r['height']} g{r['guidance']:g}"
                    f"{' x' + str(r['images']) if r['images'] > 1 else ''} | {r['source']} | "
-                   f"{r['predicted_bytes'] / GIB:.2f} GiB | {r['measured_bytes'] / GIB:.2f} GiB | {r['ratio']:.2f} |")
+                   f"{r['predicted_bytes'] / GIB:.2f} GiB | {r['measured_bytes'] / GIB:.2f} GiB | {r['ratio']:.2f} |"
+                   + more)
     return "\n".join(out)
 
 
@@ -209,6 +217,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.table:  # the newest run of each model and mode
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if (r.get("order") == "updown") == args.updown]
         newest = {}
         for r in rows:
             newest[(r["arch"], r["mode"])] = max(newest.get((r["arch"], r["mode"]), ""), r.get("run", ""))

@@ -438,6 +438,9 @@ class JobPublic(BaseModel):
     lever_reason: str | None = Field(
         default=None, description="why that set: the worker's memory mode, or auto's predicted peak in it against "
         "the worker's budget (and what the faster sets would have needed)")
+    lever_predicted_bytes: int | None = Field(
+        default=None, description="the worker's own prediction of the job's peak in that set, at its pre-check "
+        "(admission's, `predicted_peak_bytes`, is the cheapest set's on an auto worker)")
     priority: Priority
     queue_position: int | None = Field(description="while queued: 1 is next for its model")
     expected_start_s: float | None = Field(

@@ -206,6 +206,7 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
         peak_rss_anon_bytes=None, peak_rss_file_bytes=None, rss_before_bytes=None,
         progress_image=None, progress_step=None, progress_steps=None, lever_set=None, lever_reason=None,
+        lever_predicted_bytes=None,
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))
@@ -441,11 +442,12 @@ def note_peak(session: Session, attempt: Attempt, peak_bytes: int) -> None:
         Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
     ).values(peak_rss_bytes=peak_bytes, peak_rss_method="partial"))
 
-def note_levers(session: Session, attempt: Attempt, key: str, reason: str) -> None:
-    """The lever set the running attempt runs in (its worker's memory mode, or auto's choice), and why."""
+def note_levers(session: Session, attempt: Attempt, key: str, reason: str, predicted_bytes: int) -> None:
+    """The lever set the running attempt runs in (its worker's memory mode, or auto's choice), why, and the
+    worker's own prediction of the job's peak there."""
     session.execute(update(Job).where(
         Job.id == attempt.job_id, Job.status == JobStatus.running.value, Job.attempts == attempt.number,
-    ).values(lever_set=key, lever_reason=reason))
+    ).values(lever_set=key, lever_reason=reason, lever_predicted_bytes=predicted_bytes))
 
 
 def finish_failed(
@@ -491,6 +493,7 @@ def to_public(job: Job, queue_position: int | None = None, waiting: Waiting | No
         fitted=FitRecord.model_validate(job.fitted) if getattr(job, "fitted", None) else None,
         lever_set=getattr(job, "lever_set", None),
         lever_reason=getattr(job, "lever_reason", None),
+        lever_predicted_bytes=getattr(job, "lever_predicted_bytes", None),
         priority=job.priority,
         queue_position=queue_position,
         expected_start_s=waiting.expected_start_s if waiting else None,

@@ -79,6 +79,7 @@ class Job(Base):
     # e.g. "balanced") and why; None until a worker starts it
     lever_set: Mapped[str | None] = mapped_column(String(200))
     lever_reason: Mapped[str | None] = mapped_column(Text)
+    lever_predicted_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the worker's own prediction in that set
 
     priority: Mapped[str] = mapped_column(String(8), default="normal")
     owner_key_id: Mapped[str | None] = mapped_column(String(36), index=True)

@@ -22,7 +22,7 @@ JOB_COLUMNS_WRITTEN = (
     "error_code", "error_message", "peak_rss_bytes", "peak_rss_anon_bytes", "peak_rss_file_bytes",
     "rss_before_bytes", "peak_rss_method", "progress_step", "progress_steps", "progress_image", "history",
     "resumes", "leaves", "delivery_id", "enqueued_at", "memory_class_bytes", "handoffs", "webhook_status",
-    "webhook_delivery_id", "lever_set", "lever_reason",
+    "webhook_delivery_id", "lever_set", "lever_reason", "lever_predicted_bytes",
 )
 
 # Every table of the schema: the role is granted exactly what follows on them, nothing else. A table a later

@@ -504,7 +504,7 @@ def _use_levers(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, choi
 
     def write():
         with sessions.begin() as session:
-            jobstore.note_levers(session, attempt, choice.key, choice.reason)
+            jobstore.note_levers(session, attempt, choice.key, choice.reason, choice.prediction.bytes)
 
     retrying(write)
 

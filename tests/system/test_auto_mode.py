@@ -34,6 +34,7 @@ def test_an_auto_worker_runs_each_job_in_the_fastest_set_that_fits_and_says_so(s
     first = run()
     assert first["lever_set"] == "fast"
     assert first["lever_reason"].startswith("auto: fast, predicted ") and "fits the budget of 2.0 GiB" in first["lever_reason"]
+    assert 0 < first["lever_predicted_bytes"] <= 2 * GB  # the worker's own prediction there, under its budget
     png = stack.api.image(first["images"][0]["url"])
 
     # the faster sets measured past the budget at this shape (the one the first job's profile has: the tiny
@@ -46,6 +47,7 @@ def test_an_auto_worker_runs_each_job_in_the_fastest_set_that_fits_and_says_so(s
     low = run()
     assert low["lever_set"] == "low", low["lever_reason"]
     assert "fast would need 3.0 GiB, balanced would need 3.0 GiB" in low["lever_reason"]
+    assert low["lever_predicted_bytes"] <= 2 * GB
     assert stack.api.image(low["images"][0]["url"]) == png
     with sessions() as s:
         keys = {p.memory_mode for p in s.query(MemoryProfile).filter_by(model=model)}
