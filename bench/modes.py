@@ -8,7 +8,7 @@ fast does not fit.
 
     .venv/bin/python bench/modes.py [--arch lcm,sd-turbo,sdxl-turbo,sd15] [--rows fastsdcpu,fast,balanced,low,auto]
                                     [--images 3] [--tight] [--limit-gb 21]
-    .venv/bin/python bench/modes.py --table      # reprint the newest run's table (bench/results/modes.jsonl)
+    .venv/bin/python bench/modes.py --table      # reprint each model's newest run (bench/results/modes.jsonl)
 
 Needs the IR folders of bench/fewstep.py --prepare. Each worker reads OpenVINO's compile cache as one does after
 its first start (the fastsdcpu row compiles without a cache, as fastsdcpu does).
@@ -101,8 +101,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.table:
         rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
-        newest = max(r["run"] for r in rows)
-        print(table([r for r in rows if r["run"] == newest]))
+        newest = {}  # the newest run of each model
+        for r in rows:
+            newest[r["arch"]] = max(newest.get(r["arch"], ""), r["run"])
+        print(table([r for r in rows if r["run"] == newest[r["arch"]]]))
         return 0
     run = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []

@@ -93,8 +93,9 @@ def model_defaults(folder: str | Path | None, settings: Settings) -> ModelDefaul
             defaults = read_defaults(folder)
         except (OSError, ValueError) as exc:
             log.warning("the model's defaults could not be read from %s (%s): SD 1.5's are used", folder, exc)
-    if settings.levers.split_guidance and settings.backend == "optimum":
-        # guidance runs as two batch-1 passes here: it costs time, not the UNet's memory
+    if all(lv.split_guidance for lv in settings.lever_sets) and settings.backend == "optimum":
+        # guidance runs as two batch-1 passes here: it costs time, not the UNet's memory (an auto worker's fast
+        # and balanced sets run it as one batch-2 pass: its jobs' shapes keep guidance apart)
         defaults = defaults.model_copy(update={"guidance_doubles_batch": False})
     overrides = {name: getattr(settings, f"default_{name}") for name in ("steps", "guidance_scale", "width", "height")
                  if getattr(settings, f"default_{name}") is not None}

@@ -24,6 +24,8 @@ def test_an_auto_worker_runs_each_job_in_the_fastest_set_that_fits_and_says_so(s
     model, _ = spawn_worker("auto", SDFLEET_MEMORY_MODE="auto", SDFLEET_MEMORY_BUDGET=2 * GB)
     (worker,) = [w for w in stack.api.workers() if w["model"] == model]
     assert worker["memory_mode"] == "auto"
+    # its fast and balanced sets run guidance as one batch-2 pass: guidance jobs are shaped (and profiled) apart
+    assert worker["defaults"]["guidance_doubles_batch"] is True
     sessions = session_factory(stack.database_url)
 
     def run() -> dict:
@@ -37,8 +39,7 @@ def test_an_auto_worker_runs_each_job_in_the_fastest_set_that_fits_and_says_so(s
     assert 0 < first["lever_predicted_bytes"] <= 2 * GB  # the worker's own prediction there, under its budget
     png = stack.api.image(first["images"][0]["url"])
 
-    # the faster sets measured past the budget at this shape (the one the first job's profile has: the tiny
-    # model's guidance is no batch of two): the next job runs in low, the image the same
+    # the faster sets measured past the budget at this shape: the next job runs in low, the image the same
     with sessions.begin() as s:
         (measured,) = s.query(MemoryProfile).filter_by(model=model, memory_mode="fast")
         shape = Shape(measured.width, measured.height, measured.guidance)
