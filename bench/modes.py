@@ -70,8 +70,9 @@ def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int |
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | row | precision | peak RSS | vs fastsdcpu | first image | s/image after the first | "
-           "vs fastsdcpu | lever sets (auto) |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | row | precision | peak RSS | vs fastsdcpu | first image | s/image after the first | "
+              "vs fastsdcpu | lever sets (auto) |")
+    out = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["arch"] == r["arch"] and b["row"] == "fastsdcpu"), None)
         if r["row"] == "fastsdcpu":

@@ -12,6 +12,7 @@ from shared.fleet_contract import WorkerState
 from shared.memory import GB, Shape
 from shared.models import utcnow
 from shared.timing import StepTiming
+
 # this module's own database on each backend, the in-process API
 from tests.helpers import assert_error_shape, database_url, db, make_api  # noqa: F401
 
