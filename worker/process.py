@@ -171,8 +171,8 @@ class WorkerProcess:
         return peaks.get(levers.key, max(peaks.values())) if levers.release_all else max(peaks.values())
 
     def _resident(self) -> int:
-        """What the next job starts from: the RSS between jobs (with the buffers OpenVINO keeps for the
-        largest shape run) plus what each job loads again (measured at the warm-up, and as the last job
+        """What the next job starts from: the RSS between jobs (the runtime's buffers given back, what still
+        grows with the shapes run kept) plus what each job loads again (measured at the warm-up, and as the last job
         encoded its prompt: SDXL's two text encoders, compiled per job in balanced mode, hide under the
         warm-up's UNet peak), or the RSS the last job started at if higher (file pages dropped between
         jobs come back as a job starts), and never below the warm-up's peak for such a pipeline."""

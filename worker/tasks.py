@@ -372,8 +372,8 @@ def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: 
 
 def _release_after_job(worker: WorkerProcess) -> None:
     """After a job's generation, once (a job is running until then): the runtime's buffers for the job's shape,
-    the job's garbage and freed heap go back to the OS, the weights' file pages are dropped (with the levers that say so), and a heartbeat at once:
-    admission predicts the next jobs from what this one left resident."""
+    the job's garbage and freed heap go back to the OS, the weights' file pages are dropped (with the levers that
+    say so), and a heartbeat at once: admission predicts the next jobs from what this one left resident."""
     if worker.running is None:
         return
     worker.running = None
@@ -408,12 +408,12 @@ class PreCheck:
     outcome: PreCheckOutcome
     params: JobParameters | None = None  # with `run`: the parameters checked
     choice: LeverChoice | None = None  # and the lever set it runs them in, with this worker's prediction there
+    delivery_id: str | None = None  # with `handed on`: the delivery to send (None: the job changed meanwhile)
+    ended: bool = False  # with `failed`: this worker ended the job (not another process first)
 
     @property
     def expected(self) -> Prediction | None:
         return self.choice.prediction if self.choice is not None else None
-    delivery_id: str | None = None  # with `handed on`: the delivery to send (None: the job changed meanwhile)
-    ended: bool = False  # with `failed`: this worker ended the job (not another process first)
 
 
 def _pre_check(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> PreCheck:
