@@ -177,7 +177,8 @@ def run(arch: str, mode: str, limit_gb: float, updown: bool = False) -> list[dic
                    "predicted_bytes": done["predicted_peak_bytes"], "measured_bytes": done["peak_rss_bytes"],
                    "ratio": round(done["predicted_peak_bytes"] / done["peak_rss_bytes"], 3),
                    "resident_bytes": w["resident_bytes"], "rss_before_bytes": done["rss_before_bytes"],
-                   "measured_shape": "x".join(map(str, first[:2])) + f" g{first[2]}" if first else None,
+                   # the one shape predicted from (with --updown: every shape measured before)
+                   "measured_shape": "x".join(map(str, first[:2])) + f" g{first[2]}" if first and not updown else None,
                    "order": "updown" if updown else "one", "lever_set": done.get("lever_set"),
                    "lever_predicted_bytes": done.get("lever_predicted_bytes"),
                    "phase_peaks": phase_peaks(client.memory(job["id"])),
