@@ -125,20 +125,20 @@ class FleetView:
 
 
 def _sets_on(view: FleetView, worker: Worker, model: str) -> list[LeverSet]:
-    """The lever sets a worker runs jobs in, fastest first, with their profiles: its memory mode's, or an auto
-    worker's sets. Every one starts from the resident figure the worker announces (an auto worker's: its
-    cheapest set's); a set that keeps components between jobs has them in its profiles' base."""
-    return [LeverSet(key, view.profiles.get((model, worker.backend, worker.precision, key), []),
+    """The lever sets a worker runs jobs in that admission can judge, fastest first, with their profiles: its
+    memory mode's, or an auto worker's sets measured so far (its cheapest alone, by the prior, before any was).
+    Every one starts from the resident figure the worker announces (an auto worker's: its cheapest set's); a
+    set that keeps components between jobs has them in its profiles' base."""
+    sets = [LeverSet(key, view.profiles.get((model, worker.backend, worker.precision, key), []),
                      worker.resident_bytes, decodes_in_tiles(key)) for key in lever_set_keys(worker.memory_mode)]
+    return [s for s in sets if s.profiles] or sets[-1:]
 
 
 def _predict_on(view: FleetView, worker: Worker, model: str, shape: Shape) -> Prediction:
     """A job's peak on a worker: in its lever set, or on an auto worker in the cheapest set it can switch to:
     the least of the predictions of its sets measured so far (each from its own profiles), or the cheapest
     set's prior when none is."""
-    sets = _sets_on(view, worker, model)
-    measured = [s for s in sets if s.profiles] or sets[-1:]
-    return min((predict(shape, s.profiles, s.resident_bytes, s.tiled_decode) for s in measured),
+    return min((predict(shape, s.profiles, s.resident_bytes, s.tiled_decode) for s in _sets_on(view, worker, model)),
                key=lambda p: p.bytes)
 
 
@@ -272,7 +272,6 @@ def time_on(view: FleetView, worker: Worker, params) -> TimePrediction | None:
     work = work_on(worker, params)
     # the set the worker would run it in: on an auto worker, the fastest measured one that fits its class
     sets = _sets_on(view, worker, params.model)
-    sets = [s for s in sets if s.profiles] or sets[-1:]
     chosen = choose_lever_set(work.shape, sets, top_class(worker.budget_bytes))
     known = next(s.profiles for s in sets if s.key == chosen.key)
     return predict_time(work.shape, work.steps, work.passes, known,

@@ -110,6 +110,12 @@ def main() -> int:
     run = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []
     RESULTS.parent.mkdir(exist_ok=True)
+
+    def keep(row: dict) -> None:
+        rows.append({**row, "run": run})
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        print(json.dumps(rows[-1]), flush=True)
     for arch in args.arch.split(","):
         mine = {}
         for row in args.rows.split(","):
@@ -122,21 +128,14 @@ def main() -> int:
             else:
                 r = worker_row(arch, row, args.images, args.limit_gb)
             mine[row] = r
-            rows.append({**r, "run": run})
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
-            print(json.dumps(rows[-1]), flush=True)
+            keep(r)
         if args.tight and {"fast", "balanced"} <= set(mine):
             # between balanced's and fast's peaks: room for balanced (measured in the same run), not for fast
             budget = (mine["balanced"]["peak_bytes"] + mine["fast"]["peak_bytes"]) // 2
             try:
-                rows.append({**worker_row(arch, "auto", args.images, args.limit_gb, budget), "run": run})
+                keep(worker_row(arch, "auto", args.images, args.limit_gb, budget))
             except ApiError as exc:  # a fresh worker's prior may not fit a tight budget: refused, said so
                 print(f"{arch} auto at {budget / GIB:.2f} GiB: {exc}", flush=True)
-                continue
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
-            print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     return 0
 

@@ -180,8 +180,10 @@ def parameters_of(job: Job) -> JobParameters:
     )
 
 def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: str, worker_name: str,
-                  max_attempts: int, job_timeout_s: float | None = None) -> Attempt | None:
-    """Claim a delivered job for this worker, or None when it must not run.
+                  max_attempts: int, job_timeout_s: float | None = None,
+                  levers: tuple[str, str, int] | None = None) -> Attempt | None:
+    """Claim a delivered job for this worker, or None when it must not run. `levers`: the lever set it will
+    run in, why, and the worker's prediction there (note_levers), written with the claim.
 
     A message from an older enqueue (the reconciler has re-sent the job since) is stale: dropped. A job
     found `running` was delivered again because the worker running it died before anyone took the job
@@ -205,8 +207,8 @@ def start_attempt(session: Session, job_id: str, delivery_id: str | None, host: 
         attempts=number, started_at=utcnow(), worker_host=host, worker_name=worker_name,
         error_code=None, error_message=None, peak_rss_bytes=None, peak_rss_method=None,
         peak_rss_anon_bytes=None, peak_rss_file_bytes=None, rss_before_bytes=None,
-        progress_image=None, progress_step=None, progress_steps=None, lever_set=None, lever_reason=None,
-        lever_predicted_bytes=None,
+        progress_image=None, progress_step=None, progress_steps=None,
+        **dict(zip(("lever_set", "lever_reason", "lever_predicted_bytes"), levers or (None, None, None))),
     ):
         return None
     return Attempt(job_id=job_id, number=number, parameters=parameters_of(job))

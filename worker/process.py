@@ -109,7 +109,7 @@ class WorkerProcess:
         # mode, switched between jobs (announced as "auto": admission judges a job by the cheapest)
         auto = settings.memory_mode == "auto" and hasattr(pipeline, "use_levers")
         self.lever_sets = settings.lever_sets if auto else [pipeline.levers]
-        self.memory_mode = "auto" + pipeline.levers.suffix if auto else pipeline.memory_mode
+        self.memory_mode = settings.announced_mode if auto else pipeline.memory_mode
         self.name = worker_name()
         # the configured budget is the ceiling; what the worker announces and checks follows the owner (beat)
         self.configured_budget, self.cgroup_limit = read_host_budget(settings.memory_reserve,

@@ -323,7 +323,7 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
         return RunOutcome.handed_on
     if check.outcome is PreCheckOutcome.failed:
         return RunOutcome.failed
-    attempt = _claim(sessions, job_id, delivery_id, worker)
+    attempt = _claim(sessions, job_id, delivery_id, worker, check.choice)
     if attempt is None:
         log.info("job %s: nothing to run (unknown, stale delivery, finished, or out of attempts)", job_id)
         _notify_if_due(sessions, job_id, celery)  # this delivery may just have ended it worker_lost / timeout
@@ -334,7 +334,10 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
                            f"this worker serves {worker.model!r}, not {params.model!r}")
     # the pre-check's prediction for the job it read queued; a redelivered job that was already running
     # (the pre-check saw it not queued) is checked here
-    choice = check.choice if check.params == params else _expected(sessions, worker, params)
+    choice = check.choice
+    if check.params != params:
+        choice = _expected(sessions, worker, params)
+        _note_levers(sessions, attempt, choice)
     expected = choice.prediction
     if expected.bytes > worker.budget:
         return _fail_unrun(sessions, attempt, celery, ErrorCode.insufficient_memory,
@@ -343,7 +346,10 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     if worker.leave_reason is not None:  # the worker began stopping as it claimed the job
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
-    _use_levers(sessions, worker, attempt, choice)
+    worker.use_levers(choice.key)
+    worker.start_resident = worker.resident_for(worker.pipeline.levers)
+    if len(worker.lever_sets) > 1:
+        log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
@@ -461,13 +467,15 @@ def _hand_on(sessions, job, delivery_id: str | None, worker: WorkerProcess, expe
     return moved
 
 
-def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess) -> jobstore.Attempt | None:
+def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess,
+           choice: LeverChoice | None) -> jobstore.Attempt | None:
     settings = worker.settings
+    levers = (choice.key, choice.reason, choice.prediction.bytes) if choice is not None else None
 
     def claim():
         with sessions.begin() as session:
             return jobstore.start_attempt(session, job_id, delivery_id, HOST, worker.name, settings.max_attempts,
-                                          settings.job_timeout_s)
+                                          settings.job_timeout_s, levers)
 
     try:
         return retrying(claim, patience_s=30)
@@ -487,21 +495,17 @@ def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> LeverCh
 
     def read_profiles():
         with sessions() as session:
-            return {lv.key: fleet.profiles(session, worker.model, pipeline.backend, pipeline.precision, lv.key)
-                    for lv in worker.lever_sets}
+            return fleet.profiles_of(session, {worker.model})
 
     known = retrying(read_profiles)
-    sets = [LeverSet(lv.key, known[lv.key], worker.resident_for(lv), lv.vae_tiles) for lv in worker.lever_sets]
+    sets = [LeverSet(lv.key, known.get((worker.model, pipeline.backend, pipeline.precision, lv.key), []),
+                     worker.resident_for(lv), lv.vae_tiles) for lv in worker.lever_sets]
     return choose_lever_set(shape_of(params, worker), sets, worker.budget)
 
 
-def _use_levers(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, choice: LeverChoice) -> None:
-    """Switch to the chosen lever set (auto) and say in the job's record which set it runs in, and why."""
-    worker.use_levers(choice.key)
-    worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    if len(worker.lever_sets) > 1:
-        log.info("job %s: %s", attempt.job_id, choice.reason)
-
+def _note_levers(sessions, attempt: jobstore.Attempt, choice: LeverChoice) -> None:
+    """The job's lever set, chosen again after its claim (a redelivered job the pre-check did not see queued;
+    otherwise the claim writes it)."""
     def write():
         with sessions.begin() as session:
             jobstore.note_levers(session, attempt, choice.key, choice.reason, choice.prediction.bytes)
