@@ -220,8 +220,29 @@ class LeverSet:
 @dataclass(frozen=True)
 class LeverChoice:
     key: str
-    prediction: Prediction
+    prediction: Prediction  # the job's peak in the set's own way (what admission and routing judge it by)
     reason: str
+    kept: tuple[str, ...] = ()  # components the set releases that stay compiled through this job (choose_kept)
+    kept_bytes: int = 0  # what they hold: the job is expected to peak at most this much above the prediction
+
+    @property
+    def expected_bytes(self) -> int:
+        return self.prediction.bytes + self.kept_bytes
+
+
+def choose_kept(predicted: int, budget: int, held: dict[str, int]) -> tuple[tuple[str, ...], int]:
+    """Which of the components a lever set releases (compiled for their phase, loaded again by every job)
+    stay compiled through the next job, and what they hold: the smallest first, while the job's predicted
+    peak plus everything kept stays under the budget. A kept component holds its weights through the other
+    phases (its buffers are given back as its phase ends), so the job peaks at most that much higher; what
+    does not fit is dropped before the job starts."""
+    kept, total = [], 0
+    for name, size in sorted(held.items(), key=lambda item: (item[1], item[0])):
+        if predicted + total + size > budget:
+            break
+        kept.append(name)
+        total += size
+    return tuple(kept), total
 
 
 def choose_lever_set(shape: Shape, sets: list[LeverSet], budget: int) -> LeverChoice:

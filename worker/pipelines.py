@@ -120,6 +120,12 @@ class Pipeline(Protocol):
 
     def release_buffers(self) -> None: ...  # between jobs: the runtime's activation buffers go back
 
+    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]: ...  # what could stay compiled
+
+    def keep(self, names: tuple[str, ...]) -> None: ...  # these released components stay compiled (others go now)
+
+    def kept_bytes(self) -> int: ...  # what the kept components hold now, compiled
+
 
 # A pipeline that does not say how it runs keeps everything resident.
 RESIDENT = Levers(mode="fast", release_encoders=False, release_all=False, drop_file_pages=False, vae_tiles=False,
@@ -180,6 +186,17 @@ class PipelineBase:
     def release_buffers(self) -> None:
         """Between jobs: give back what the runtime keeps for the shapes it ran (nothing here)."""
 
+    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]:
+        """The components a lever set compiles for their phase and releases after it that a job of these phases
+        loads again, with what each holds compiled (measured): what could stay compiled instead (none here)."""
+        return {}
+
+    def keep(self, names: tuple[str, ...]) -> None:
+        """Keep these releasable components compiled through the next jobs (nothing to keep here)."""
+
+    def kept_bytes(self) -> int:
+        return 0
+
     def drop_weight_pages(self, measure: bool = False) -> int:
         """Between jobs: drop the weights' file pages if the levers say so. With `measure`, returns the bytes
         dropped, read from /proc/self/smaps (~30 ms with the model stack's ~1,600 mappings); without, the
@@ -235,6 +252,10 @@ class OptimumPipeline(PipelineBase):
         self._phase: str | None = None
         self._shape: tuple | None = None
         self.warm_peaks: dict[str, int] = {}  # each lever set's warm-up peak, by its key
+        # What each component holds compiled (its weights, repacked by the first inference), measured as it is
+        # first compiled where file pages are dropped; and the released components kept compiled (keep)
+        self.held_bytes: dict[str, int] = {}
+        self.kept: frozenset[str] = frozenset()
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
         # the levers of the decode and of guidance are read at each call: an auto worker switches between jobs
@@ -293,11 +314,31 @@ class OptimumPipeline(PipelineBase):
             self._task_pipes[task] = pipe
         return pipe
 
+    def _released_by(self, levers: Levers) -> set[str]:
+        """The components a lever set compiles for their phase only and releases after it."""
+        return {n for n in self._parts if levers.release_all or (levers.release_encoders and PHASES[n] == "encode")}
+
     @property
     def _transient(self) -> set[str]:
-        """The components compiled for their phase only and released after it, in the lever set now."""
-        return {n for n in self._parts if self.levers.release_all
-                or (self.levers.release_encoders and PHASES[n] == "encode")}
+        """What is released after its phase: what the lever set now releases, but the components kept."""
+        return self._released_by(self.levers) - self.kept
+
+    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]:
+        return {n: self.held_bytes[n] for n in self._released_by(levers) if PHASES[n] in uses and n in self.held_bytes}
+
+    def keep(self, names: tuple[str, ...]) -> None:
+        """Keep these components compiled through the next jobs, though the lever set releases them: the next
+        job does not load them again. A component no longer kept is released now (before the job's meter
+        starts), unless its phase is running."""
+        kept = frozenset(names)
+        if kept == self.kept:
+            return
+        self.kept = kept
+        self._release_transient(self._phase)
+        log.info("kept compiled between phases: %s", ", ".join(sorted(kept)) or "nothing")
+
+    def kept_bytes(self) -> int:
+        return sum(self.held_bytes.get(n, 0) for n in self.kept if self._parts[n].request is not None)
 
     def use_levers(self, levers: Levers) -> None:
         """Run the next jobs in another lever set (an auto worker, between jobs): what the new set does not keep
@@ -393,18 +434,32 @@ class OptimumPipeline(PipelineBase):
             # Compiling and the first inference read the weights from mmapped files (the IR, or the cached
             # blob) while OpenVINO builds its own copy: both would be resident at once. With drop_file_pages
             # the pages already read are dropped as it goes (they stay in the page cache for a re-read).
+            measure = self.levers.drop_file_pages and name not in self.held_bytes
+            before = rss_bytes() if measure else 0
             with FilePageTrimmer(self.model_files() if self.levers.drop_file_pages else []):
                 self._compile(name)
-                return forward(*args, **kwargs)
+                out = forward(*args, **kwargs)
+            if measure:  # the first compile is the warm-up's (64x64): its buffers are a few MiB
+                self.held_bytes[name] = max(0, rss_bytes() - before)
+            return out
 
         return run
 
     def _enter(self, phase: str | None) -> None:
-        """Start a phase: release the transient components of the others."""
+        """Start a phase: release the transient components of the others, and give back the kept ones'
+        buffers of the phase that ends (a kept component holds its weights through the other phases)."""
         if phase == self._phase:
             return
         if phase is not None and self.on_phase is not None:
             self.on_phase(phase)
+        for name in self.kept:
+            request = self._parts[name].request
+            if PHASES[name] == self._phase and request is not None and hasattr(request, "release_memory"):
+                request.release_memory()
+        self._release_transient(phase)
+        self._phase = phase
+
+    def _release_transient(self, phase: str | None) -> None:
         released = False
         for name in self._transient:
             part = self._parts[name]
@@ -413,7 +468,6 @@ class OptimumPipeline(PipelineBase):
                 released = True
         if released:
             gc.collect()  # the compiled model goes now, not at some later collection
-        self._phase = phase
 
     def _compile(self, name: str) -> None:
         part = self._parts[name]

@@ -17,7 +17,7 @@ import psutil
 from shared import fleet, jobstore
 from shared.db import session_factory
 from shared.fleet_contract import WorkerState
-from shared.memory import fmt_size, read_host_budget
+from shared.memory import choose_kept, fmt_size, read_host_budget
 from shared.models import utcnow
 from shared.settings import Settings
 from worker.family import worker_defaults
@@ -145,7 +145,7 @@ class WorkerProcess:
         releases = levers.release_all or levers.release_encoders
         peak = getattr(self.pipeline, "warm_peaks", {}).get(levers.key, self.pipeline.warm_peak)
         self.floor = peak if releases else 0
-        self.reload_bytes = max(0, self.floor - rss_bytes())
+        self.reload_bytes = max(0, self.floor - self.rss_without_kept())
         self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
 
@@ -155,6 +155,7 @@ class WorkerProcess:
             return
         (levers,) = [lv for lv in self.lever_sets if lv.key == key]
         self.pipeline.use_levers(levers)
+        self.pipeline.keep(())  # the choice of what the new set keeps is the next job's
         gc.collect()
         release_free_memory()
         self._settle()
@@ -175,8 +176,20 @@ class WorkerProcess:
         grows with the shapes run kept) plus what each job loads again (measured at the warm-up, and as the last job
         encoded its prompt: SDXL's two text encoders, compiled per job in balanced mode, hide under the
         warm-up's UNet peak), or the RSS the last job started at if higher (file pages dropped between
-        jobs come back as a job starts), and never below the warm-up's peak for such a pipeline."""
-        return max(rss_bytes() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
+        jobs come back as a job starts), and never below the warm-up's peak for such a pipeline. All of it in
+        the lever set's own way: without the components kept compiled though the set releases them (they are
+        counted apart, in each job's choice of what to keep)."""
+        return max(self.rss_without_kept() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
+
+    def rss_without_kept(self, rss: int | None = None) -> int:
+        """The RSS (now, or as given), less what the released components kept compiled hold."""
+        return (rss_bytes() if rss is None else rss) - self.pipeline.kept_bytes()
+
+    def keep_for(self, key: str, prediction_bytes: int, uses: set[str]) -> tuple[tuple[str, ...], int]:
+        """What of the components the lever set of `key` releases stays compiled through a job of these phases:
+        the smallest first, while the job's prediction plus all kept stays under the budget (choose_kept)."""
+        (levers,) = [lv for lv in self.lever_sets if lv.key == key]
+        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(levers, uses))
 
     @property
     def leave_reason(self) -> str | None:

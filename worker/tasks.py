@@ -29,7 +29,7 @@ from shared.retry import is_transient, retrying
 from shared.timing import StepTiming, measured, predict_time, unet_passes
 from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
-from worker.pipelines import CheckpointError, ImageRequest
+from worker.pipelines import PHASES, CheckpointError, ImageRequest
 from worker.preview import MEDIA_TYPE, encode
 from worker.resume import Keeper
 from worker.upscale import upscale
@@ -347,19 +347,22 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
     worker.use_levers(choice.key)
+    worker.pipeline.keep(choice.kept)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    if len(worker.lever_sets) > 1:
+    start_kept = worker.pipeline.kept_bytes()
+    if len(worker.lever_sets) > 1 or choice.kept:
         log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, run.left, celery)
-    base = _account(worker, run)
+    base = _account(worker, run, start_kept)
     # Release and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
     _release_after_job(worker)
-    return _store(sessions, worker, attempt, run, base, expected, celery)
+    kept = {name: worker.pipeline.held_bytes[name] for name in choice.kept}
+    return _store(sessions, worker, attempt, run, base, choice, kept, celery)
 
 
 def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: str, celery: Celery) -> RunOutcome:
@@ -470,7 +473,7 @@ def _hand_on(sessions, job, delivery_id: str | None, worker: WorkerProcess, expe
 def _claim(sessions, job_id: str, delivery_id: str | None, worker: WorkerProcess,
            choice: LeverChoice | None) -> jobstore.Attempt | None:
     settings = worker.settings
-    levers = (choice.key, choice.reason, choice.prediction.bytes) if choice is not None else None
+    levers = (choice.key, choice.reason, choice.expected_bytes) if choice is not None else None
 
     def claim():
         with sessions.begin() as session:
@@ -500,7 +503,16 @@ def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> LeverCh
     known = retrying(read_profiles)
     sets = [LeverSet(lv.key, known.get((worker.model, pipeline.backend, pipeline.precision, lv.key), []),
                      worker.resident_for(lv), lv.vae_tiles) for lv in worker.lever_sets]
-    return choose_lever_set(shape_of(params, worker), sets, worker.budget)
+    shape = shape_of(params, worker)
+    choice = choose_lever_set(shape, sets, worker.budget)
+    # what the chosen set releases and the job would load again, kept compiled where the budget has room
+    uses = {"encode", "denoise", "decode", *(("encode_image",) if shape.encodes else ())}
+    kept, kept_bytes = worker.keep_for(choice.key, choice.prediction.bytes, uses)
+    if not kept:
+        return choice
+    return dataclasses.replace(choice, kept=kept, kept_bytes=kept_bytes, reason=(
+        f"{choice.reason}; kept compiled through the job: {', '.join(kept)} ({fmt_size(kept_bytes)}: the "
+        f"prediction plus them is {fmt_size(choice.prediction.bytes + kept_bytes)}, under the budget)"))
 
 
 def _note_levers(sessions, attempt: jobstore.Attempt, choice: LeverChoice) -> None:
@@ -508,7 +520,7 @@ def _note_levers(sessions, attempt: jobstore.Attempt, choice: LeverChoice) -> No
     otherwise the claim writes it)."""
     def write():
         with sessions.begin() as session:
-            jobstore.note_levers(session, attempt, choice.key, choice.reason, choice.prediction.bytes)
+            jobstore.note_levers(session, attempt, choice.key, choice.reason, choice.expected_bytes)
 
     retrying(write)
 
@@ -595,26 +607,45 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
     return Generation(images, code, message, time.perf_counter() - t0, meter, clock, left)
 
 
-def _account(worker: WorkerProcess, run: Generation) -> int:
+def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
     """The memory-accounting rule: what this job teaches the worker's resident figure, and the base its
-    profile is recorded against (returned)."""
+    profile is recorded against (returned), both in the lever set's own way (`start_kept`: what the
+    components kept compiled held as the job started)."""
     reading = run.meter.reading
+    rss_before = reading.rss_before_bytes - start_kept
     # What encoding the prompt took above the job's start (text encoders compiled for it, in a mode that
     # releases them): the same for every shape, on top of whatever the worker holds then. Not so where
     # every component is loaded per phase: the UNet is compiled before the first step ends the "encode" mark.
     encode_peak = run.meter.phase_peak("encode")
     prompt_only = not worker.pipeline.levers.release_all
     encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None and prompt_only else 0
+    encoders_kept = any(PHASES.get(name) == "encode" for name in worker.pipeline.kept)
     # The profile's base is what predictions start from (for a pipeline that releases components between
     # jobs, what it loads again in each, which holds the weights), or the RSS the job started at if higher;
     # never the little a low-memory worker holds between jobs, or the weights would count twice when scaled
     # to another size. The prompt encoding stays out of it: scaled with the shape, it covers the VAE's
     # attention, which grows faster than the pixels (SD 1.5 at 1024x1024 from 768x512).
-    base = max(worker.start_resident, reading.rss_before_bytes)
-    worker.last_start = reading.rss_before_bytes
-    if run.code is None:
+    base = max(worker.start_resident, rss_before)
+    worker.last_start = rss_before
+    if run.code is None and not encoders_kept:  # (kept, they were not compiled for the prompt)
         worker.encode_bytes = encode_bytes
     return base
+
+
+def own_way(peak: int, phases: tuple[int | None, int | None], kept: dict[str, int]) -> tuple[int, tuple]:
+    """A job's peak and its first image's phase peaks (steps, decode) as its lever set runs it, from a run
+    with components kept compiled that the set releases (`kept`: what each held): each phase less what the
+    kept components of the other phases held through it; the peak at least the whole less all of them."""
+    if not kept:
+        return peak, phases
+
+    def outside(*mine: str) -> int:
+        return sum(size for name, size in kept.items() if PHASES.get(name) not in mine)
+
+    steps, decode = phases
+    steps = steps - outside("denoise", "encode_image") if steps is not None else None
+    decode = decode - outside("decode") if decode is not None else None
+    return max(peak - sum(kept.values()), steps or 0, decode or 0), (steps, decode)
 
 
 def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generation) -> StepTiming | None:
@@ -640,9 +671,11 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
 
 
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
-           expected: Prediction, celery: Celery) -> RunOutcome:
-    """The profile (complete runs only), then the result and its memory timeline; the webhook's hand-out."""
+           choice: LeverChoice, kept: dict[str, int], celery: Celery) -> RunOutcome:
+    """The profile (complete runs only, in the lever set's own way: without what the components kept
+    compiled held), then the result and its memory timeline; the webhook's hand-out."""
     reading, pipeline = run.meter.reading, worker.pipeline
+    peak, phases = own_way(reading.peak_rss_bytes, run.meter.first_image_phases(), kept)
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
@@ -651,8 +684,8 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         timing = _timing(sessions, worker, attempt.parameters, run)
         with sessions.begin() as session:
             fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, pipeline.levers.key,
-                                 shape_of(attempt.parameters, worker), reading.peak_rss_bytes, base,
-                                 run.slowest_step_s or None, timing, run.meter.first_image_phases())
+                                 shape_of(attempt.parameters, worker), peak, base,
+                                 run.slowest_step_s or None, timing, phases)
 
     def finish() -> bool:
         with sessions.begin() as session:
@@ -670,9 +703,9 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         except Exception:
             log.exception("job %s: its memory profile was not recorded", attempt.job_id)
     ok = retrying(finish)
-    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s), slowest step %.2f s", attempt.job_id, run.outcome.value,
-             run.elapsed_s, fmt_size(reading.peak_rss_bytes), fmt_size(expected.bytes), expected.source,
-             run.slowest_step_s)
+    log.info("job %s %s in %.2f s, peak %s (predicted %s, %s%s), slowest step %.2f s", attempt.job_id,
+             run.outcome.value, run.elapsed_s, fmt_size(reading.peak_rss_bytes), fmt_size(choice.expected_bytes),
+             choice.prediction.source, f", with {', '.join(kept)} kept" if kept else "", run.slowest_step_s)
     if ok:
         _notify_if_due(sessions, attempt.job_id, celery)
     return run.outcome if ok else RunOutcome.superseded

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from shared.memory import (
-    GB, MB, PRIOR_FIXED_BYTES, LeverSet, Profile, Shape, cgroup_memory_limit, choose_lever_set, host_budget, predict,
+    GB, MB, PRIOR_FIXED_BYTES, LeverSet, Profile, Shape, cgroup_memory_limit, choose_kept, choose_lever_set,
+    host_budget, predict,
 )
 
 
@@ -159,3 +160,13 @@ def test_auto_chooses_the_fastest_lever_set_that_fits_and_says_why():
     assert none.key == "low" and none.prediction.bytes > GB and "is past the budget" in none.reason
     only = choose_lever_set(shape, [balanced], GB)  # a worker of one mode runs in it, fitting or not
     assert only.key == "balanced" and only.reason == "the worker's memory mode, balanced"
+
+
+def test_what_a_lever_set_releases_stays_compiled_smallest_first_while_the_budget_has_room():
+    held = {"unet": int(1.7 * GB), "text_encoder": 600 * MB, "vae_decoder": 120 * MB}
+    assert choose_kept(int(2.5 * GB), 8 * GB, held) == (("vae_decoder", "text_encoder", "unet"), sum(held.values()))
+    # room for the two small ones after the job's predicted peak, not for the UNet: it goes first
+    assert choose_kept(int(2.5 * GB), int(3.5 * GB), held) == (("vae_decoder", "text_encoder"), 720 * MB)
+    assert choose_kept(int(2.5 * GB), int(2.6 * GB), held) == (("vae_decoder",), 120 * MB)
+    assert choose_kept(int(2.5 * GB), int(2.5 * GB), held) == ((), 0)  # no room: low mode as it is
+    assert choose_kept(3 * GB, 2 * GB, held) == ((), 0)  # a job past the budget keeps nothing

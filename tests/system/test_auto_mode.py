@@ -60,3 +60,41 @@ def test_an_auto_worker_runs_each_job_in_the_fastest_set_that_fits_and_says_so(s
     again = run()
     assert again["lever_set"] == "fast" and stack.api.image(again["images"][0]["url"]) == png
     assert again["peak_rss_bytes"] > low["peak_rss_bytes"]  # everything resident again, not one phase's part
+
+
+def test_a_low_worker_keeps_compiled_what_its_budget_has_room_for_and_drops_it_when_not(stack, spawn_worker):
+    """Low mode compiles each component for its phase and releases it after; what the next job would load again
+    stays compiled while the worker's budget has room for it after the job's predicted peak (the record says
+    which), and is dropped when it has not. The images are low mode's either way, and its profile is low
+    mode's own: measured less what the kept components held through the other phases."""
+    model, _ = spawn_worker("keep", SDFLEET_MEMORY_MODE="low", SDFLEET_MEMORY_BUDGET=2 * GB)
+    (worker,) = [w for w in stack.api.workers() if w["model"] == model]
+    sessions = session_factory(stack.database_url)
+
+    def run() -> dict:
+        done = stack.api.wait(stack.api.submit(model=model, **JOB)["id"], timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["lever_set"] == "low"
+        return done
+
+    first = run()  # the tiny model's components fit any budget beside its job: all of them stay
+    assert "kept compiled through the job: " in first["lever_reason"], first["lever_reason"]
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert name in first["lever_reason"].split("kept compiled through the job: ")[1]
+    assert first["lever_predicted_bytes"] <= 2 * GB
+    png = stack.api.image(first["images"][0]["url"])
+    with sessions() as s:
+        (profile,) = s.query(MemoryProfile).filter_by(model=model, memory_mode="low")
+        shape = Shape(profile.width, profile.height, profile.guidance)
+        assert profile.peak_bytes < first["peak_rss_bytes"]  # low mode's own peak: without the kept weights
+
+    kept = run()  # nothing to compile: faster, the same image
+    assert stack.api.image(kept["images"][0]["url"]) == png
+
+    # a measured peak at the budget: no room beside the job, so nothing is kept and low mode runs as it is
+    with sessions.begin() as s:
+        fleet.record_profile(s, model, worker["backend"], worker["precision"], "low", shape, 2 * GB - 1, 2 * GB - 1)
+    tight = run()
+    assert "kept" not in tight["lever_reason"], tight["lever_reason"]
+    assert stack.api.image(tight["images"][0]["url"]) == png
+    assert tight["peak_rss_bytes"] < kept["peak_rss_bytes"]  # one phase's components at a time again

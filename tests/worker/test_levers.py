@@ -116,6 +116,54 @@ def test_one_auto_pipeline_switches_lever_sets_between_jobs_and_makes_each_mode_
     assert np.array_equal(np.asarray(pipe.generate(JOBS[0])), want[0])
 
 
+def test_a_run_with_components_kept_is_profiled_as_its_lever_set_runs_it():
+    """A kept component's weights stayed through the phases low mode releases it in: each phase's peak less
+    what the other phases' kept components held is what low mode itself would have measured."""
+    from worker.tasks import own_way
+
+    gib = 1 << 30
+    kept = {"text_encoder": gib // 2, "vae_decoder": gib // 8, "unet": 2 * gib}
+    peak, (steps, decode) = own_way(6 * gib, (5 * gib, 6 * gib), kept)
+    assert steps == 5 * gib - (gib // 2 + gib // 8)  # the UNet's own phase: its weights count, as low loads them
+    assert decode == 6 * gib - (gib // 2 + 2 * gib)
+    assert peak == max(steps, decode)
+    assert own_way(6 * gib, (5 * gib, 6 * gib), {}) == (6 * gib, (5 * gib, 6 * gib))  # nothing kept: as measured
+    assert own_way(6 * gib, (None, None), kept)[0] == 6 * gib - sum(kept.values())
+
+
+def test_low_mode_keeps_what_it_is_told_to_compiled_between_jobs_and_makes_the_same_images(model, tmp_path_factory):
+    """What low mode releases after each phase and the next job loads again can stay compiled (the worker keeps
+    what its budget has room for): the images stay low mode's, bitwise; what stays is measured as it is first
+    compiled (the warm-up), and what is no longer kept goes at once."""
+    pipe = _load(model, tmp_path_factory, memory_mode="low")
+    pipe.warm_up()
+    encoders = {n for n in pipe._parts if n.startswith("text_encoder")}
+    uses = {"encode", "denoise", "decode"}
+    held = pipe.releasable(pipe.levers, uses)
+    assert set(held) == encoders | {"unet", "vae_decoder"} and all(size > 0 for size in held.values())
+    # the VAE encoder (image jobs only) is measured by the first job that encodes an image, not by the warm-up
+    assert "vae_encoder" not in pipe.releasable(pipe.levers, uses | {"encode_image"})
+    assert set(pipe.releasable(Settings(memory_mode="balanced").levers, uses)) == encoders
+    assert pipe.releasable(Settings(memory_mode="fast").levers, uses) == {}  # fast releases nothing
+    plain = [np.asarray(pipe.generate(job)) for job in JOBS]
+
+    def compiled() -> set[str]:
+        return {name for name, part in pipe._parts.items() if part.request is not None}
+
+    pipe.keep(tuple(held))
+    for job, expected in zip(JOBS, plain):
+        assert np.array_equal(np.asarray(pipe.generate(job)), expected)
+        pipe.release_buffers()
+        assert compiled() == set(held)  # nothing of it loaded again by the next job
+    assert pipe.kept_bytes() == sum(held.values())
+    pipe.keep(("vae_decoder",))  # the budget has room for less: the rest goes now, not after the next job
+    assert compiled() == {"vae_decoder"} and pipe.kept_bytes() == held["vae_decoder"]
+    assert np.array_equal(np.asarray(pipe.generate(JOBS[1])), plain[1])
+    assert compiled() == {"vae_decoder"}
+    pipe.keep(())
+    assert compiled() == set()
+
+
 def test_static_shapes_follow_guidance_and_size_from_job_to_job(model, tmp_path_factory):
     # optimum-intel's own reshape fixes the UNet batch at 2, and a guidance-1 job then fails; here each
     # job's shape (guidance included) is compiled for, and a different next job recompiles
