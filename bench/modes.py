@@ -63,15 +63,22 @@ def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int |
             "peak_bytes": max(r["peak_rss_bytes"] for r in done),
             "later_peak_bytes": max(r["peak_rss_bytes"] for r in later),
             "lever_sets": [r.get("lever_set") for r in done],
+            "kept": [kept_of(r.get("lever_reason") or "") for r in done],
             "predicted_over_measured": [round(r["predicted_peak_bytes"] / r["peak_rss_bytes"], 2) for r in done],
             # the worker's own prediction in the set it ran (admission's, above, is an auto worker's cheapest set's)
             "worker_predicted_over_measured": [round(r["lever_predicted_bytes"] / r["peak_rss_bytes"], 2)
                                                for r in done if r.get("lever_predicted_bytes")]}
 
 
+def kept_of(reason: str) -> list[str]:
+    """The components a job kept compiled though its lever set releases them, from its record's lever_reason."""
+    said = reason.partition("kept compiled through the job: ")[2]
+    return said.partition(" (")[0].split(", ") if said else []
+
+
 def table(rows: list[dict]) -> str:
     header = ("| model | row | precision | peak RSS | vs fastsdcpu | first image | s/image after the first | "
-              "vs fastsdcpu | lever sets (auto) |")
+              "vs fastsdcpu | lever sets (auto); kept compiled (after the first job) |")
     out = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["arch"] == r["arch"] and b["row"] == "fastsdcpu"), None)
@@ -85,6 +92,9 @@ def table(rows: list[dict]) -> str:
         sets = ""
         if r.get("lever_sets") and r["mode"] == "auto":
             sets = ", ".join(f"{k} x{r['lever_sets'].count(k)}" for k in dict.fromkeys(r["lever_sets"]))
+        kept = {", ".join(k) for k in r.get("kept", [])[1:]}
+        if kept and kept != {""}:
+            sets = "; ".join(x for x in (sets, "kept: " + " / ".join(sorted(k or "nothing" for k in kept))) if x)
         out.append(f"| {NAMES.get(r['arch'], r['arch'])} {r['size']}px, {r['steps']} steps, g{r['guidance']:g} | "
                    f"{r['row']} | {r.get('precision', '')} | {peak / GIB:.2f} GiB | {peak_ratio} | {first:.1f} s | "
                    f"{per_image:.1f} s | {time_ratio} | {sets} |")
