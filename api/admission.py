@@ -17,7 +17,7 @@ from shared.jobs import FALLBACK_DEFAULTS, FitRecord, JobParameters, ModelDefaul
 from shared.memory import LeverSet, Prediction, Profile, Shape, choose_lever_set, fmt_size, predict
 from shared.models import Worker
 from shared.queue import memory_class, top_class
-from shared.settings import decodes_in_tiles, lever_set_keys
+from shared.settings import decoded_key, decodes_in_tiles, job_decoder, lever_set_keys
 from shared.timing import TimePrediction, predict_time, unet_passes
 
 if TYPE_CHECKING:
@@ -124,22 +124,24 @@ class FleetView:
         return serving
 
 
-def _sets_on(view: FleetView, worker: Worker, model: str) -> list[LeverSet]:
+def _sets_on(view: FleetView, worker: Worker, model: str, shape: Shape, decoder: str | None) -> list[LeverSet]:
     """The lever sets a worker runs jobs in that admission can judge, fastest first, with their profiles: its
     memory mode's, or an auto worker's sets measured so far (its cheapest alone, by the prior, before any was).
     Every one starts from the resident figure the worker announces (an auto worker's: its cheapest set's); a
-    set that keeps components between jobs has them in its profiles' base."""
-    sets = [LeverSet(key, view.profiles.get((model, worker.backend, worker.precision, key), []),
+    set that keeps components between jobs has them in its profiles' base. A job decoded by the model's own VAE
+    on a worker with a tiny one is judged by the profiles of such jobs (`decoder`: the one the job asks for)."""
+    decoder = job_decoder(worker.memory_mode, "img2img" if shape.encodes else "txt2img", decoder)
+    sets = [LeverSet(key, view.profiles.get((model, worker.backend, worker.precision, decoded_key(key, decoder)), []),
                      worker.resident_bytes, decodes_in_tiles(key)) for key in lever_set_keys(worker.memory_mode)]
     return [s for s in sets if s.profiles] or sets[-1:]
 
 
-def _predict_on(view: FleetView, worker: Worker, model: str, shape: Shape) -> Prediction:
+def _predict_on(view: FleetView, worker: Worker, model: str, shape: Shape, decoder: str | None) -> Prediction:
     """A job's peak on a worker: in its lever set, or on an auto worker in the cheapest set it can switch to:
     the least of the predictions of its sets measured so far (each from its own profiles), or the cheapest
     set's prior when none is."""
-    return min((predict(shape, s.profiles, s.resident_bytes, s.tiled_decode) for s in _sets_on(view, worker, model)),
-               key=lambda p: p.bytes)
+    return min((predict(shape, s.profiles, s.resident_bytes, s.tiled_decode)
+                for s in _sets_on(view, worker, model, shape, decoder)), key=lambda p: p.bytes)
 
 
 @dataclass(frozen=True)
@@ -161,23 +163,29 @@ def hints(view: FleetView, params: JobParameters, worker: Worker) -> list[dict]:
     no_cfg = Shape(shape.width, shape.height, False, encodes=shape.encodes)
     if shape.guidance:
         out.append(_hint("guidance_scale 1", {"guidance_scale": 1.0},
-                         _predict_on(view, worker, params.model, no_cfg), budget))
+                         _predict_on(view, worker, params.model, no_cfg, params.decoder), budget))
     for side in _SIZES if params.kind != "upscale" else ():  # (an upscale's own size is its tiles')
         if side * side >= params.width * params.height:
             continue
         out.append(_hint(f"{side}x{side}", {"width": side, "height": side},
-                         _predict_on(view, worker, params.model, Shape(side, side, shape.guidance, encodes=shape.encodes)),
+                         _predict_on(view, worker, params.model, Shape(side, side, shape.guidance, encodes=shape.encodes),
+                                     params.decoder),
                          budget))
         if shape.guidance:
             out.append(_hint(f"{side}x{side} with guidance_scale 1",
                              {"width": side, "height": side, "guidance_scale": 1.0},
-                             _predict_on(view, worker, params.model, Shape(side, side, False, encodes=shape.encodes)),
+                             _predict_on(view, worker, params.model, Shape(side, side, False, encodes=shape.encodes),
+                                         params.decoder),
                              budget))
+    if job_decoder(worker.memory_mode, params.kind, params.decoder) == "full" and params.kind == "txt2img" \
+            and worker.memory_mode.endswith("+tiny_vae"):
+        out.append(_hint("decoder tiny (the tiny VAE)", {"decoder": "tiny"},
+                         _predict_on(view, worker, params.model, shape, "tiny"), budget))
     family = _family(params.model)
     for other in {w.model for w in view.live if w.model != params.model and _family(w.model) == family}:
         kind = "int4" if "int4" in other.lower() else "int8" if "int8" in other.lower() else "other"
         best = max((w for w in view.live if w.model == other), key=lambda w: w.budget_bytes)
-        pred = _predict_on(view, best, other, shape)
+        pred = _predict_on(view, best, other, shape, params.decoder)
         out.append({"message": f"the {kind} variant of this model ({other}) would need ~{fmt_size(pred.bytes)}",
                     "change": {"model": other}, "predicted_bytes": pred.bytes,
                     "fits": pred.bytes <= top_class(best.budget_bytes)})
@@ -199,7 +207,7 @@ def fits_on(view: FleetView, params: JobParameters, serving: list[Worker]) -> li
     """The prediction admission uses, on each worker: what `sdfleet plan` shows and what `admit` decides by."""
     out = []
     for worker in serving:
-        prediction = _predict_on(view, worker, params.model, shape_on(worker, params))
+        prediction = _predict_on(view, worker, params.model, shape_on(worker, params), params.decoder)
         ceiling = memory_class(prediction.bytes)
         out.append(WorkerFit(worker, prediction, ceiling,
                              ceiling is not None and ceiling <= top_class(worker.budget_bytes)))
@@ -211,7 +219,8 @@ def admit(view: FleetView, params: JobParameters) -> Admission:
     class that holds it; the smallest class some worker covers wins (a job never waits for a bigger worker
     than it needs). Raises when none covers the class its job needs. The decision depends on the model and
     the shape only, so it is kept on the view for the next job of the same shape."""
-    memo = (params.model, params.width, params.height, params.guidance_scale, params.kind, params.tile)
+    memo = (params.model, params.width, params.height, params.guidance_scale, params.kind, params.tile,
+            params.decoder)
     if memo in view.decided:
         return view.decided[memo]
     fits = fits_on(view, params, view.serving(params.model))
@@ -271,7 +280,7 @@ def time_on(view: FleetView, worker: Worker, params) -> TimePrediction | None:
     profiles (shared/timing.py), or None."""
     work = work_on(worker, params)
     # the set the worker would run it in: on an auto worker, the fastest measured one that fits its class
-    sets = _sets_on(view, worker, params.model)
+    sets = _sets_on(view, worker, params.model, work.shape, getattr(params, "decoder", None))
     chosen = choose_lever_set(work.shape, sets, top_class(worker.budget_bytes))
     known = next(s.profiles for s in sets if s.key == chosen.key)
     return predict_time(work.shape, work.steps, work.passes, known,
@@ -290,7 +299,7 @@ def predict_generation(view: FleetView, params, memory_class_bytes: int | None) 
     view per model, shape, steps, images and class."""
     memo = ("time", params.model, params.width, params.height, params.guidance_scale, params.steps,
             params.num_images, getattr(params, "kind", None), getattr(params, "strength", None),
-            getattr(params, "tile", None), memory_class_bytes)
+            getattr(params, "tile", None), getattr(params, "decoder", None), memory_class_bytes)
     if memo not in view.decided:
         seconds = [p.seconds for w in class_workers(view, params.model, memory_class_bytes)
                    if (p := time_on(view, w, params)) is not None]

@@ -86,13 +86,15 @@ def _job_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--strength", type=float, help="with --image: 0 (the image as it is) .. 1 (from noise) "
                    "(API default 0.75; inpainting 1; upscale 0.3)")
     p.add_argument("--upscale", type=int, choices=(2, 4), help="with --image: enlarge it 2x or 4x")
+    p.add_argument("--decoder", choices=("tiny", "full"), help="text-to-image: decode with the worker's tiny VAE "
+                   "(faster, less detail) or the model's own (default: tiny where the model's workers have one)")
     p.add_argument("--out", type=Path, metavar="FILE", help=out_help)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
 
 
 def _job_params(args: argparse.Namespace, prompt: str) -> dict:
     names = ("negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "model",
-             "priority", "webhook_url", "fit", "strength", "upscale")
+             "priority", "webhook_url", "fit", "strength", "upscale", "decoder")
     params = {"prompt": prompt, **{n: getattr(args, n, None) for n in names}}
     for name in ("image", "mask"):  # sent as base64 in the JSON body
         path = getattr(args, name, None)

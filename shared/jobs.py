@@ -164,6 +164,8 @@ class JobShape(BaseModel):
 # inpainting (an init image and a mask: only the mask's white part is repainted), upscaling (an init image
 # enlarged 2x or 4x, then refined tile by tile by image-to-image with the same model)
 JobKind = Literal["txt2img", "img2img", "inpaint", "upscale"]
+# What decodes a job's latents: the worker's tiny VAE (TAESD) or the model's own
+Decoder = Literal["tiny", "full"]
 KINDS: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "upscale")
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0, "upscale": 0.3}
 UPSCALE_FACTORS = (2, 4)
@@ -251,6 +253,11 @@ class JobCreate(JobShape):
         "(inpainting), 0.3 (upscale)")
     upscale: Literal[2, 4] | None = Field(default=None, description="with an image: enlarge it 2x or 4x (tiled "
                                           "image-to-image with the same model, at most 4096 pixels a side)")
+    decoder: Decoder | None = Field(
+        default=None, description="what decodes the latents into the image: tiny (the worker's tiny VAE, TAESD: "
+        "a fraction of the decode's time and memory, less fine detail; text-to-image only, on workers that have "
+        "one) or full (the model's own VAE). Default: tiny for text-to-image where the model's workers have one, "
+        "else full")
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description=_MODEL_DEFAULT)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -287,6 +294,9 @@ class JobCreate(JobShape):
             for name in ("mask", "strength", "upscale"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: needs an image (the init image this job starts from)")
+        elif self.decoder == "tiny":
+            raise ValueError("decoder: the tiny VAE decodes text-to-image jobs only (a job with an image decodes "
+                             "with the model's own VAE, as its encoder encoded it)")
         if self.upscale is not None:
             if self.mask is not None:
                 raise ValueError("mask: an upscale takes no mask (it refines the whole image)")
@@ -324,6 +334,8 @@ class JobParameters(BaseModel):
                                 "output's")
     tile: int | None = Field(default=None, description="an upscale: the side of the square tiles it is refined "
                              "in, chosen by admission so that a tile fits the memory class")
+    decoder: Decoder | None = Field(default=None, description="tiny or full, as asked (none: the worker's "
+                                    "default)")
 
 
 class InputLink(BaseModel):

@@ -57,6 +57,7 @@ class Job(Base):
     strength: Mapped[float | None] = mapped_column(Float)
     upscale: Mapped[int | None] = mapped_column(Integer)
     tile: Mapped[int | None] = mapped_column(Integer)
+    decoder: Mapped[str | None] = mapped_column(String(8))  # tiny or full, as asked (shared.jobs.Decoder)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

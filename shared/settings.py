@@ -102,6 +102,19 @@ def lever_set_keys(memory_mode: str) -> list[str]:
     return [memory_mode]
 
 
+def job_decoder(memory_mode: str, kind: str, asked: str | None) -> str:
+    """The decoder a job runs with on a worker announcing `memory_mode`: the one it asks for ("tiny", "full"),
+    else the worker's tiny VAE ("+tiny_vae") for text-to-image, else the model's own VAE."""
+    return asked or ("tiny" if memory_mode.endswith("+tiny_vae") and kind == "txt2img" else "full")
+
+
+def decoded_key(key: str, decoder: str) -> str:
+    """The profile key of a job decoded by `decoder` on a worker whose lever set has this key: a worker with a
+    tiny VAE decodes a job that asks for the full decoder with the model's own VAE, measured as a worker
+    without the tiny VAE would ("low+tiny_vae" -> "low")."""
+    return key.removesuffix("+tiny_vae") if decoder == "full" else key
+
+
 def decodes_in_tiles(key: str) -> bool:
     """Whether the lever set of a profile key ("low", "balanced+vae_tiles", "low-vae_tiles+static") decodes
     in tiles; False for a key it cannot read (a custom pipeline's)."""

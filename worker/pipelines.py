@@ -74,6 +74,7 @@ class ImageRequest:
     guidance_scale: float
     seed: int
     resume: bytes | None = None  # a snapshot this pipeline took of this request: go on from it
+    decoder: str | None = None  # "tiny" (the worker's tiny VAE, text-to-image only), "full", None: its default
     # image-to-image: the init image (RGB, already at width x height) and the strength; inpainting adds the
     # mask (L, the same size; white is repainted)
     image: Image.Image | None = None
@@ -120,7 +121,7 @@ class Pipeline(Protocol):
 
     def release_buffers(self) -> None: ...  # between jobs: the runtime's activation buffers go back
 
-    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]: ...  # what could stay compiled
+    def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]: ...  # could stay
 
     def keep(self, names: tuple[str, ...]) -> None: ...  # these released components stay compiled (others go now)
 
@@ -186,9 +187,10 @@ class PipelineBase:
     def release_buffers(self) -> None:
         """Between jobs: give back what the runtime keeps for the shapes it ran (nothing here)."""
 
-    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]:
-        """The components a lever set compiles for their phase and releases after it that a job of these phases
-        loads again, with what each holds compiled (measured): what could stay compiled instead (none here)."""
+    def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]:
+        """The components a lever set compiles for their phase and releases after it that a job of this task
+        (txt2img, img2img, inpaint) and decoder loads again, with what each holds compiled (measured): what
+        could stay compiled instead (none here)."""
         return {}
 
     def keep(self, names: tuple[str, ...]) -> None:
@@ -207,7 +209,8 @@ class PipelineBase:
 
 
 PHASES = {"text_encoder": "encode", "text_encoder_2": "encode", "text_encoder_3": "encode",
-          "vae_encoder": "encode_image", "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode"}
+          "vae_encoder": "encode_image", "unet": "denoise", "transformer": "denoise", "vae_decoder": "decode",
+          "tiny_vae_decoder": "decode"}
 
 
 class OptimumPipeline(PipelineBase):
@@ -242,9 +245,12 @@ class OptimumPipeline(PipelineBase):
         t0 = time.perf_counter()
         self._pipe = OVDiffusionPipeline.from_pretrained(model, device=device, ov_config=config, compile=False)
         self._pipe.set_progress_bar_config(disable=True)
+        self._parts = {name: part for name in PHASES if (part := getattr(self._pipe, name, None)) is not None}
+        # the decoders a job can ask for: the model's own VAE, and with a tiny VAE that one too (the default)
+        self._decoders = {"full": (self._pipe.vae_decoder, self._pipe.vae)}
         if self.levers.tiny_vae:
             self._use_tiny_vae(self.levers.tiny_vae)
-        self._parts = {name: part for name in PHASES if (part := getattr(self._pipe, name, None)) is not None}
+        self.decoders = tuple(self._decoders)
         self._task_classes = self._image_tasks()
         self._task_pipes: dict[str, object] = {}
         self.tasks = ("txt2img", *self._task_classes, *(("upscale",) if "img2img" in self._task_classes else ()))
@@ -259,8 +265,8 @@ class OptimumPipeline(PipelineBase):
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
         # the levers of the decode and of guidance are read at each call: an auto worker switches between jobs
-        decoder = self._parts["vae_decoder"]
-        decoder.forward = functools.partial(self._decode, decoder.forward)
+        for decoder, _ in self._decoders.values():
+            decoder.forward = functools.partial(self._decode, decoder.forward)
         self.decode_bytes_per_pixel: float | None = None  # a whole decode's cost per latent pixel, once measured
         if "unet" in self._parts:
             self._parts["unet"].forward = functools.partial(self._guided, self._parts["unet"].forward)
@@ -280,10 +286,11 @@ class OptimumPipeline(PipelineBase):
     def _image_tasks(self) -> dict[str, type]:
         """optimum-intel's image-to-image and inpainting classes of this pipeline's family, which run on the same
         components (the VAE encoder exported with the model encodes the init image). None with a tiny VAE: its
-        config (scaling factor 1) would scale the model's own encoder's latents wrongly."""
+        config (scaling factor 1) would scale the model's own encoder's latents wrongly: they decode with the
+        model's own VAE."""
         from optimum.intel.openvino import modeling_diffusion as md
 
-        if "vae_encoder" not in self._parts or self.levers.tiny_vae:
+        if "vae_encoder" not in self._parts:
             return {}
         out = {}
         for task, mapping in (("img2img", md.OV_IMAGE2IMAGE_PIPELINES_MAPPING), ("inpaint", md.OV_INPAINT_PIPELINES_MAPPING)):
@@ -307,6 +314,7 @@ class OptimumPipeline(PipelineBase):
             cls = self._task_classes[task]
             pipe = cls.__new__(cls)
             pipe.__dict__.update(self._pipe.__dict__)
+            pipe.vae_decoder, pipe.vae = self._decoders["full"]  # (the tiny VAE's config would scale them wrongly)
             pipe._internal_dict = FrozenDict({"requires_aesthetics_score": False, **self._pipe._internal_dict})
             if task == "inpaint":
                 pipe.mask_processor = VaeImageProcessor(vae_scale_factor=self._pipe.vae_scale_factor, do_normalize=False,
@@ -323,8 +331,14 @@ class OptimumPipeline(PipelineBase):
         """What is released after its phase: what the lever set now releases, but the components kept."""
         return self._released_by(self.levers) - self.kept
 
-    def releasable(self, levers: Levers, uses: set[str]) -> dict[str, int]:
-        return {n: self.held_bytes[n] for n in self._released_by(levers) if PHASES[n] in uses and n in self.held_bytes}
+    def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]:
+        try:
+            tiny = self.decoder_for(task, decoder) == "tiny"
+        except ValueError:  # a job this pipeline cannot run (it fails it): nothing to keep for it
+            return {}
+        unused = {"vae_encoder"} if task == "txt2img" else set()
+        unused |= {"vae_decoder" if tiny else "tiny_vae_decoder"}
+        return {n: self.held_bytes[n] for n in self._released_by(levers) - unused if n in self.held_bytes}
 
     def keep(self, names: tuple[str, ...]) -> None:
         """Keep these components compiled through the next jobs, though the lever set releases them: the next
@@ -414,17 +428,28 @@ class OptimumPipeline(PipelineBase):
         return run
 
     def _use_tiny_vae(self, spec: str) -> None:
-        """Decode with a TAESD / TAESDXL decoder instead of the model's VAE. Its config (AutoencoderTiny's:
-        scaling factor 1) becomes the pipeline's `vae.config`, so the UNet's latents reach it unscaled, as TAESD
-        expects; the VAE encoder (image-to-image) stays the model's own."""
+        """A TAESD / TAESDXL decoder beside the model's VAE (a component of its own, `tiny_vae_decoder`), the
+        default decoder of text-to-image jobs. Its config (AutoencoderTiny's: scaling factor 1) is the
+        pipeline's `vae.config` while it decodes, so the UNet's latents reach it unscaled, as TAESD expects."""
         from optimum.intel.openvino.modeling_diffusion import OVModelVae, OVModelVaeDecoder
 
         pipe = self._pipe
         folder = tiny_vae_folder(spec, pipe.unet.config.get("out_channels", 4))
         # model_name is joined to the pipeline's folder: an absolute path names the TAESD's own folder
-        pipe.vae_decoder = OVModelVaeDecoder(self._core.read_model(folder / "openvino_model.xml"), pipe,
-                                             str(folder.absolute()))
-        pipe.vae = OVModelVae(decoder=pipe.vae_decoder, encoder=getattr(pipe, "vae_encoder", None))
+        tiny = OVModelVaeDecoder(self._core.read_model(folder / "openvino_model.xml"), pipe, str(folder.absolute()))
+        self._parts["tiny_vae_decoder"] = tiny
+        self._decoders["tiny"] = (tiny, OVModelVae(decoder=tiny, encoder=getattr(pipe, "vae_encoder", None)))
+        pipe.vae_decoder, pipe.vae = self._decoders["tiny"]
+
+    def decoder_for(self, task: str, asked: str | None) -> str:
+        """The decoder a job of this task runs with: the one it asks for, else the tiny VAE for text-to-image
+        where this pipeline has one, else the model's own. Raises ValueError for one it cannot run."""
+        decoder = asked or ("tiny" if "tiny" in self._decoders and task == "txt2img" else "full")
+        if decoder not in self._decoders:
+            raise ValueError(f"decoder {decoder!r}: this worker has no tiny VAE (SDFLEET_TINY_VAE)")
+        if decoder == "tiny" and task != "txt2img":
+            raise ValueError("decoder 'tiny': the tiny VAE decodes text-to-image jobs only")
+        return decoder
 
     def _phased(self, name: str, forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -520,7 +545,10 @@ class OptimumPipeline(PipelineBase):
         generator = torch.Generator("cpu").manual_seed(request.seed)
         resume = read_snapshot(request.resume) if request.resume is not None else None
         skip = resume["step"] if resume else 0
+        decoder = self.decoder_for(request.task, request.decoder)
         pipe = self._task_pipe(request.task)
+        if request.task == "txt2img":
+            self._pipe.vae_decoder, self._pipe.vae = self._decoders[decoder]
         scheduler = pipe.scheduler
 
         def _callback(_pipe, i, _t, tensors):

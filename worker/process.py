@@ -185,11 +185,12 @@ class WorkerProcess:
         """The RSS (now, or as given), less what the released components kept compiled hold."""
         return (rss_bytes() if rss is None else rss) - self.pipeline.kept_bytes()
 
-    def keep_for(self, key: str, prediction_bytes: int, uses: set[str]) -> tuple[tuple[str, ...], int]:
-        """What of the components the lever set of `key` releases stays compiled through a job of these phases:
-        the smallest first, while the job's prediction plus all kept stays under the budget (choose_kept)."""
+    def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None) -> tuple[tuple[str, ...], int]:
+        """What of the components the lever set of `key` releases stays compiled through a job of this task and
+        decoder: the smallest first, while the job's prediction plus all kept stays under the budget
+        (choose_kept)."""
         (levers,) = [lv for lv in self.lever_sets if lv.key == key]
-        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(levers, uses))
+        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(levers, task, decoder))
 
     @property
     def leave_reason(self) -> str | None:

@@ -26,6 +26,7 @@ from shared.jobs import JobParameters, Work, job_work
 from shared.memory import LeverChoice, LeverSet, Prediction, Shape, choose_lever_set, fmt_size
 from shared.queue import memory_class, send_generate, send_webhook, top_class
 from shared.retry import is_transient, retrying
+from shared.settings import decoded_key, job_decoder
 from shared.timing import StepTiming, measured, predict_time, unet_passes
 from worker.process import HOST, RunningJob, WorkerProcess
 from worker.meter import JobMeter, MemoryBudgetExceeded, release_free_memory
@@ -258,7 +259,7 @@ def _generate_all(worker: WorkerProcess, params: JobParameters, meter: JobMeter,
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seed=seed,
             resume=start.state if i == start.image else None, image=given.get("image"), mask=given.get("mask"),
-            strength=params.strength,
+            strength=params.strength, decoder=params.decoder,
         )
         try:
             if params.kind == "upscale":
@@ -501,13 +502,14 @@ def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> LeverCh
             return fleet.profiles_of(session, {worker.model})
 
     known = retrying(read_profiles)
-    sets = [LeverSet(lv.key, known.get((worker.model, pipeline.backend, pipeline.precision, lv.key), []),
+    decoder = job_decoder(worker.memory_mode, params.kind, params.decoder)
+    sets = [LeverSet(lv.key, known.get((worker.model, pipeline.backend, pipeline.precision,
+                                        decoded_key(lv.key, decoder)), []),
                      worker.resident_for(lv), lv.vae_tiles) for lv in worker.lever_sets]
-    shape = shape_of(params, worker)
-    choice = choose_lever_set(shape, sets, worker.budget)
+    choice = choose_lever_set(shape_of(params, worker), sets, worker.budget)
     # what the chosen set releases and the job would load again, kept compiled where the budget has room
-    uses = {"encode", "denoise", "decode", *(("encode_image",) if shape.encodes else ())}
-    kept, kept_bytes = worker.keep_for(choice.key, choice.prediction.bytes, uses)
+    task = "img2img" if params.kind == "upscale" else params.kind  # (an upscale's tiles are image-to-image)
+    kept, kept_bytes = worker.keep_for(choice.key, choice.prediction.bytes, task, params.decoder)
     if not kept:
         return choice
     return dataclasses.replace(choice, kept=kept, kept_bytes=kept_bytes, reason=(
@@ -648,6 +650,12 @@ def own_way(peak: int, phases: tuple[int | None, int | None], kept: dict[str, in
     return max(peak - sum(kept.values()), steps or 0, decode or 0), (steps, decode)
 
 
+def _profile_key(worker: WorkerProcess, params: JobParameters) -> str:
+    """The key of the profile a job of these parameters teaches: its lever set's, without the tiny VAE for a job
+    decoded by the model's own."""
+    return decoded_key(worker.pipeline.levers.key, job_decoder(worker.memory_mode, params.kind, params.decoder))
+
+
 def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generation) -> StepTiming | None:
     """What this job teaches its profile of time: its mean step (per UNet pass), the time per image beside
     the steps, and the job's own beside its images (its whole generation is what its record's generation_s
@@ -663,7 +671,7 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
         def read_profiles():
             with sessions() as session:
                 return fleet.profiles(session, worker.model, worker.pipeline.backend, worker.pipeline.precision,
-                                      worker.pipeline.levers.key)
+                                      _profile_key(worker, params))
 
         predicted = predict_time(work.shape, work.steps, work.passes, retrying(read_profiles), passes)
         known = predicted.step_s / passes if predicted else None
@@ -683,8 +691,8 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         # the result, like the beat: whoever sees the job succeeded is admitted on what it measured.
         timing = _timing(sessions, worker, attempt.parameters, run)
         with sessions.begin() as session:
-            fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision, pipeline.levers.key,
-                                 shape_of(attempt.parameters, worker), peak, base,
+            fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision,
+                                 _profile_key(worker, attempt.parameters), shape_of(attempt.parameters, worker), peak, base,
                                  run.slowest_step_s or None, timing, phases)
 
     def finish() -> bool:

@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 # Fields added since bodies were first hashed: left out at their default, a body hashes as it did before them
-_LATER_FIELDS = {"fit": "refuse", "image": None, "mask": None, "strength": None, "upscale": None}
+_LATER_FIELDS = {"fit": "refuse", "image": None, "mask": None, "strength": None, "upscale": None, "decoder": None}
 
 
 def request_hash(job: JobCreate) -> str:
@@ -171,7 +171,12 @@ def _tile(view: FleetView, params: JobParameters, serving: list) -> JobParameter
 
 
 def _check_kind(serving: list, params: JobParameters) -> None:
-    """The model's workers must take the job's kind, and an image job must run a step (or none at all)."""
+    """The model's workers must take the job's kind (and its decoder), and an image job must run a step (or
+    none at all)."""
+    if params.decoder == "tiny" and not serving[0].memory_mode.endswith("+tiny_vae"):
+        raise images_in.refuse("decoder", f"the workers of model {params.model!r} have no tiny VAE (memory mode "
+                                          f"{serving[0].memory_mode}; SDFLEET_TINY_VAE gives a worker one): ask "
+                                          f"for decoder full, or leave it out")
     defaults = announced_defaults(serving[0])
     if params.kind not in defaults.tasks:
         reason = (f"the workers of model {params.model!r} ({defaults.family}, {defaults.pipeline}, backend "

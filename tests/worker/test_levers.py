@@ -6,6 +6,7 @@ bench/memory.py on full-size models, not asserted here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pydantic import ValidationError
 from sqlalchemy import text
 
@@ -138,13 +140,12 @@ def test_low_mode_keeps_what_it_is_told_to_compiled_between_jobs_and_makes_the_s
     pipe = _load(model, tmp_path_factory, memory_mode="low")
     pipe.warm_up()
     encoders = {n for n in pipe._parts if n.startswith("text_encoder")}
-    uses = {"encode", "denoise", "decode"}
-    held = pipe.releasable(pipe.levers, uses)
+    held = pipe.releasable(pipe.levers, "txt2img", None)
     assert set(held) == encoders | {"unet", "vae_decoder"} and all(size > 0 for size in held.values())
     # the VAE encoder (image jobs only) is measured by the first job that encodes an image, not by the warm-up
-    assert "vae_encoder" not in pipe.releasable(pipe.levers, uses | {"encode_image"})
-    assert set(pipe.releasable(Settings(memory_mode="balanced").levers, uses)) == encoders
-    assert pipe.releasable(Settings(memory_mode="fast").levers, uses) == {}  # fast releases nothing
+    assert "vae_encoder" not in pipe.releasable(pipe.levers, "img2img", None)
+    assert set(pipe.releasable(Settings(memory_mode="balanced").levers, "txt2img", None)) == encoders
+    assert pipe.releasable(Settings(memory_mode="fast").levers, "txt2img", None) == {}  # fast releases nothing
     plain = [np.asarray(pipe.generate(job)) for job in JOBS]
 
     def compiled() -> set[str]:
@@ -260,6 +261,15 @@ def test_a_low_memory_worker_reports_its_mode_and_its_jobs_teach_that_mode_s_pro
     (m,) = [m for m in stack.api.models() if m["name"] == model]
     assert [p["memory_mode"] for p in m["profiles"]] == ["low+tiny_vae"]
     assert m["runtimes"] == [f"optimum/{w['precision']}/low+tiny_vae"]
+    assert done["parameters"]["decoder"] is None  # the worker's default: its tiny VAE
+
+    # the same job asking for the model's own VAE: another image, its own profile (the key without the tiny VAE)
+    full = wait_for(stack, stack.api.submit(prompt="a red car", model=model, width=128, height=96, steps=2, seed=1,
+                                            decoder="full")["id"], "status", "succeeded")
+    assert full["parameters"]["decoder"] == "full"
+    assert stack.api.image(full["images"][0]["url"]) != stack.api.image(done["images"][0]["url"])
+    (m,) = [m for m in stack.api.models() if m["name"] == model]
+    assert sorted(p["memory_mode"] for p in m["profiles"]) == ["low", "low+tiny_vae"]
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +284,30 @@ def tiny_vae(tmp_path_factory) -> str:
     assert out.returncode == 0, out.stderr
     assert f"SDFLEET_TINY_VAE={root / 'taesd-ov'}" in out.stdout
     return str(root / "taesd-ov")
+
+
+def test_a_worker_with_a_tiny_vae_decodes_with_either_per_job(model, tiny_vae, tmp_path_factory):
+    """With a tiny VAE a pipeline has two decoders: text-to-image jobs decode with the tiny one unless they ask
+    for the model's own ("full", the image a worker without the tiny VAE makes, bitwise); image jobs decode
+    with the model's own (its encoder's latents are scaled for it), and cannot ask for the tiny one."""
+    job = ImageRequest("a lighthouse", None, 128, 96, 2, 7.5, 5)
+    full = _load(model, tmp_path_factory, memory_mode="low")
+    both = _load(model, tmp_path_factory, memory_mode="low", tiny_vae=tiny_vae)
+    assert full.decoders == ("full",) and both.decoders == ("full", "tiny")
+    own = np.asarray(full.generate(job))
+    assert np.array_equal(np.asarray(both.generate(dataclasses.replace(job, decoder="full"))), own)
+    tiny = np.asarray(both.generate(job))
+    assert np.array_equal(np.asarray(both.generate(dataclasses.replace(job, decoder="tiny"))), tiny)
+    assert np.abs(tiny.astype(int) - own).mean() > 10  # the tiny VAE decoded it
+    assert np.array_equal(np.asarray(both.generate(job)), tiny)  # and again after a full decode: no state left
+    # image-to-image on the pipeline with both: the model's own VAE, as on one without the tiny VAE
+    assert "img2img" in both.tasks
+    edit = ImageRequest("a lighthouse", None, 128, 96, 4, 7.5, 6, image=Image.fromarray(own), strength=0.5)
+    assert np.array_equal(np.asarray(both.generate(edit)), np.asarray(full.generate(edit)))
+    with pytest.raises(ValueError, match="text-to-image jobs only"):
+        both.generate(dataclasses.replace(edit, decoder="tiny"))
+    with pytest.raises(ValueError, match="no tiny VAE"):
+        full.generate(dataclasses.replace(job, decoder="tiny"))
 
 
 def _taesd_decode(tiny_vae: str, latents) -> np.ndarray:
