@@ -125,7 +125,7 @@ class Pipeline(Protocol):
 
     def keep(self, names: tuple[str, ...]) -> None: ...  # these released components stay compiled (others go now)
 
-    def kept_bytes(self) -> int: ...  # what the kept components hold now, compiled
+    def kept_compiled(self) -> dict[str, int]: ...  # the kept components compiled now, and what each holds
 
 
 # A pipeline that does not say how it runs keeps everything resident.
@@ -196,8 +196,9 @@ class PipelineBase:
     def keep(self, names: tuple[str, ...]) -> None:
         """Keep these releasable components compiled through the next jobs (nothing to keep here)."""
 
-    def kept_bytes(self) -> int:
-        return 0
+    def kept_compiled(self) -> dict[str, int]:
+        """The kept components compiled now, with what each holds."""
+        return {}
 
     def drop_weight_pages(self, measure: bool = False) -> int:
         """Between jobs: drop the weights' file pages if the levers say so. With `measure`, returns the bytes
@@ -351,8 +352,8 @@ class OptimumPipeline(PipelineBase):
         self._release_transient(self._phase)
         log.info("kept compiled between phases: %s", ", ".join(sorted(kept)) or "nothing")
 
-    def kept_bytes(self) -> int:
-        return sum(self.held_bytes.get(n, 0) for n in self.kept if self._parts[n].request is not None)
+    def kept_compiled(self) -> dict[str, int]:
+        return {n: self.held_bytes.get(n, 0) for n in self.kept if self._parts[n].request is not None}
 
     def use_levers(self, levers: Levers) -> None:
         """Run the next jobs in another lever set (an auto worker, between jobs): what the new set does not keep

@@ -181,9 +181,9 @@ class WorkerProcess:
         counted apart, in each job's choice of what to keep)."""
         return max(self.rss_without_kept() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
 
-    def rss_without_kept(self, rss: int | None = None) -> int:
-        """The RSS (now, or as given), less what the released components kept compiled hold."""
-        return (rss_bytes() if rss is None else rss) - self.pipeline.kept_bytes()
+    def rss_without_kept(self) -> int:
+        """The RSS now, less what the components kept compiled though the lever set releases them hold."""
+        return rss_bytes() - sum(self.pipeline.kept_compiled().values())
 
     def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None) -> tuple[tuple[str, ...], int]:
         """What of the components the lever set of `key` releases stays compiled through a job of this task and

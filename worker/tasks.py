@@ -350,20 +350,20 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     worker.use_levers(choice.key)
     worker.pipeline.keep(choice.kept)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    start_kept = worker.pipeline.kept_bytes()
+    at_start = set(worker.pipeline.kept_compiled())
     if len(worker.lever_sets) > 1 or choice.kept:
         log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, run.left, celery)
-    base = _account(worker, run, start_kept)
+    base = _account(worker, run, sum(worker.pipeline.held_bytes[n] for n in at_start))
     # Release and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
     _release_after_job(worker)
     kept = {name: worker.pipeline.held_bytes[name] for name in choice.kept}
-    return _store(sessions, worker, attempt, run, base, choice, kept, celery)
+    return _store(sessions, worker, attempt, run, base, choice, kept, at_start, celery)
 
 
 def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: str, celery: Celery) -> RunOutcome:
@@ -634,19 +634,27 @@ def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
     return base
 
 
-def own_way(peak: int, phases: tuple[int | None, int | None], kept: dict[str, int]) -> tuple[int, tuple]:
-    """A job's peak and its first image's phase peaks (steps, decode) as its lever set runs it, from a run
-    with components kept compiled that the set releases (`kept`: what each held): each phase less what the
-    kept components of the other phases held through it; the peak at least the whole less all of them."""
+_PHASE_ORDER = ("encode", "encode_image", "denoise", "decode")
+
+
+def own_way(peak: int, phases: tuple[int | None, int | None], kept: dict[str, int],
+            at_start: set[str]) -> tuple[int, tuple]:
+    """A job's peak and its first image's phase peaks (steps, decode) as its lever set runs it, from a run with
+    components kept compiled that the set releases (`kept`: what each held; `at_start`: those compiled as the
+    job started, the others compiled in their phase and kept from then on): each phase less what the kept
+    components of other phases held through it; the peak at least the whole less all of them (by the later
+    images, all were compiled)."""
     if not kept:
         return peak, phases
 
-    def outside(*mine: str) -> int:
-        return sum(size for name, size in kept.items() if PHASES.get(name) not in mine)
+    def held_through(*mine: str) -> int:
+        first = min(_PHASE_ORDER.index(m) for m in mine)
+        return sum(size for name, size in kept.items() if PHASES.get(name) not in mine
+                   and (name in at_start or _PHASE_ORDER.index(PHASES[name]) < first))
 
     steps, decode = phases
-    steps = steps - outside("denoise", "encode_image") if steps is not None else None
-    decode = decode - outside("decode") if decode is not None else None
+    steps = steps - held_through("encode_image", "denoise") if steps is not None else None
+    decode = decode - held_through("decode") if decode is not None else None
     return max(peak - sum(kept.values()), steps or 0, decode or 0), (steps, decode)
 
 
@@ -679,11 +687,11 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
 
 
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
-           choice: LeverChoice, kept: dict[str, int], celery: Celery) -> RunOutcome:
+           choice: LeverChoice, kept: dict[str, int], at_start: set[str], celery: Celery) -> RunOutcome:
     """The profile (complete runs only, in the lever set's own way: without what the components kept
     compiled held), then the result and its memory timeline; the webhook's hand-out."""
     reading, pipeline = run.meter.reading, worker.pipeline
-    peak, phases = own_way(reading.peak_rss_bytes, run.meter.first_image_phases(), kept)
+    peak, phases = own_way(reading.peak_rss_bytes, run.meter.first_image_phases(), kept, at_start)
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
