@@ -28,6 +28,9 @@ from worker.pipelines import Pipeline
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+# A worker keeps the last job's runtime buffers for a next job of the same kind; this long without a job, it
+# gives them back (the host's owner may want the memory)
+BUFFERS_IDLE_S = 30.0
 
 
 def worker_name() -> str:
@@ -119,6 +122,14 @@ class WorkerProcess:
         self.consumers = consumers
         self.state, self.state_reason = "ready", None
         self.started_at = utcnow()
+        # The runtime's buffers of the last job, kept for a next job of the same kind (its lever set, decoder
+        # and shape) while the worker is busy with jobs: (that kind, what they hold, measured once per kind by
+        # giving them back), or None. A task holds the lock while it runs; the heartbeat gives them back
+        # after BUFFERS_IDLE_S without a job, only with the lock.
+        self.buffers: tuple[tuple, int] | None = None
+        self.buffer_sizes: dict[tuple, int] = {}
+        self.buffer_lock = threading.Lock()
+        self.idle_since = time.monotonic()
         self._settle()
         self.resident = self.resident_for(self.lever_sets[-1])
         self.start_resident = self.resident  # what the running job started from, in the set it runs in
@@ -145,7 +156,7 @@ class WorkerProcess:
         releases = levers.release_all or levers.release_encoders
         peak = getattr(self.pipeline, "warm_peaks", {}).get(levers.key, self.pipeline.warm_peak)
         self.floor = peak if releases else 0
-        self.reload_bytes = max(0, self.floor - self.rss_without_kept())
+        self.reload_bytes = max(0, self.floor - self.rss_own())
         self.encode_bytes = 0  # what the last job's prompt encoding took above its start (set after each job)
         self.last_start = 0  # the RSS the last job started at (the model's caches grow with the shapes run)
 
@@ -178,12 +189,47 @@ class WorkerProcess:
         warm-up's UNet peak), or the RSS the last job started at if higher (file pages dropped between
         jobs come back as a job starts), and never below the warm-up's peak for such a pipeline. All of it in
         the lever set's own way: without the components kept compiled though the set releases them (they are
-        counted apart, in each job's choice of what to keep)."""
-        return max(self.rss_without_kept() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
+        counted apart, in each job's choice of what to keep), and without the last job's buffers kept for the
+        next (a job of another kind starts with them given back; one of the same kind reuses them)."""
+        return max(self.rss_own() + max(self.reload_bytes, self.encode_bytes), self.floor, self.last_start)
 
-    def rss_without_kept(self) -> int:
-        """The RSS now, less what the components kept compiled though the lever set releases them hold."""
-        return rss_bytes() - sum(self.pipeline.kept_compiled().values())
+    def rss_own(self) -> int:
+        """The RSS now in the lever set's own way: less what the components kept compiled though the set
+        releases them hold, and less the last job's buffers kept for the next."""
+        return rss_bytes() - self.kept_now()
+
+    def kept_now(self) -> int:
+        """What is held now beyond the lever set's own way: kept components and kept buffers."""
+        return sum(self.pipeline.kept_compiled().values()) + (self.buffers[1] if self.buffers else 0)
+
+    def release_buffers(self, kind: tuple | None = None) -> None:
+        """Give the runtime's buffers back (after a job, or before one of another kind than they were kept for).
+        With the kind of the job that just ran: the first job of a kind gives them back and measures what they
+        held; later ones of a kind so measured keep them for the next job."""
+        if kind is not None and kind in self.buffer_sizes:
+            self.buffers = (kind, self.buffer_sizes[kind])
+            return
+        before = rss_bytes()
+        self.pipeline.release_buffers()
+        release_free_memory()
+        self.buffers = None
+        if kind is not None:
+            self.buffer_sizes[kind] = max(0, before - rss_bytes())
+            log.info("the runtime's buffers for %s held %s: kept from now on for a next job of that kind",
+                     kind[2], fmt_size(self.buffer_sizes[kind]))
+
+    def release_idle_buffers(self) -> None:
+        """From the heartbeat: buffers kept through BUFFERS_IDLE_S without a job go back (never while a task
+        runs: it holds the lock)."""
+        if self.buffers is None or time.monotonic() - self.idle_since < BUFFERS_IDLE_S:
+            return
+        if self.buffer_lock.acquire(blocking=False):
+            try:
+                if not self.busy and self.buffers is not None:
+                    self.release_buffers()
+                    log.info("the last job's buffers given back after %.0f s without a job", BUFFERS_IDLE_S)
+            finally:
+                self.buffer_lock.release()
 
     def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None) -> tuple[tuple[str, ...], int]:
         """What of the components the lever set of `key` releases stays compiled through a job of this task and
@@ -235,6 +281,7 @@ class WorkerProcess:
     def beat(self) -> None:
         running = self.running
         if running is None:
+            self.release_idle_buffers()
             self.resident = self.resident_for(self.lever_sets[-1])
         self.follow_owner()
         ram = psutil.virtual_memory()

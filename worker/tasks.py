@@ -301,12 +301,14 @@ class RunOutcome(str, enum.Enum):
 def run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
     """Run one delivered job and say what became of it. Messages this sends (a webhook's hand-out to the ops
     workers, a job handed on to a larger class) go through `celery`."""
-    worker.busy = True
-    try:
-        return _run_job(job_id, delivery_id, worker, celery)
-    finally:
-        _release_after_job(worker)  # a job that raised before its own release (it releases before its result)
-        worker.busy = False
+    with worker.buffer_lock:  # (the heartbeat gives idle buffers back only with it)
+        worker.busy = True
+        try:
+            return _run_job(job_id, delivery_id, worker, celery)
+        finally:
+            _release_after_job(worker)  # a job that raised before its own release (it releases before its result)
+            worker.busy = False
+            worker.idle_since = time.monotonic()
 
 
 def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery: Celery) -> RunOutcome:
@@ -347,21 +349,24 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     if worker.leave_reason is not None:  # the worker began stopping as it claimed the job
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
+    kind = (choice.key, job_decoder(worker.memory_mode, params.kind, params.decoder), shape_of(params, worker))
+    if worker.buffers is not None and worker.buffers[0] != kind:  # kept for a job of another kind
+        worker.release_buffers()
     worker.use_levers(choice.key)
     worker.pipeline.keep(choice.kept)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    at_start = set(worker.pipeline.kept_compiled())
+    at_start, start_kept = set(worker.pipeline.kept_compiled()), worker.kept_now()
     if len(worker.lever_sets) > 1 or choice.kept:
         log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, run.left, celery)
-    base = _account(worker, run, sum(worker.pipeline.held_bytes[n] for n in at_start))
+    base = _account(worker, run, start_kept)
     # Release and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
-    _release_after_job(worker)
+    _release_after_job(worker, kind if run.code is None else None)
     kept = {name: worker.pipeline.held_bytes[name] for name in choice.kept}
     return _store(sessions, worker, attempt, run, base, choice, kept, at_start, celery)
 
@@ -380,17 +385,18 @@ def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: 
     return RunOutcome.handed_back
 
 
-def _release_after_job(worker: WorkerProcess) -> None:
-    """After a job's generation, once (a job is running until then): the runtime's buffers for the job's shape,
-    the job's garbage and freed heap go back to the OS, the weights' file pages are dropped (with the levers that
-    say so), and a heartbeat at once: admission predicts the next jobs from what this one left resident."""
+def _release_after_job(worker: WorkerProcess, kind: tuple | None = None) -> None:
+    """After a job's generation, once (a job is running until then): the job's garbage and freed heap go back to
+    the OS, the runtime's buffers for the job's shape too (unless kept for a next job of its `kind`: a job that
+    succeeded, of a kind whose buffers were measured), the weights' file pages are dropped (with the levers
+    that say so), and a heartbeat at once: admission predicts the next jobs from what this one left resident."""
     if worker.running is None:
         return
     worker.running = None
     worker.paused_leave = None  # a pause hands back the job it ran through, not the next one
-    worker.pipeline.release_buffers()
     gc.collect()
     release_free_memory()
+    worker.release_buffers(kind)
     worker.pipeline.drop_weight_pages()
     worker.try_beat()
 

@@ -98,3 +98,32 @@ def test_a_low_worker_keeps_compiled_what_its_budget_has_room_for_and_drops_it_w
     assert "kept" not in tight["lever_reason"], tight["lever_reason"]
     assert stack.api.image(tight["images"][0]["url"]) == png
     assert tight["peak_rss_bytes"] < kept["peak_rss_bytes"]  # one phase's components at a time again
+
+
+def test_a_worker_keeps_the_runtime_s_buffers_for_a_next_job_of_the_same_kind_and_counts_them_apart(stack,
+                                                                                                 spawn_worker):
+    """The runtime's buffers for a job's shape are given back after the first job of a kind (what they hold
+    measured so) and kept after the later ones for a next job of that kind, which then allocates nothing again;
+    a job of another kind starts with them given back. The resident figure the worker announces leaves them
+    out, so admission's predictions and the profiles are those of a worker that gives them back."""
+    model, _ = spawn_worker("buffers", SDFLEET_MEMORY_MODE="fast")
+
+    def run(**over) -> dict:
+        done = stack.api.wait(stack.api.submit(model=model, **{**JOB, **over})["id"], timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        return done
+
+    def resident() -> int:
+        (w,) = [w for w in stack.api.workers() if w["model"] == model]
+        return w["resident_bytes"]
+
+    first = run()  # measures the buffers by giving them back
+    after_first = resident()
+    same = [run() for _ in range(3)]  # the second keeps them for the third and the fourth, which reuse them
+    assert all(stack.api.image(d["images"][0]["url"]) == stack.api.image(first["images"][0]["url"]) for d in same)
+    # the resident figure leaves kept buffers out: what a job of another kind starts from once they go back
+    assert resident() <= after_first + (8 << 20)
+    for done in (first, *same):
+        assert done["lever_predicted_bytes"] >= 0.95 * done["peak_rss_bytes"]
+    other = run(width=96, height=64)  # another shape: the kept buffers go back before it starts
+    assert other["lever_predicted_bytes"] >= 0.95 * other["peak_rss_bytes"]
