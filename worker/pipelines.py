@@ -187,6 +187,14 @@ class PipelineBase:
     def release_buffers(self) -> None:
         """Between jobs: give back what the runtime keeps for the shapes it ran (nothing here)."""
 
+    decoders: tuple[str, ...] = ("full",)  # what decodes a job's latents: the model's own VAE (and a tiny one)
+
+    def decoder_for(self, task: str, asked: str | None) -> str:
+        """The decoder a job of this task runs with; ValueError for one this pipeline cannot run."""
+        if asked not in (None, "full"):
+            raise ValueError(f"decoder {asked!r}: this worker has no tiny VAE (SDFLEET_TINY_VAE)")
+        return "full"
+
     def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]:
         """The components a lever set compiles for their phase and releases after it that a job of this task
         (txt2img, img2img, inpaint) and decoder loads again, with what each holds compiled (measured): what
@@ -286,9 +294,9 @@ class OptimumPipeline(PipelineBase):
 
     def _image_tasks(self) -> dict[str, type]:
         """optimum-intel's image-to-image and inpainting classes of this pipeline's family, which run on the same
-        components (the VAE encoder exported with the model encodes the init image). None with a tiny VAE: its
-        config (scaling factor 1) would scale the model's own encoder's latents wrongly: they decode with the
-        model's own VAE."""
+        components (the VAE encoder exported with the model encodes the init image). They decode with the
+        model's own VAE, also where a tiny one is the default: its config (scaling factor 1) would scale the
+        encoder's latents wrongly."""
         from optimum.intel.openvino import modeling_diffusion as md
 
         if "vae_encoder" not in self._parts:
@@ -842,6 +850,7 @@ class GenaiPipeline(PipelineBase):
         return hub.storage_roots(self._model) + ([self._props["CACHE_DIR"]] if self._props.get("CACHE_DIR") else [])
 
     def generate(self, request: ImageRequest, on_step: OnStep | None = None) -> Image.Image:
+        self.decoder_for(request.task, request.decoder)  # (the model's own VAE only)
         raised: list[BaseException] = []
 
         def callback(step: int, num_steps: int, latent) -> bool:
