@@ -33,7 +33,7 @@ from modeltools import hub
 from shared.memory import VAE_TILE  # latent pixels a side: 512 image pixels
 from shared.settings import Levers, Settings
 from worker.meter import (
-    FilePageTrimmer, drop_file_pages, high_water_mark_bytes, reset_high_water_mark, rss_bytes,
+    FilePageTrimmer, drop_file_pages, high_water_mark_bytes, release_free_memory, reset_high_water_mark, rss_bytes,
 )
 from worker.preview import projection_for
 from worker.tiny_vae import tiny_vae_folder
@@ -270,6 +270,7 @@ class OptimumPipeline(PipelineBase):
         # What each component holds compiled (its weights, repacked by the first inference), measured as it is
         # first compiled where file pages are dropped; and the released components kept compiled (keep)
         self.held_bytes: dict[str, int] = {}
+        self._release_measured: set[str] = set()
         self.kept: frozenset[str] = frozenset()
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
@@ -498,6 +499,16 @@ class OptimumPipeline(PipelineBase):
         for name in self._transient:
             part = self._parts[name]
             if PHASES[name] != phase and part.request is not None:
+                if name not in self._release_measured:
+                    # the first release of each component (the warm-up's) measures what keeping it costs: all
+                    # it held, its runtime's own allocations with its weights (at least what compiling it took)
+                    self._release_measured.add(name)
+                    before = rss_bytes()
+                    part.request = None
+                    gc.collect()
+                    release_free_memory()
+                    self.held_bytes[name] = max(self.held_bytes.get(name, 0), before - rss_bytes())
+                    continue
                 part.request = None
                 released = True
         if released:

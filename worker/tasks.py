@@ -355,7 +355,7 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     worker.use_levers(choice.key)
     worker.pipeline.keep(choice.kept)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    at_start, start_kept = set(worker.pipeline.kept_compiled()), worker.kept_now()
+    start_kept = worker.kept_now()
     if len(worker.lever_sets) > 1 or choice.kept:
         log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
@@ -367,8 +367,7 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
     _release_after_job(worker, kind if run.code is None else None)
-    kept = {name: worker.pipeline.held_bytes[name] for name in choice.kept}
-    return _store(sessions, worker, attempt, run, base, choice, kept, at_start, celery)
+    return _store(sessions, worker, attempt, run, base, choice, celery)
 
 
 def _hand_back(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, why: str, celery: Celery) -> RunOutcome:
@@ -627,7 +626,7 @@ def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
     encode_peak = run.meter.phase_peak("encode")
     prompt_only = not worker.pipeline.levers.release_all
     encode_bytes = max(0, encode_peak - reading.rss_before_bytes) if encode_peak is not None and prompt_only else 0
-    encoders_kept = any(PHASES.get(name) == "encode" for name in worker.pipeline.kept)
+    encoders_kept = any(PHASES.get(name) == "encode" for name in worker.pipeline.kept_compiled())
     # The profile's base is what predictions start from (for a pipeline that releases components between
     # jobs, what it loads again in each, which holds the weights), or the RSS the job started at if higher;
     # never the little a low-memory worker holds between jobs, or the weights would count twice when scaled
@@ -638,30 +637,6 @@ def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
     if run.code is None and not encoders_kept:  # (kept, they were not compiled for the prompt)
         worker.encode_bytes = encode_bytes
     return base
-
-
-_PHASE_ORDER = ("encode", "encode_image", "denoise", "decode")
-
-
-def own_way(peak: int, phases: tuple[int | None, int | None], kept: dict[str, int],
-            at_start: set[str]) -> tuple[int, tuple]:
-    """A job's peak and its first image's phase peaks (steps, decode) as its lever set runs it, from a run with
-    components kept compiled that the set releases (`kept`: what each held; `at_start`: those compiled as the
-    job started, the others compiled in their phase and kept from then on): each phase less what the kept
-    components of other phases held through it; the peak at least the whole less all of them (by the later
-    images, all were compiled)."""
-    if not kept:
-        return peak, phases
-
-    def held_through(*mine: str) -> int:
-        first = min(_PHASE_ORDER.index(m) for m in mine)
-        return sum(size for name, size in kept.items() if PHASES.get(name) not in mine
-                   and (name in at_start or _PHASE_ORDER.index(PHASES[name]) < first))
-
-    steps, decode = phases
-    steps = steps - held_through("encode_image", "denoise") if steps is not None else None
-    decode = decode - held_through("decode") if decode is not None else None
-    return max(peak - sum(kept.values()), steps or 0, decode or 0), (steps, decode)
 
 
 def _profile_key(worker: WorkerProcess, params: JobParameters) -> str:
@@ -693,11 +668,10 @@ def _timing(sessions, worker: WorkerProcess, params: JobParameters, run: Generat
 
 
 def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Generation, base: int,
-           choice: LeverChoice, kept: dict[str, int], at_start: set[str], celery: Celery) -> RunOutcome:
-    """The profile (complete runs only, in the lever set's own way: without what the components kept
-    compiled held), then the result and its memory timeline; the webhook's hand-out."""
+           choice: LeverChoice, celery: Celery) -> RunOutcome:
+    """The profile (complete runs only: what the job measured, with what it kept compiled), then the result and
+    its memory timeline; the webhook's hand-out."""
     reading, pipeline = run.meter.reading, worker.pipeline
-    peak, phases = own_way(reading.peak_rss_bytes, run.meter.first_image_phases(), kept, at_start)
 
     def learn() -> None:
         # Only complete runs teach the profile: an aborted job's peak is a lower bound, and scaled to other
@@ -706,8 +680,9 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
         timing = _timing(sessions, worker, attempt.parameters, run)
         with sessions.begin() as session:
             fleet.record_profile(session, worker.model, pipeline.backend, pipeline.precision,
-                                 _profile_key(worker, attempt.parameters), shape_of(attempt.parameters, worker), peak, base,
-                                 run.slowest_step_s or None, timing, phases)
+                                 _profile_key(worker, attempt.parameters), shape_of(attempt.parameters, worker),
+                                 reading.peak_rss_bytes, base, run.slowest_step_s or None, timing,
+                                 run.meter.first_image_phases())
 
     def finish() -> bool:
         with sessions.begin() as session:
@@ -727,7 +702,8 @@ def _store(sessions, worker: WorkerProcess, attempt: jobstore.Attempt, run: Gene
     ok = retrying(finish)
     log.info("job %s %s in %.2f s, peak %s (predicted %s, %s%s), slowest step %.2f s", attempt.job_id,
              run.outcome.value, run.elapsed_s, fmt_size(reading.peak_rss_bytes), fmt_size(choice.expected_bytes),
-             choice.prediction.source, f", with {', '.join(kept)} kept" if kept else "", run.slowest_step_s)
+             choice.prediction.source, f", with {', '.join(choice.kept)} kept" if choice.kept else "",
+             run.slowest_step_s)
     if ok:
         _notify_if_due(sessions, attempt.job_id, celery)
     return run.outcome if ok else RunOutcome.superseded

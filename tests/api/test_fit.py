@@ -70,7 +70,7 @@ def test_fit_auto_admits_with_the_first_hint_that_fits_and_without_it_the_refusa
                           "reason": refused["message"], "hint": hint["message"]}
         asked = {"prompt": body["prompt"], "negative_prompt": None, "steps": 2, "num_images": 1, "model": model,
                  "width": 2048, "height": 2048, "guidance_scale": 7.5, "kind": "txt2img", "strength": None,
-                 "upscale": None, "tile": None}
+                 "upscale": None, "tile": None, "decoder": None}
         assert job["parameters"] == {**asked, **hint["change"], "seed": job["parameters"]["seed"]}
         assert job["predicted_peak_bytes"] == hint["predicted_bytes"] <= 4 * GB
         assert class_depth(broker, model, job["memory_class_bytes"]) == 1  # queued with the change, in its class

@@ -118,25 +118,6 @@ def test_one_auto_pipeline_switches_lever_sets_between_jobs_and_makes_each_mode_
     assert np.array_equal(np.asarray(pipe.generate(JOBS[0])), want[0])
 
 
-def test_a_run_with_components_kept_is_profiled_as_its_lever_set_runs_it():
-    """A kept component's weights stayed through the phases low mode releases it in: each phase's peak less
-    what the other phases' kept components held is what low mode itself would have measured."""
-    from worker.tasks import own_way
-
-    gib = 1 << 30
-    kept = {"text_encoder": gib // 2, "vae_decoder": gib // 8, "unet": 2 * gib}
-    everything = set(kept)  # all compiled as the job started (kept by the job before)
-    peak, (steps, decode) = own_way(6 * gib, (5 * gib, 6 * gib), kept, everything)
-    assert steps == 5 * gib - (gib // 2 + gib // 8)  # the UNet's own phase: its weights count, as low loads them
-    assert decode == 6 * gib - (gib // 2 + 2 * gib)
-    assert peak == max(steps, decode)
-    # the first job that keeps them compiles each in its phase: the decoder was not there during the steps
-    _, (steps, decode) = own_way(6 * gib, (5 * gib, 6 * gib), kept, set())
-    assert steps == 5 * gib - gib // 2 and decode == 6 * gib - (gib // 2 + 2 * gib)
-    assert own_way(6 * gib, (5 * gib, 6 * gib), {}, set()) == (6 * gib, (5 * gib, 6 * gib))  # as measured
-    assert own_way(6 * gib, (None, None), kept, everything)[0] == 6 * gib - sum(kept.values())
-
-
 def test_low_mode_keeps_what_it_is_told_to_compiled_between_jobs_and_makes_the_same_images(model, tmp_path_factory):
     """What low mode releases after each phase and the next job loads again can stay compiled (the worker keeps
     what its budget has room for): the images stay low mode's, bitwise; what stays is measured as it is first
