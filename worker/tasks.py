@@ -355,14 +355,16 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     worker.use_levers(choice.key)
     worker.pipeline.keep(choice.kept)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
-    start_kept = worker.kept_now()
+    # what the job starts with beyond its lever set's own way: the last job's buffers, the components kept
+    start_buffers = worker.buffers[1] if worker.buffers else 0
+    start_components = sum(worker.pipeline.kept_compiled().values())
     if len(worker.lever_sets) > 1 or choice.kept:
         log.info("job %s: %s", attempt.job_id, choice.reason)
     run = _run(sessions, worker, attempt)
     if run.left is not None:
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, run.left, celery)
-    base = _account(worker, run, start_kept)
+    base = _account(worker, run, start_buffers, start_components)
     # Release and beat before the result is written: a client that submits its next job the moment this one
     # shows succeeded is admitted on what the worker holds now (the buffers this job left), not on a beat
     # from before it (once the API process's fleet view is renewed: within SDFLEET_API_CACHE_S).
@@ -614,12 +616,15 @@ def _run(sessions, worker: WorkerProcess, attempt: jobstore.Attempt) -> Generati
     return Generation(images, code, message, time.perf_counter() - t0, meter, clock, left)
 
 
-def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
+def _account(worker: WorkerProcess, run: Generation, start_buffers: int, start_components: int) -> int:
     """The memory-accounting rule: what this job teaches the worker's resident figure, and the base its
-    profile is recorded against (returned), both in the lever set's own way (`start_kept`: what the
-    components kept compiled held as the job started)."""
+    profile is recorded against (returned). Buffers kept from the last job (`start_buffers`) are out of both:
+    the job reuses them, so its peak has them, and its rise above its base must too. Components kept compiled
+    are in both, as in the job's peak: scaled to another shape they cancel, and a worker that no longer keeps
+    them is predicted high, never low. The resident figure leaves both out (`start_components`: what the kept
+    components held as the job started)."""
     reading = run.meter.reading
-    rss_before = reading.rss_before_bytes - start_kept
+    rss_before = reading.rss_before_bytes - start_buffers
     # What encoding the prompt took above the job's start (text encoders compiled for it, in a mode that
     # releases them): the same for every shape, on top of whatever the worker holds then. Not so where
     # every component is loaded per phase: the UNet is compiled before the first step ends the "encode" mark.
@@ -633,7 +638,7 @@ def _account(worker: WorkerProcess, run: Generation, start_kept: int) -> int:
     # to another size. The prompt encoding stays out of it: scaled with the shape, it covers the VAE's
     # attention, which grows faster than the pixels (SD 1.5 at 1024x1024 from 768x512).
     base = max(worker.start_resident, rss_before)
-    worker.last_start = rss_before
+    worker.last_start = rss_before - start_components
     if run.code is None and not encoders_kept:  # (kept, they were not compiled for the prompt)
         worker.encode_bytes = encode_bytes
     return base
