@@ -17,7 +17,6 @@ Needs the IR folders of bench/fewstep.py --prepare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fewstep import NAMES  # noqa: E402  (bench/ is a folder of scripts)
 from memory import PROMPT  # noqa: E402
-from predictions import CACHE, bench_stack  # noqa: E402
+from predictions import CACHE, bench_stack, keep_row, newest_run  # noqa: E402
 
 RESULTS = HERE / "results" / "coldstart.jsonl"
 NAMES = {**NAMES, "sdxl": "SDXL"}
@@ -101,14 +100,9 @@ def main() -> int:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
-        rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
-        newest = {}
-        for r in rows:
-            newest[r["arch"]] = max(newest.get(r["arch"], ""), r["run"])
-        print(table([r for r in rows if r["run"] == newest[r["arch"]]]))
+        print(table(newest_run(RESULTS)))
         return 0
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    RESULTS.parent.mkdir(exist_ok=True)
     rows = []
     for arch in args.arch.split(","):
         for mode in args.modes.split(","):
@@ -116,10 +110,8 @@ def main() -> int:
             cache = {"SDFLEET_CACHE_DIR": str(work / "cache")}
             hub = {"SDFLEET_MODEL": hub_home(arch, work / "hf"), "HF_HOME": str(work / "hf"), **cache}
             for row, settings in (("empty cache", cache), ("warm cache", cache), ("hub ID, warm cache", hub)):
-                rows.append({**start(arch, mode, row, args.steps, args.limit_gb, **settings), "run": stamp})
-                with open(RESULTS, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append(keep_row(RESULTS, {**start(arch, mode, row, args.steps, args.limit_gb, **settings),
+                                               "run": stamp}))
             shutil.rmtree(work, ignore_errors=True)
     print(table(rows))
     return 0

@@ -14,7 +14,6 @@ weights are random, so what it does to the image (fine detail) is not measured; 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fewstep import JOBS, NAMES, SIZE  # noqa: E402  (bench/ is a folder of scripts)
 from memory import PROMPT  # noqa: E402
-from predictions import GIB, bench_stack  # noqa: E402
+from predictions import GIB, bench_stack, keep_row, newest_run  # noqa: E402
 from taesd import CACHE as TAESD_CACHE  # noqa: E402
 from taesd import prepare as prepare_taesd  # noqa: E402
 
@@ -90,23 +89,12 @@ def main() -> int:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
-        rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
-        newest = {}
-        for r in rows:
-            newest[r["arch"]] = max(newest.get(r["arch"], ""), r["run"])
-        print(table([r for r in rows if r["run"] == newest[r["arch"]]]))
+        print(table(newest_run(RESULTS)))
         return 0
     prepare_taesd()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    RESULTS.parent.mkdir(exist_ok=True)
-    rows = []
-    for arch in args.arch.split(","):
-        for mode in args.modes.split(","):
-            for row in run(arch, mode, args.images, args.limit_gb):
-                rows.append({**row, "run": stamp})
-                with open(RESULTS, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                print(json.dumps(rows[-1]), flush=True)
+    rows = [keep_row(RESULTS, {**row, "run": stamp}) for arch in args.arch.split(",") for mode in args.modes.split(",")
+            for row in run(arch, mode, args.images, args.limit_gb)]
     print(table(rows))
     return 0
 

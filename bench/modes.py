@@ -17,7 +17,6 @@ its first start (the fastsdcpu row compiles without a cache, as fastsdcpu does).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fewstep import JOBS, NAMES, SIZE, run_row, spec_for  # noqa: E402  (bench/ is a folder of scripts)
 from memory import PROMPT  # noqa: E402
-from predictions import GIB, bench_stack  # noqa: E402
+from predictions import GIB, bench_stack, keep_row, newest_run  # noqa: E402
 
 from sdfleet.client import ApiError  # noqa: E402  (predictions put the repo on the path)
 
@@ -111,21 +110,13 @@ def main() -> int:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
-        rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
-        newest = {}  # the newest run of each model
-        for r in rows:
-            newest[r["arch"]] = max(newest.get(r["arch"], ""), r["run"])
-        print(table([r for r in rows if r["run"] == newest[r["arch"]]]))
+        print(table(newest_run(RESULTS)))
         return 0
     run = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     rows = []
-    RESULTS.parent.mkdir(exist_ok=True)
 
     def keep(row: dict) -> None:
-        rows.append({**row, "run": run})
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(keep_row(RESULTS, {**row, "run": run}))
     for arch in args.arch.split(","):
         mine = {}
         for row in args.rows.split(","):

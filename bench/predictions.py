@@ -141,6 +141,24 @@ def bench_stack(arch: str, mode: str, limit_gb: float, prefix: str, timeout_s: i
         stop([redis])
 
 
+def newest_run(path: Path) -> list[dict]:
+    """The rows of a results file (JSON lines) from each model's newest run: what --table reprints."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    newest = {}
+    for r in rows:
+        newest[r["arch"]] = max(newest.get(r["arch"], ""), r["run"])
+    return [r for r in rows if r["run"] == newest[r["arch"]]]
+
+
+def keep_row(path: Path, row: dict) -> dict:
+    """Append a row to a results file (JSON lines) as it is measured, and print it."""
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def phase_peaks(memory: dict) -> dict:
     """The job's highest RSS in each phase of its timeline (encode, denoise, decode, ...)."""
     out: dict[str, int] = {}
