@@ -290,7 +290,9 @@ class WorkerProcess:
             precision=self.pipeline.precision, memory_mode=self.memory_mode, budget_bytes=self.budget,
             cgroup_limit_bytes=self.cgroup_limit,
             total_ram_bytes=ram.total, available_bytes=ram.available,
-            resident_bytes=self.resident + sum(self.pipeline.kept_compiled().values()), current_job_id=running.attempt.job_id if running else None,
+            # what a job starts from, with the components kept compiled: admission's predictions count them
+            resident_bytes=self.resident + sum(self.pipeline.kept_compiled().values()),
+            current_job_id=running.attempt.job_id if running else None,
             state=self.state, state_reason=self.state_reason, max_budget_bytes=self.configured_budget,
             defaults=self.defaults,
         )
