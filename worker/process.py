@@ -164,8 +164,7 @@ class WorkerProcess:
         """Run the next job in the lever set of this key (an auto worker's choice; a no-op in the set now)."""
         if key == self.pipeline.levers.key:
             return
-        (levers,) = [lv for lv in self.lever_sets if lv.key == key]
-        self.pipeline.use_levers(levers)
+        self.pipeline.use_levers(self._levers_of(key))
         self.pipeline.keep(())  # the choice of what the new set keeps is the next job's
         gc.collect()
         release_free_memory()
@@ -235,8 +234,11 @@ class WorkerProcess:
         """What of the components the lever set of `key` releases stays compiled through a job of this task and
         decoder: the smallest first, while the job's prediction plus all kept stays under the budget
         (choose_kept)."""
+        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(self._levers_of(key), task, decoder))
+
+    def _levers_of(self, key: str):
         (levers,) = [lv for lv in self.lever_sets if lv.key == key]
-        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(levers, task, decoder))
+        return levers
 
     @property
     def leave_reason(self) -> str | None:

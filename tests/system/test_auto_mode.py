@@ -7,6 +7,8 @@ what makes it choose a cheaper one. Admission's side, on both databases: tests/a
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from shared import fleet
@@ -101,7 +103,8 @@ def test_a_low_worker_keeps_compiled_what_its_budget_has_room_for_and_drops_it_w
 
 
 def test_a_worker_keeps_the_runtime_s_buffers_for_a_next_job_of_the_same_kind_and_counts_them_apart(stack,
-                                                                                                 spawn_worker):
+                                                                                                 spawn_worker,
+                                                                                                 tmp_path):
     """The runtime's buffers for a job's shape are given back after the first job of a kind (what they hold
     measured so) and kept after the later ones for a next job of that kind, which then allocates nothing again;
     a job of another kind starts with them given back. The resident figure the worker announces leaves them
@@ -117,11 +120,15 @@ def test_a_worker_keeps_the_runtime_s_buffers_for_a_next_job_of_the_same_kind_an
         (w,) = [w for w in stack.api.workers() if w["model"] == model]
         return w["resident_bytes"]
 
-    first = run()  # measures the buffers by giving them back
+    large = dict(width=512, height=512)  # (its buffers: tens of MiB, past the tolerance below)
+    first = run(**large)  # measures the buffers by giving them back
     after_first = resident()
-    same = [run() for _ in range(3)]  # the second keeps them for the third and the fourth, which reuse them
+    said = (tmp_path / f"{model}.log").read_text()
+    held = re.search(r"the runtime's buffers for .* held ([\d.]+) (MiB|GiB): kept from now on", said)
+    assert held and float(held.group(1)) * (1024 if held.group(2) == "GiB" else 1) > 8, said[-2000:]
+    same = [run(**large) for _ in range(3)]  # the second keeps them for the third and the fourth, which reuse them
     assert all(stack.api.image(d["images"][0]["url"]) == stack.api.image(first["images"][0]["url"]) for d in same)
-    # the resident figure leaves kept buffers out: what a job of another kind starts from once they go back
+    # the resident figure leaves the kept buffers out: what a job of another kind starts from once they go back
     assert resident() <= after_first + (8 << 20)
     for done in (first, *same):
         assert done["lever_predicted_bytes"] >= 0.95 * done["peak_rss_bytes"]
