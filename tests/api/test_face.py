@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+from sqlalchemy import select
 
 from sdfleet.client import ApiError
 from shared import fleet
 from shared.fleet_contract import WorkerState
 from shared.memory import GB
+from shared.models import MemoryProfile, Worker
 from tests.conftest import ROOT
 from tests.helpers import assert_error_shape
 from tests.helpers import BODY, auth, secured  # noqa: F401 (a fixture)
@@ -80,6 +84,38 @@ def _plan(stack, **shape) -> dict:
     return r.json()
 
 
+def _fleet_state(stack, model: str) -> tuple:
+    """What admission reads for a model: its workers' announced memory and its profiles."""
+    with stack.sessions() as s:
+        workers = s.execute(select(Worker.name, Worker.budget_bytes, Worker.resident_bytes, Worker.memory_mode)
+                            .where(Worker.model == model).order_by(Worker.name)).all()
+        profiles = s.execute(select(MemoryProfile.memory_mode, MemoryProfile.width, MemoryProfile.height,
+                                    MemoryProfile.peak_bytes, MemoryProfile.base_bytes, MemoryProfile.samples)
+                             .where(MemoryProfile.model == model)).all()
+    return tuple(workers), tuple(sorted(profiles))
+
+
+def _plan_and_submit(stack, model: str, shape: dict):
+    """A plan and a submission of the same shape against the same fleet. A live worker's heartbeat may change
+    its announced resident set (kept buffers given back when idle) or a profile between the two: then the
+    pair is taken again. The API's fleet view may be up to SDFLEET_API_CACHE_S old, so the fleet must stay as
+    it was from that long before the plan until after the submission."""
+    for _ in range(10):
+        before = _fleet_state(stack, model)
+        time.sleep(1.1)  # the API's cache (1 s): its view is read after `before`
+        plan = _plan(stack, model=model, **shape)
+        job = exc = None
+        try:
+            job = stack.api.submit(prompt="plan", model=model, steps=1, **shape)
+        except ApiError as e:
+            exc = e
+        if _fleet_state(stack, model) == before:
+            return plan, job, exc
+        if job is not None:  # the fleet changed in between: take the job back (or let it finish) and again
+            stack.api.http.delete(f"/v1/jobs/{job['id']}")
+    raise AssertionError(f"the fleet of {model} changed between every plan and submission")
+
+
 def test_plan_is_what_admission_decides(stack):
     """For each shape, the plan's verdict, class and prediction are what a submission of it gets."""
     model = stack.model
@@ -92,12 +128,10 @@ def test_plan_is_what_admission_decides(stack):
     verdicts = set()
     for name, shape in [(model, {"width": 64, "height": 64}), (small, {"width": 64, "height": 64}),
                         (small, {"width": 1024, "height": 1024, "guidance_scale": 7.5})]:
-        plan = _plan(stack, model=name, **shape)
+        plan, job, exc = _plan_and_submit(stack, name, shape)
         (w,) = plan["workers"]
         assert w["predicted_peak_bytes"] > 0 and w["fits"] == plan["admitted"]
-        try:
-            job = stack.api.submit(prompt="plan", model=name, steps=1, **shape)
-        except ApiError as exc:
+        if exc is not None:
             assert not plan["admitted"] and exc.code == "insufficient_memory"
             assert exc.body["error"]["details"]["predicted_bytes"] == w["predicted_peak_bytes"]
             assert plan["hints"] == exc.body["error"]["details"]["hints"] and plan["message"].startswith("refused")
