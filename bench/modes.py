@@ -71,8 +71,9 @@ def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int |
 
 def kept_of(reason: str) -> list[str]:
     """The components a job kept compiled though its lever set releases them, from its record's lever_reason."""
-    said = reason.partition("kept compiled through the job: ")[2]
-    return said.partition(" (")[0].split(", ") if said else []
+    said = reason.partition("kept compiled through the job: ")[2].partition(" (")[0]
+    kept, _, buffers = said.partition("; their buffers too: ")
+    return [f"{n}+buffers" if n in buffers.split(", ") else n for n in kept.split(", ")] if kept else []
 
 
 def table(rows: list[dict]) -> str:

@@ -223,7 +223,8 @@ class LeverChoice:
     prediction: Prediction  # the job's peak in the set's own way (what admission and routing judge it by)
     reason: str
     kept: tuple[str, ...] = ()  # components the set releases that stay compiled through this job (choose_kept)
-    kept_bytes: int = 0  # what they hold: the job is expected to peak at most this much above the prediction
+    kept_buffers: tuple[str, ...] = ()  # of those, the ones whose runtime buffers stay past their phase too
+    kept_bytes: int = 0  # what all of it holds: the job is expected to peak at most this much above the prediction
 
     @property
     def expected_bytes(self) -> int:
@@ -234,8 +235,9 @@ def choose_kept(predicted: int, budget: int, held: dict[str, int]) -> tuple[tupl
     """Which of the components a lever set releases (compiled for their phase, loaded again by every job)
     stay compiled through the next job, and what they hold: the smallest first, while the job's predicted
     peak plus everything kept stays under the budget. A kept component holds its weights through the other
-    phases (its buffers are given back as its phase ends), so the job peaks at most that much higher; what
-    does not fit is dropped before the job starts."""
+    phases (its buffers are given back as its phase ends, unless they are kept too: chosen the same way, after
+    the components), so the job peaks at most that much higher; what does not fit is dropped before the job
+    starts."""
     kept, total = [], 0
     for name, size in sorted(held.items(), key=lambda item: (item[1], item[0])):
         if predicted + total + size > budget:

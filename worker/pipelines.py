@@ -123,7 +123,10 @@ class Pipeline(Protocol):
 
     def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]: ...  # could stay
 
-    def keep(self, names: tuple[str, ...]) -> None: ...  # these released components stay compiled (others go now)
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None: ...
+    # ^ these released components stay compiled (others go now); of them, `buffers` keep their runtime buffers too
+
+    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]: ...  # measured at that shape
 
     def kept_compiled(self) -> dict[str, int]: ...  # the kept components compiled now, and what each holds
 
@@ -201,8 +204,12 @@ class PipelineBase:
         could stay compiled instead (none here)."""
         return {}
 
-    def keep(self, names: tuple[str, ...]) -> None:
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None:
         """Keep these releasable components compiled through the next jobs (nothing to keep here)."""
+
+    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]:
+        """What the runtime's buffers of these kept components held at a job of this shape, where measured."""
+        return {}
 
     def kept_compiled(self) -> dict[str, int]:
         """The kept components compiled now, with what each holds."""
@@ -272,6 +279,13 @@ class OptimumPipeline(PipelineBase):
         self.held_bytes: dict[str, int] = {}
         self._release_measured: set[str] = set()
         self.kept: frozenset[str] = frozenset()
+        # Of the kept components, those whose runtime buffers stay too as their phase ends (keep); what those
+        # buffers held, measured as a kept component gave them back at the end of its phase in a job of a shape
+        # ({(name, shape): bytes}); the kept components holding theirs now, past their phase ({name: bytes})
+        self.kept_buffers: frozenset[str] = frozenset()
+        self._buffer_bytes: dict[tuple[str, tuple], int] = {}
+        self._holding: dict[str, int] = {}
+        self._job_shape: tuple | None = None
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
         # the levers of the decode and of guidance are read at each call: an auto worker switches between jobs
@@ -350,19 +364,45 @@ class OptimumPipeline(PipelineBase):
         unused |= {"vae_decoder" if tiny else "tiny_vae_decoder"}
         return {n: self.held_bytes[n] for n in self._released_by(levers) - unused if n in self.held_bytes}
 
-    def keep(self, names: tuple[str, ...]) -> None:
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None:
         """Keep these components compiled through the next jobs, though the lever set releases them: the next
-        job does not load them again. A component no longer kept is released now (before the job's meter
-        starts), unless its phase is running."""
-        kept = frozenset(names)
-        if kept == self.kept:
-            return
-        self.kept = kept
+        job does not load them again. Of them, `buffers` keep their runtime buffers too as their phase ends (the
+        next image and the next job of this `shape` do not allocate them again); the others give theirs back
+        then, which measures what they held at this shape. A component no longer kept is released now, and
+        buffers no longer kept given back now (before the job's meter starts), unless their phase is running."""
+        kept, kept_buffers = frozenset(names), frozenset(buffers) & frozenset(names)
+        self._job_shape = shape
+        for name in [n for n in self._holding if n not in kept_buffers]:
+            self._give_back(name)
+        changed = kept != self.kept or kept_buffers != self.kept_buffers
+        self.kept, self.kept_buffers = kept, kept_buffers
         self._release_transient(self._phase)
-        log.info("kept compiled between phases: %s", ", ".join(sorted(kept)) or "nothing")
+        if changed:
+            log.info("kept compiled between phases: %s%s", ", ".join(sorted(kept)) or "nothing",
+                     f"; with their buffers: {', '.join(sorted(kept_buffers))}" if kept_buffers else "")
+
+    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]:
+        return {n: self._buffer_bytes[(n, shape)] for n in names if (n, shape) in self._buffer_bytes}
 
     def kept_compiled(self) -> dict[str, int]:
-        return {n: self.held_bytes.get(n, 0) for n in self.kept if self._parts[n].request is not None}
+        return {n: self.held_bytes.get(n, 0) + self._holding.get(n, 0) for n in self.kept
+                if self._parts[n].request is not None}
+
+    def _give_back(self, name: str) -> None:
+        """A kept component's runtime buffers go back (its weights stay compiled). The first time at a job's
+        shape, what they held is measured."""
+        self._holding.pop(name, None)
+        request = self._parts[name].request
+        if request is None or not hasattr(request, "release_memory"):
+            return
+        key = (name, self._job_shape)
+        if self._job_shape is None or key in self._buffer_bytes:
+            request.release_memory()
+            return
+        before = rss_bytes()
+        request.release_memory()
+        release_free_memory()
+        self._buffer_bytes[key] = max(0, before - rss_bytes())
 
     def use_levers(self, levers: Levers) -> None:
         """Run the next jobs in another lever set (an auto worker, between jobs): what the new set does not keep
@@ -417,6 +457,11 @@ class OptimumPipeline(PipelineBase):
             request = part.request
             if request is not None and hasattr(request, "release_memory"):
                 request.release_memory()
+        self._holding.clear()
+
+    def held_buffers(self) -> int:
+        """What the kept components' buffers kept past their phase hold now."""
+        return sum(self._holding.values())
 
     def snapshot(self) -> bytes | None:
         return self._snapshot() if self._snapshot is not None else None
@@ -482,15 +527,19 @@ class OptimumPipeline(PipelineBase):
 
     def _enter(self, phase: str | None) -> None:
         """Start a phase: release the transient components of the others, and give back the kept ones'
-        buffers of the phase that ends (a kept component holds its weights through the other phases)."""
+        buffers of the phase that ends (a kept component holds its weights through the other phases), but those
+        whose buffers are kept too."""
         if phase == self._phase:
             return
         if phase is not None and self.on_phase is not None:
             self.on_phase(phase)
         for name in self.kept:
-            request = self._parts[name].request
-            if PHASES[name] == self._phase and request is not None and hasattr(request, "release_memory"):
-                request.release_memory()
+            if PHASES[name] != self._phase or self._parts[name].request is None:
+                continue
+            if name in self.kept_buffers:
+                self._holding[name] = self._buffer_bytes.get((name, self._job_shape), 0)
+            else:
+                self._give_back(name)
         self._release_transient(phase)
         self._phase = phase
 
@@ -499,6 +548,7 @@ class OptimumPipeline(PipelineBase):
         for name in self._transient:
             part = self._parts[name]
             if PHASES[name] != phase and part.request is not None:
+                self._holding.pop(name, None)
                 if name not in self._release_measured:
                     # the first release of each component (the warm-up's) measures what keeping it costs: all
                     # it held, its runtime's own allocations with its weights (at least what compiling it took)

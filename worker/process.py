@@ -209,11 +209,12 @@ class WorkerProcess:
             self.buffers = (kind, self.buffer_sizes[kind])
             return
         before = rss_bytes()
+        held = getattr(self.pipeline, "held_buffers", lambda: 0)()  # kept components' (counted with them)
         self.pipeline.release_buffers()
         release_free_memory()
         self.buffers = None
         if kind is not None:
-            self.buffer_sizes[kind] = max(0, before - rss_bytes())
+            self.buffer_sizes[kind] = max(0, before - rss_bytes() - held)
             log.info("the runtime's buffers for %s held %s: kept from now on for a next job of that kind",
                      kind[2], fmt_size(self.buffer_sizes[kind]))
 
@@ -230,11 +231,17 @@ class WorkerProcess:
             finally:
                 self.buffer_lock.release()
 
-    def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None) -> tuple[tuple[str, ...], int]:
-        """What of the components the lever set of `key` releases stays compiled through a job of this task and
-        decoder: the smallest first, while the job's prediction plus all kept stays under the budget
-        (choose_kept)."""
-        return choose_kept(prediction_bytes, self.budget, self.pipeline.releasable(self._levers_of(key), task, decoder))
+    def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None,
+                 shape: tuple) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+        """What of the components the lever set of `key` releases stays compiled through a job of this task,
+        decoder and shape, and of those, which keep their runtime buffers too (where measured at this shape):
+        the components first, then their buffers, each the smallest first, while the job's prediction plus all
+        kept stays under the budget (choose_kept). Returns (components, buffers, what all of it holds)."""
+        kept, weights = choose_kept(prediction_bytes, self.budget,
+                                    self.pipeline.releasable(self._levers_of(key), task, decoder))
+        buffers, buffer_bytes = choose_kept(prediction_bytes + weights, self.budget,
+                                            self.pipeline.buffer_sizes(kept, shape)) if kept else ((), 0)
+        return kept, buffers, weights + buffer_bytes
 
     def _levers_of(self, key: str):
         (levers,) = [lv for lv in self.lever_sets if lv.key == key]

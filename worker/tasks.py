@@ -60,6 +60,11 @@ def shape_of(params: JobParameters, worker: WorkerProcess) -> Shape:
     return work_of(params, worker).shape
 
 
+def kind_of(params: JobParameters, worker: WorkerProcess, key: str) -> tuple:
+    """A job's kind: its lever set, decoder and shape. The runtime's buffers are kept for a next job of the same."""
+    return key, job_decoder(worker.memory_mode, params.kind, params.decoder), shape_of(params, worker)
+
+
 class InputMissing(Exception):
     """An image job whose init image is not stored (it fails the job: no attempt would find it)."""
 
@@ -349,11 +354,11 @@ def _run_job(job_id: str, delivery_id: str | None, worker: WorkerProcess, celery
     if worker.leave_reason is not None:  # the worker began stopping as it claimed the job
         _release_after_job(worker)
         return _hand_back(sessions, worker, attempt, worker.leave_reason, celery)
-    kind = (choice.key, job_decoder(worker.memory_mode, params.kind, params.decoder), shape_of(params, worker))
+    kind = kind_of(params, worker, choice.key)
     if worker.buffers is not None and worker.buffers[0] != kind:  # kept for a job of another kind
         worker.release_buffers()
     worker.use_levers(choice.key)
-    worker.pipeline.keep(choice.kept)
+    worker.pipeline.keep(choice.kept, choice.kept_buffers, kind)
     worker.start_resident = worker.resident_for(worker.pipeline.levers)
     # what the job starts with beyond its lever set's own way: the last job's buffers, the components kept
     start_buffers = worker.buffers[1] if worker.buffers else 0
@@ -516,12 +521,14 @@ def _expected(sessions, worker: WorkerProcess, params: JobParameters) -> LeverCh
     choice = choose_lever_set(shape_of(params, worker), sets, worker.budget)
     # what the chosen set releases and the job would load again, kept compiled where the budget has room
     task = "img2img" if params.kind == "upscale" else params.kind  # (an upscale's tiles are image-to-image)
-    kept, kept_bytes = worker.keep_for(choice.key, choice.prediction.bytes, task, params.decoder)
+    kept, buffers, kept_bytes = worker.keep_for(choice.key, choice.prediction.bytes, task, params.decoder,
+                                                kind_of(params, worker, choice.key))
     if not kept:
         return choice
-    return dataclasses.replace(choice, kept=kept, kept_bytes=kept_bytes, reason=(
-        f"{choice.reason}; kept compiled through the job: {', '.join(kept)} ({fmt_size(kept_bytes)}: the "
-        f"prediction plus them is {fmt_size(choice.prediction.bytes + kept_bytes)}, under the budget)"))
+    with_buffers = f"; their buffers too: {', '.join(buffers)}" if buffers else ""
+    return dataclasses.replace(choice, kept=kept, kept_buffers=buffers, kept_bytes=kept_bytes, reason=(
+        f"{choice.reason}; kept compiled through the job: {', '.join(kept)}{with_buffers} ({fmt_size(kept_bytes)}: "
+        f"the prediction plus them is {fmt_size(choice.prediction.bytes + kept_bytes)}, under the budget)"))
 
 
 def _note_levers(sessions, attempt: jobstore.Attempt, choice: LeverChoice) -> None:

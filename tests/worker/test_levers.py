@@ -150,6 +150,35 @@ def test_low_mode_keeps_what_it_is_told_to_compiled_between_jobs_and_makes_the_s
     assert compiled() == set()
 
 
+def test_kept_components_keep_their_buffers_past_their_phase_once_measured_at_the_job_s_shape(model,
+                                                                                             tmp_path_factory):
+    """A kept component gives its runtime buffers back as its phase ends, which measures what they held at the
+    job's shape; told to keep them too, it holds them through the other phases and the next job of that shape
+    (counted in what it holds), and the images stay low mode's, bitwise. Buffers no longer kept go back at once."""
+    pipe = _load(model, tmp_path_factory, memory_mode="low")
+    pipe.warm_up()
+    held = pipe.releasable(pipe.levers, "txt2img", None)
+    job, shape = ImageRequest("a cat", None, 256, 256, 2, 7.5, 3), ("low", "full", (256, 256, True))
+    pipe.keep(tuple(held), (), shape)
+    assert pipe.buffer_sizes(tuple(held), shape) == {}  # nothing measured at this shape yet
+    plain = np.asarray(pipe.generate(job))
+    sizes = pipe.buffer_sizes(tuple(held), shape)
+    assert set(sizes) == set(held) and sizes["vae_decoder"] > 0  # each gave its buffers back as its phase ended
+    assert pipe.buffer_sizes(tuple(held), ("low", "full", (64, 64, False))) == {}  # per shape
+    assert pipe.kept_compiled() == held and pipe.held_buffers() == 0
+
+    pipe.keep(tuple(held), tuple(held), shape)
+    for _ in range(2):
+        assert np.array_equal(np.asarray(pipe.generate(job)), plain)
+        # past every phase, each kept component holds its buffers as measured
+        assert pipe.held_buffers() == sum(sizes.values())
+        assert pipe.kept_compiled() == {n: held[n] + sizes[n] for n in held}
+    pipe.keep(tuple(held), ("unet",), shape)  # room for less: the others' buffers go now
+    assert pipe.held_buffers() == sizes["unet"]
+    pipe.release_buffers()  # (a job of another kind) every buffer goes back
+    assert pipe.held_buffers() == 0 and pipe.kept_compiled() == held
+
+
 def test_static_shapes_follow_guidance_and_size_from_job_to_job(model, tmp_path_factory):
     # optimum-intel's own reshape fixes the UNet batch at 2, and a guidance-1 job then fails; here each
     # job's shape (guidance included) is compiled for, and a different next job recompiles
