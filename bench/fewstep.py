@@ -42,10 +42,14 @@ from memory import PROMPT, Sampler  # noqa: E402  (bench/ is a folder of scripts
 from watchdog import guarded  # noqa: E402
 
 ARCHES = ("sd15", "lcm", "sd-turbo", "sdxl-turbo")
-NAMES = {"sd15": "SD 1.5", "lcm": "LCM (SD 1.5)", "sd-turbo": "SD-Turbo (SD 2.1)", "sdxl-turbo": "SDXL-Turbo"}
+NAMES = {"sd15": "SD 1.5", "lcm": "LCM (SD 1.5)", "sd-turbo": "SD-Turbo (SD 2.1)", "sdxl-turbo": "SDXL-Turbo",
+         "sdxl": "SDXL"}
+# (SDXL: bench/modes.py's rows, at its own size)
 JOBS = {"sd15": dict(steps=20, guidance=7.5), "lcm": dict(steps=4, guidance=8.5),
-        "sd-turbo": dict(steps=1, guidance=0.0), "sdxl-turbo": dict(steps=1, guidance=0.0)}
+        "sd-turbo": dict(steps=1, guidance=0.0), "sdxl-turbo": dict(steps=1, guidance=0.0),
+        "sdxl": dict(steps=20, guidance=5.0)}
 SIZE = 512
+SIZES = {"sdxl": 1024}  # an arch's own size where it is not SIZE
 ROWS = ("fastsdcpu", "balanced", "low")  # "fastsdcpu" is the baseline of its arch; the others are memory modes
 
 

@@ -6,8 +6,11 @@ peak RSS (each job's own, kernel VmHWM reset per job) and, for auto, the lever s
 --tight, auto runs once more with a budget between balanced's and fast's peaks (measured in the same run), where
 fast does not fit.
 
-    .venv/bin/python bench/modes.py [--arch lcm,sd-turbo,sdxl-turbo,sd15] [--rows fastsdcpu,fast,balanced,low,auto]
-                                    [--images 3] [--tight] [--limit-gb 21]
+    .venv/bin/python bench/modes.py [--arch lcm,sd-turbo,sdxl-turbo,sd15,sdxl] [--rows fastsdcpu,fast,balanced,low,auto]
+                                    [--images 3] [--steps N] [--tight] [--limit-gb 21]
+
+Each model's job: bench/fewstep.py's JOBS (SD 1.5 20 steps guidance 7.5, LCM 4 steps, the turbos 1 step; SDXL 20
+steps guidance 5) at 512x512 (SDXL 1024x1024); --steps caps the steps.
     .venv/bin/python bench/modes.py --table      # reprint each model's newest run (bench/results/modes.jsonl)
 
 Needs the IR folders of bench/fewstep.py --prepare. Each worker reads OpenVINO's compile cache as one does after
@@ -24,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fewstep import JOBS, NAMES, SIZE, run_row, spec_for  # noqa: E402  (bench/ is a folder of scripts)
+from fewstep import JOBS, NAMES, SIZE, SIZES, run_row, spec_for  # noqa: E402  (bench/ is a folder of scripts)
 from memory import PROMPT  # noqa: E402
 from predictions import GIB, bench_stack, keep_row, newest_run  # noqa: E402
 
@@ -34,8 +37,16 @@ RESULTS = HERE / "results" / "modes.jsonl"
 ROWS = ("fastsdcpu", "fast", "balanced", "low", "auto")
 
 
-def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int | None = None) -> dict:
-    job = JOBS[arch]
+def job_of(arch: str, steps: int | None) -> dict:
+    job = dict(JOBS[arch], size=SIZES.get(arch, SIZE))
+    if steps:
+        job["steps"] = min(job["steps"], steps)
+    return job
+
+
+def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int | None = None,
+               steps: int | None = None) -> dict:
+    job = job_of(arch, steps)
     extra = {"SDFLEET_MEMORY_BUDGET": str(budget)} if budget else {}
     t0 = time.monotonic()
     with bench_stack(arch, mode, limit_gb, "modes", **extra) as stack:
@@ -44,7 +55,8 @@ def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int |
         done = []
         for seed in range(images + 1):
             submitted = time.monotonic()
-            record = stack.client.wait(stack.client.submit(prompt=PROMPT, width=SIZE, height=SIZE, steps=job["steps"],
+            record = stack.client.wait(stack.client.submit(prompt=PROMPT, width=job["size"], height=job["size"],
+                                                           steps=job["steps"],
                                                            guidance_scale=job["guidance"], seed=seed)["id"],
                                        timeout=3000, poll_s=0.5)
             if record["status"] != "succeeded":
@@ -55,7 +67,7 @@ def worker_row(arch: str, mode: str, images: int, limit_gb: float, budget: int |
             done.append(record)
     later = done[1:]
     return {"arch": arch, "row": mode + (" (tight budget)" if budget else ""), "mode": mode, "budget_bytes": budget,
-            "precision": w["precision"], "steps": job["steps"], "guidance": job["guidance"], "size": SIZE,
+            "precision": w["precision"], "steps": job["steps"], "guidance": job["guidance"], "size": job["size"],
             "ready_s": round(ready_s, 1), "first_image_s": round(first_s, 1),
             "image_s": [round(r["generation_s"], 2) for r in later],
             "s_per_image": round(statistics.median(r["generation_s"] for r in later), 2),
@@ -106,6 +118,7 @@ def main() -> int:
     ap.add_argument("--arch", default="lcm,sd-turbo,sdxl-turbo,sd15")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--images", type=int, default=3, help="timed images after the first")
+    ap.add_argument("--steps", type=int, default=None, help="at most this many steps (SDXL's 20 take long)")
     ap.add_argument("--tight", action="store_true", help="auto once more, its budget between balanced's and fast's")
     ap.add_argument("--limit-gb", type=float, default=21.0)
     ap.add_argument("--table", action="store_true")
@@ -122,20 +135,20 @@ def main() -> int:
         mine = {}
         for row in args.rows.split(","):
             if row == "fastsdcpu":
-                fa = argparse.Namespace(steps=None, model_dir=None, size=SIZE, images=args.images,
+                fa = argparse.Namespace(steps=args.steps, model_dir=None, size=job_of(arch, None)["size"], images=args.images,
                                         cache_dir=Path("/nonexistent"))
                 r = run_row(spec_for(arch, "fastsdcpu", fa), args.limit_gb, tag="-modes")
                 if not r.get("s_per_image"):
                     print(f"fastsdcpu {arch}: {r.get('error') or r.get('killed')}", flush=True)
             else:
-                r = worker_row(arch, row, args.images, args.limit_gb)
+                r = worker_row(arch, row, args.images, args.limit_gb, steps=args.steps)
             mine[row] = r
             keep(r)
         if args.tight and {"fast", "balanced"} <= set(mine):
             # between balanced's and fast's peaks: room for balanced (measured in the same run), not for fast
             budget = (mine["balanced"]["peak_bytes"] + mine["fast"]["peak_bytes"]) // 2
             try:
-                keep(worker_row(arch, "auto", args.images, args.limit_gb, budget))
+                keep(worker_row(arch, "auto", args.images, args.limit_gb, budget, steps=args.steps))
             except ApiError as exc:  # a fresh worker's prior may not fit a tight budget: refused, said so
                 print(f"{arch} auto at {budget / GIB:.2f} GiB: {exc}", flush=True)
     print(table(rows))
