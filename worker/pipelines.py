@@ -128,6 +128,8 @@ class Pipeline(Protocol):
 
     def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]: ...  # measured at that shape
 
+    def held_buffers(self) -> int: ...  # what the kept components' buffers held past their phase hold now
+
     def kept_compiled(self) -> dict[str, int]: ...  # the kept components compiled now, and what each holds
 
 
@@ -210,6 +212,10 @@ class PipelineBase:
     def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]:
         """What the runtime's buffers of these kept components held at a job of this shape, where measured."""
         return {}
+
+    def held_buffers(self) -> int:
+        """What the kept components' buffers, held past their phase, hold now."""
+        return 0
 
     def kept_compiled(self) -> dict[str, int]:
         """The kept components compiled now, with what each holds."""
@@ -460,7 +466,6 @@ class OptimumPipeline(PipelineBase):
         self._holding.clear()
 
     def held_buffers(self) -> int:
-        """What the kept components' buffers kept past their phase hold now."""
         return sum(self._holding.values())
 
     def snapshot(self) -> bytes | None:

@@ -209,7 +209,7 @@ class WorkerProcess:
             self.buffers = (kind, self.buffer_sizes[kind])
             return
         before = rss_bytes()
-        held = getattr(self.pipeline, "held_buffers", lambda: 0)()  # kept components' (counted with them)
+        held = self.pipeline.held_buffers()  # the kept components' (counted with them, in kept_compiled)
         self.pipeline.release_buffers()
         release_free_memory()
         self.buffers = None
