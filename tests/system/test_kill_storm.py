@@ -15,7 +15,7 @@ from tests.helpers import LONG, SHORT, image_counts, jobs_of, wait_all_terminal
 from tests.helpers import wait_status
 
 pytestmark = pytest.mark.one_database  # processes and signals; the SQL is tested on both databases
-KILLS = 12  # pool children SIGKILLed mid-job, one after another
+KILLS = 8  # pool children SIGKILLed mid-job, one after another (each costs a reload: ~6 s)
 
 
 def test_worker_sigkilled_again_and_again_during_jobs_while_others_wait(stack, spawn_worker):
