@@ -8,10 +8,10 @@ fast does not fit.
 
     .venv/bin/python bench/modes.py [--arch lcm,sd-turbo,sdxl-turbo,sd15,sdxl] [--rows fastsdcpu,fast,balanced,low,auto]
                                     [--images 3] [--steps N] [--tight] [--limit-gb 21]
+    .venv/bin/python bench/modes.py --table      # reprint each model's newest run (bench/results/modes.jsonl)
 
 Each model's job: bench/fewstep.py's JOBS (SD 1.5 20 steps guidance 7.5, LCM 4 steps, the turbos 1 step; SDXL 20
 steps guidance 5) at 512x512 (SDXL 1024x1024); --steps caps the steps.
-    .venv/bin/python bench/modes.py --table      # reprint each model's newest run (bench/results/modes.jsonl)
 
 Needs the IR folders of bench/fewstep.py --prepare. Each worker reads OpenVINO's compile cache as one does after
 its first start (the fastsdcpu row compiles without a cache, as fastsdcpu does).
@@ -135,8 +135,8 @@ def main() -> int:
         mine = {}
         for row in args.rows.split(","):
             if row == "fastsdcpu":
-                fa = argparse.Namespace(steps=args.steps, model_dir=None, size=job_of(arch, None)["size"], images=args.images,
-                                        cache_dir=Path("/nonexistent"))
+                fa = argparse.Namespace(steps=args.steps, model_dir=None, size=job_of(arch, None)["size"],
+                                        images=args.images, cache_dir=Path("/nonexistent"))
                 r = run_row(spec_for(arch, "fastsdcpu", fa), args.limit_gb, tag="-modes")
                 if not r.get("s_per_image"):
                     print(f"fastsdcpu {arch}: {r.get('error') or r.get('killed')}", flush=True)
