@@ -123,10 +123,10 @@ class Pipeline(Protocol):
 
     def releasable(self, levers: Levers, task: str, decoder: str | None) -> dict[str, int]: ...  # could stay
 
-    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None: ...
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), kind: tuple | None = None) -> None: ...
     # ^ these released components stay compiled (others go now); of them, `buffers` keep their runtime buffers too
 
-    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]: ...  # measured at that shape
+    def buffer_sizes(self, names: tuple[str, ...], kind: tuple) -> dict[str, int]: ...  # measured in that kind of job
 
     def held_buffers(self) -> int: ...  # what the kept components' buffers held past their phase hold now
 
@@ -206,11 +206,11 @@ class PipelineBase:
         could stay compiled instead (none here)."""
         return {}
 
-    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None:
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), kind: tuple | None = None) -> None:
         """Keep these releasable components compiled through the next jobs (nothing to keep here)."""
 
-    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]:
-        """What the runtime's buffers of these kept components held at a job of this shape, where measured."""
+    def buffer_sizes(self, names: tuple[str, ...], kind: tuple) -> dict[str, int]:
+        """What the runtime's buffers of these kept components held in a job of this kind (the worker's: lever set, decoder, shape), where measured."""
         return {}
 
     def held_buffers(self) -> int:
@@ -286,12 +286,12 @@ class OptimumPipeline(PipelineBase):
         self._release_measured: set[str] = set()
         self.kept: frozenset[str] = frozenset()
         # Of the kept components, those whose runtime buffers stay too as their phase ends (keep); what those
-        # buffers held, measured as a kept component gave them back at the end of its phase in a job of a shape
-        # ({(name, shape): bytes}); the kept components holding theirs now, past their phase ({name: bytes})
+        # buffers held, measured as a kept component gave them back at the end of its phase in a job of a kind
+        # ({(name, kind): bytes}); the kept components holding theirs now, past their phase ({name: bytes})
         self.kept_buffers: frozenset[str] = frozenset()
         self._buffer_bytes: dict[tuple[str, tuple], int] = {}
         self._holding: dict[str, int] = {}
-        self._job_shape: tuple | None = None
+        self._job_kind: tuple | None = None
         for name, part in self._parts.items():
             part.forward = self._phased(name, part.forward)
         # the levers of the decode and of guidance are read at each call: an auto worker switches between jobs
@@ -370,14 +370,14 @@ class OptimumPipeline(PipelineBase):
         unused |= {"vae_decoder" if tiny else "tiny_vae_decoder"}
         return {n: self.held_bytes[n] for n in self._released_by(levers) - unused if n in self.held_bytes}
 
-    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), shape: tuple | None = None) -> None:
+    def keep(self, names: tuple[str, ...], buffers: tuple[str, ...] = (), kind: tuple | None = None) -> None:
         """Keep these components compiled through the next jobs, though the lever set releases them: the next
         job does not load them again. Of them, `buffers` keep their runtime buffers too as their phase ends (the
-        next image and the next job of this `shape` do not allocate them again); the others give theirs back
-        then, which measures what they held at this shape. A component no longer kept is released now, and
+        next image and the next job of this `kind` (the worker's: lever set, decoder, shape) do not allocate them
+        again); the others give theirs back then, which measures what they held in a job of this kind. A component no longer kept is released now, and
         buffers no longer kept given back now (before the job's meter starts), unless their phase is running."""
         kept, kept_buffers = frozenset(names), frozenset(buffers) & frozenset(names)
-        self._job_shape = shape
+        self._job_kind = kind
         for name in [n for n in self._holding if n not in kept_buffers]:
             self._give_back(name)
         changed = kept != self.kept or kept_buffers != self.kept_buffers
@@ -387,22 +387,22 @@ class OptimumPipeline(PipelineBase):
             log.info("kept compiled between phases: %s%s", ", ".join(sorted(kept)) or "nothing",
                      f"; with their buffers: {', '.join(sorted(kept_buffers))}" if kept_buffers else "")
 
-    def buffer_sizes(self, names: tuple[str, ...], shape: tuple) -> dict[str, int]:
-        return {n: self._buffer_bytes[(n, shape)] for n in names if (n, shape) in self._buffer_bytes}
+    def buffer_sizes(self, names: tuple[str, ...], kind: tuple) -> dict[str, int]:
+        return {n: self._buffer_bytes[(n, kind)] for n in names if (n, kind) in self._buffer_bytes}
 
     def kept_compiled(self) -> dict[str, int]:
         return {n: self.held_bytes.get(n, 0) + self._holding.get(n, 0) for n in self.kept
                 if self._parts[n].request is not None}
 
     def _give_back(self, name: str) -> None:
-        """A kept component's runtime buffers go back (its weights stay compiled). The first time at a job's
-        shape, what they held is measured."""
+        """A kept component's runtime buffers go back (its weights stay compiled). The first time in a kind of
+        job, what they held is measured."""
         self._holding.pop(name, None)
         request = self._parts[name].request
         if request is None or not hasattr(request, "release_memory"):
             return
-        key = (name, self._job_shape)
-        if self._job_shape is None or key in self._buffer_bytes:
+        key = (name, self._job_kind)
+        if self._job_kind is None or key in self._buffer_bytes:
             request.release_memory()
             return
         before = rss_bytes()
@@ -542,7 +542,7 @@ class OptimumPipeline(PipelineBase):
             if PHASES[name] != self._phase or self._parts[name].request is None:
                 continue
             if name in self.kept_buffers:
-                self._holding[name] = self._buffer_bytes.get((name, self._job_shape), 0)
+                self._holding[name] = self._buffer_bytes.get((name, self._job_kind), 0)
             else:
                 self._give_back(name)
         self._release_transient(phase)

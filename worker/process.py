@@ -232,15 +232,15 @@ class WorkerProcess:
                 self.buffer_lock.release()
 
     def keep_for(self, key: str, prediction_bytes: int, task: str, decoder: str | None,
-                 shape: tuple) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-        """What of the components the lever set of `key` releases stays compiled through a job of this task,
-        decoder and shape, and of those, which keep their runtime buffers too (where measured at this shape):
+                 kind: tuple) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+        """What of the components the lever set of `key` releases stays compiled through a job of this task and
+        decoder, and of those, which keep their runtime buffers too (where measured in a job of this `kind`):
         the components first, then their buffers, each the smallest first, while the job's prediction plus all
         kept stays under the budget (choose_kept). Returns (components, buffers, what all of it holds)."""
         kept, weights = choose_kept(prediction_bytes, self.budget,
                                     self.pipeline.releasable(self._levers_of(key), task, decoder))
         buffers, buffer_bytes = choose_kept(prediction_bytes + weights, self.budget,
-                                            self.pipeline.buffer_sizes(kept, shape)) if kept else ((), 0)
+                                            self.pipeline.buffer_sizes(kept, kind)) if kept else ((), 0)
         return kept, buffers, weights + buffer_bytes
 
     def _levers_of(self, key: str):

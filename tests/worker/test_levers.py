@@ -158,22 +158,22 @@ def test_kept_components_keep_their_buffers_past_their_phase_once_measured_at_th
     pipe = _load(model, tmp_path_factory, memory_mode="low")
     pipe.warm_up()
     held = pipe.releasable(pipe.levers, "txt2img", None)
-    job, shape = ImageRequest("a cat", None, 256, 256, 2, 7.5, 3), ("low", "full", (256, 256, True))
-    pipe.keep(tuple(held), (), shape)
-    assert pipe.buffer_sizes(tuple(held), shape) == {}  # nothing measured at this shape yet
+    job, kind = ImageRequest("a cat", None, 256, 256, 2, 7.5, 3), ("low", "full", (256, 256, True))
+    pipe.keep(tuple(held), (), kind)
+    assert pipe.buffer_sizes(tuple(held), kind) == {}  # nothing measured in this kind of job yet
     plain = np.asarray(pipe.generate(job))
-    sizes = pipe.buffer_sizes(tuple(held), shape)
+    sizes = pipe.buffer_sizes(tuple(held), kind)
     assert set(sizes) == set(held) and sizes["vae_decoder"] > 0  # each gave its buffers back as its phase ended
-    assert pipe.buffer_sizes(tuple(held), ("low", "full", (64, 64, False))) == {}  # per shape
+    assert pipe.buffer_sizes(tuple(held), ("low", "full", (64, 64, False))) == {}  # per kind (lever set, decoder, shape)
     assert pipe.kept_compiled() == held and pipe.held_buffers() == 0
 
-    pipe.keep(tuple(held), tuple(held), shape)
+    pipe.keep(tuple(held), tuple(held), kind)
     for _ in range(2):
         assert np.array_equal(np.asarray(pipe.generate(job)), plain)
         # past every phase, each kept component holds its buffers as measured
         assert pipe.held_buffers() == sum(sizes.values())
         assert pipe.kept_compiled() == {n: held[n] + sizes[n] for n in held}
-    pipe.keep(tuple(held), ("unet",), shape)  # room for less: the others' buffers go now
+    pipe.keep(tuple(held), ("unet",), kind)  # room for less: the others' buffers go now
     assert pipe.held_buffers() == sizes["unet"]
     pipe.release_buffers()  # (a job of another kind) every buffer goes back
     assert pipe.held_buffers() == 0 and pipe.kept_compiled() == held
