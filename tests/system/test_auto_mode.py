@@ -95,6 +95,7 @@ def test_a_low_worker_keeps_compiled_what_its_budget_has_room_for_and_drops_it_w
     assert stack.api.image(kept["images"][0]["url"]) == png
     # the first job measured the kept components' buffers at this shape: now they stay past their phase too
     assert "their buffers too: " in kept["lever_reason"], kept["lever_reason"]
+    assert kept["lever_predicted_bytes"] >= 0.95 * kept["peak_rss_bytes"]  # the worker counted them
     assert kept["predicted_peak_bytes"] >= 0.95 * kept["peak_rss_bytes"]  # admission counted what it keeps
 
     # a measured peak at the budget: no room beside the job, so nothing is kept and low mode runs as it is
