@@ -88,12 +88,13 @@ def test_a_worker_yields_to_the_owners_memory_and_comes_back(stack, spawn_worker
     try:
         assert hog.stdout.readline().strip() == b"held"
         # squeezed below the big job's 8 GiB class (the hog's hold leaves ~6 GiB and the worker's own RSS)
-        squeezed = until(lambda w: w["budget_bytes"] < min(before["budget_bytes"] - 2 * GB, 8 * GB - GB // 4))
+        unfit = min(before["budget_bytes"] - 2 * GB, 8 * GB - GB // 4)
+        squeezed = until(lambda w: w["budget_bytes"] < unfit)
         assert squeezed["state"] == "ready"
         # /v1/workers reads the database; admission admits on the API's fleet view, which may be up to
         # SDFLEET_API_CACHE_S (1 s) older: past that age, the view it admits on is the squeezed one too
         time.sleep(1.5)
-        assert me()["budget_bytes"] < 8 * GB - GB // 4
+        assert me()["budget_bytes"] < unfit
         r = stack.api.http.post("/v1/jobs", json=big)
         error = assert_error_shape(r, 422, "insufficient_memory")
         assert "budget" in error["message"]
